@@ -1,0 +1,1 @@
+"""Host-free model code: torch, numpy and safetensors only. Never imports ComfyUI."""

@@ -1,0 +1,3 @@
+"""Placeholder until this feature lands."""
+
+NODES = []

@@ -1,0 +1,348 @@
+"""Multi-UNet sampling (A-SDM §2.4): route every model call of ONE sampler run to a UNet by its sigma.
+
+A small UNet draws the prototype in the high-noise steps, the full UNet refines in the low-noise
+ones. The sampler never restarts, so multistep history and SDE/ancestral noise stay continuous.
+
+Everything here is host-free: the router talks to ComfyUI's ``ModelPatcher`` / ``BaseModel`` only
+through duck-typed attributes (``model_options``, ``wrappers``, ``callbacks``,
+``get_additional_models_with_key``, ``model.apply_model``, ``current_patcher``), never imports them.
+
+Routing rule: a call at sigma ``s`` runs on the early UNet when ``s > switch_sigma``, else on the
+late one. ``switch_sigma`` comes from
+
+* a percent ``p`` of the schedule (ComfyUI's convention, via ``model_sampling.percent_to_sigma``):
+  ``p = 0`` puts nothing on the early UNet, ``p = 1`` everything;
+* a step index ``k`` (``MultiUNetKSampler``): steps ``0 .. k-1`` on the early UNet, ``k ..`` on the
+  late one. The threshold sits between ``sigmas[k-1]`` and ``sigmas[k]`` of the schedule actually
+  sampled (``transformer_options["sample_sigmas"]``), just above ``sigmas[k]``: every evaluation of
+  step ``k-1`` (including the intermediate sigmas of dpm_2 / dpmpp_2s / dpmpp_sde) runs early; the
+  end-point evaluation of Heun-type correctors (exactly at ``sigmas[k]``) already runs late.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .errors import IncompatibleModelsError, PackError
+
+log = logging.getLogger("distilled_unets")
+
+KEY_PREFIX = "distilled_unets.multi_unet"
+EARLY, LATE = 0, 1
+# Part of the log-gap between sigmas[k] and sigmas[k-1] that the step threshold sits above sigmas[k].
+STEP_MARGIN = 0.01
+# transformer_options keys that belong to the model being sampled (its patches, wrappers, attention
+# override); they are never handed to another UNet.
+MODEL_OWN_KEYS = frozenset({"patches", "patches_replace", "wrappers", "callbacks",
+                            "optimized_attention_override"})
+RUNTIME_KEYS = ("cond_or_uncond", "uuids", "sigmas", "sample_sigmas")
+
+
+class SwitchPointError(IncompatibleModelsError):
+    """The switch point is not a percent in [0, 1] / not a step index of the schedule."""
+
+
+# ------------------------------------------------------------------------------------------------
+# switch sigma
+
+
+def check_switch_percent(percent: float, *, node: str = "MultiUNetModel",
+                         input_name: str = "switch_percent") -> float:
+    """Return ``percent`` as a float, or raise ``SwitchPointError`` when it is outside [0, 1]."""
+    try:
+        p = float(percent)
+    except (TypeError, ValueError):
+        p = float("nan")
+    if not (0.0 <= p <= 1.0):
+        raise SwitchPointError(
+            f"switch point {percent!r} is not a fraction of the denoising schedule",
+            "use a value between 0.0 (late UNet for every step) and 1.0 (early UNet for every step); "
+            "A-SDM's best split is 0.4 (small UNet for the first 10 of 25 steps)",
+            node=node, input_name=input_name)
+    return p
+
+
+def check_switch_step(step: int, steps: int, *, node: str = "MultiUNetKSampler",
+                      input_name: str = "switch_step") -> int:
+    """Return ``step`` as an int, or raise ``SwitchPointError`` when it is not in [0, steps]."""
+    if isinstance(step, bool) or not isinstance(step, int) or not (0 <= step <= int(steps)):
+        raise SwitchPointError(
+            f"switch step {step!r} is not a step of a {steps}-step schedule",
+            f"use 0..{steps}: the early UNet runs steps 0..switch_step-1, the late UNet the rest",
+            node=node, input_name=input_name)
+    return step
+
+
+def switch_sigma_from_percent(model_sampling: Any, percent: float) -> float:
+    """Switch sigma for a percent of the schedule, through the model's own ``percent_to_sigma``."""
+    p = check_switch_percent(percent)
+    if p <= 0.0:
+        return math.inf
+    if p >= 1.0:
+        return 0.0
+    return float(model_sampling.percent_to_sigma(p))
+
+
+def switch_sigma_from_step(sigmas: Sequence[float], step: int) -> float:
+    """Threshold between ``sigmas[step-1]`` and ``sigmas[step]``: steps before ``step`` run early.
+
+    ``step <= 0`` → ``inf`` (nothing early); ``step >= len(sigmas) - 1`` → every step early.
+    """
+    s = [float(x) for x in sigmas]
+    n = len(s) - 1
+    if step <= 0 or n <= 0:
+        return math.inf
+    if step >= n:
+        return 0.0 if s[n] <= 0 else s[n] * (1.0 - 1e-6)
+    hi, lo = s[step - 1], s[step]
+    if lo <= 0.0:
+        return 0.0
+    if hi <= lo:  # flat or rising schedule: no gap to sit in
+        return lo
+    return lo * math.exp(STEP_MARGIN * math.log(hi / lo))
+
+
+def stage_for_sigma(sigma: float, thresholds: Sequence[float]) -> int:
+    """Stage index for ``sigma`` in an N-stage chain with descending switch sigmas.
+
+    ``thresholds[i]`` is the switch sigma between stage ``i`` and stage ``i+1``: stage 0 runs while
+    ``sigma > thresholds[0]``, the last stage once ``sigma <= thresholds[-1]``.
+    """
+    for i, t in enumerate(thresholds):
+        if sigma > t:
+            return i
+    return len(thresholds)
+
+
+def steps_per_stage(sigmas: Sequence[float], thresholds: Sequence[float]) -> list[int]:
+    """How many steps (counted by the sigma each step starts at) each stage runs."""
+    counts = [0] * (len(thresholds) + 1)
+    for s in list(sigmas)[:-1]:
+        counts[stage_for_sigma(float(s), thresholds)] += 1
+    return counts
+
+
+def split_for_steps(steps: int, switch_step: int) -> tuple[int, int]:
+    """(early steps, late steps) of ``MultiUNetKSampler``; the frontend strip shows the same."""
+    k = max(0, min(int(switch_step), int(steps)))
+    return k, int(steps) - k
+
+
+# ------------------------------------------------------------------------------------------------
+# compatibility
+
+
+@dataclass(frozen=True)
+class UNetSignature:
+    """What two UNets must share to take turns inside one sampler run."""
+    name: str                 # for messages, e.g. "early_model (SD15 UNet, 323M params)"
+    latent_format: str        # latent space (SD15, SDXL, ...)
+    latent_channels: int
+    context_dim: int | None   # cross-attention (text conditioning) width
+    adm_channels: int | None  # pooled/size conditioning width (SDXL 2816), None without
+    prediction: str           # eps, v_prediction, ...
+    in_channels: int = 4      # 9 for inpainting UNets (concat conditioning)
+
+
+def check_compatible(early: UNetSignature, late: UNetSignature, *, node: str = "MultiUNetModel") -> None:
+    """Raise ``IncompatibleModelsError`` naming both models and the fix when they cannot be mixed."""
+    pair = f"{early.name} and {late.name}"
+    same_family = ("pair UNets of one family: an SD1.5 student (BK-SDM, small-sd, tiny-sd) with an SD1.5 "
+                   "model, an SD2.x student with SD2.x, SSD-1B / Vega / KOALA with SDXL")
+    if early.latent_format != late.latent_format or early.latent_channels != late.latent_channels:
+        raise IncompatibleModelsError(
+            f"{pair} work in different latent spaces ({early.latent_format}, {early.latent_channels} ch "
+            f"vs {late.latent_format}, {late.latent_channels} ch)", same_family, node=node,
+            input_name="early_model")
+    if early.context_dim != late.context_dim:
+        raise IncompatibleModelsError(
+            f"{pair} take text conditioning of different widths ({early.context_dim} vs "
+            f"{late.context_dim}); one prompt encoding cannot drive both", same_family, node=node,
+            input_name="early_model")
+    if (early.adm_channels or 0) != (late.adm_channels or 0):
+        raise IncompatibleModelsError(
+            f"{pair} take different pooled/size conditioning (adm {early.adm_channels} vs "
+            f"{late.adm_channels})", same_family, node=node, input_name="early_model")
+    if early.in_channels != late.in_channels:
+        raise IncompatibleModelsError(
+            f"{pair} take different input channels ({early.in_channels} vs {late.in_channels}); an "
+            "inpainting UNet cannot share a run with a plain one",
+            "pair two inpainting UNets or two plain ones", node=node, input_name="early_model")
+    if early.prediction != late.prediction:
+        raise IncompatibleModelsError(
+            f"{pair} predict different targets ({early.prediction} vs {late.prediction})",
+            "set the early model's prediction type to match (DistilledUNetLoader 'prediction', or a "
+            "ModelSamplingDiscrete node on it), or pick a late model of the same prediction type",
+            node=node, input_name="early_model")
+
+
+@dataclass(frozen=True)
+class LoadedStage:
+    """One leaf UNet of a chain, for the shared-weights check."""
+    name: str
+    model_id: int        # id() of the underlying BaseModel
+    weights: Any         # anything that is equal iff the weight/object patches are the same
+
+
+def check_shared_weights(stages: Sequence[LoadedStage], *, node: str = "MultiUNetModel") -> None:
+    """Two patchers of ONE BaseModel with different patches cannot both be loaded (ComfyUI patches
+    weights in place on the shared module), so refuse that pairing with the fix."""
+    seen: dict[int, LoadedStage] = {}
+    for st in stages:
+        other = seen.get(st.model_id)
+        if other is None:
+            seen[st.model_id] = st
+        elif other.weights != st.weights:
+            raise IncompatibleModelsError(
+                f"{other.name} and {st.name} are the same loaded UNet with different patches (e.g. a "
+                "LoRA on only one of them); ComfyUI patches the weights in place, so both cannot be "
+                "loaded at once", "load the UNet a second time (its own loader node) for the branch "
+                "that gets the LoRA, or put the same patches on both", node=node, input_name="early_model")
+
+
+# ------------------------------------------------------------------------------------------------
+# switch point and router
+
+
+@dataclass(frozen=True)
+class SwitchPoint:
+    """Either a fixed switch sigma (from a percent) or a step index resolved per run."""
+    kind: str            # "sigma" or "step"
+    value: float         # the sigma, or the step index
+
+    @classmethod
+    def from_percent(cls, model_sampling: Any, percent: float) -> "SwitchPoint":
+        return cls("sigma", switch_sigma_from_percent(model_sampling, percent))
+
+    @classmethod
+    def from_step(cls, step: int) -> "SwitchPoint":
+        return cls("step", int(step))
+
+    def threshold(self, sample_sigmas: Sequence[float] | None) -> float:
+        if self.kind == "sigma":
+            return self.value
+        if sample_sigmas is None:
+            raise PackError("the switch step needs the sampled schedule, which this run does not pass",
+                            "sample with a ComfyUI sampler node (KSampler, SamplerCustomAdvanced, ...)",
+                            node="MultiUNetKSampler", input_name="switch_step")
+        return switch_sigma_from_step(sample_sigmas, int(self.value))
+
+
+def _merge_wrapper_dicts(*dicts: dict) -> dict:
+    """{type: {key: [fn, ...]}} merge with list concatenation (fresh containers, inputs untouched)."""
+    out: dict = {}
+    for d in dicts:
+        for wtype, by_key in (d or {}).items():
+            slot = out.setdefault(wtype, {})
+            for key, fns in by_key.items():
+                slot[key] = slot.get(key, []) + list(fns)
+    return out
+
+
+def stage_transformer_options(patcher: Any, runtime: dict, main_static: dict | None = None) -> dict:
+    """transformer_options for a UNet that is not the one being sampled.
+
+    Starts from the UNet's OWN ``model_options["transformer_options"]`` (its patches, replaces,
+    attention override) plus its own wrappers and callbacks, then adds the per-call runtime keys of
+    the sampled model's options (cond_or_uncond, uuids, sigmas, sample_sigmas, and any other key a
+    sampler-level hook put there). The main model's patches/wrappers never leak in.
+    """
+    own = dict(patcher.model_options.get("transformer_options", {}))
+    own["wrappers"] = _merge_wrapper_dicts(own.get("wrappers"), getattr(patcher, "wrappers", None))
+    own["callbacks"] = _merge_wrapper_dicts(own.get("callbacks"), getattr(patcher, "callbacks", None))
+    static = main_static or {}
+    for k, v in runtime.items():
+        if k in MODEL_OWN_KEYS:
+            continue
+        if k in RUNTIME_KEYS or k not in static:
+            own[k] = v
+    return own
+
+
+def call_patcher_model(patcher: Any, args: dict) -> Any:
+    """Run ``patcher``'s UNet on ``args`` ({input, timestep, c, cond_or_uncond}) with its own
+    model_function_wrapper, if any (a nested router routes further)."""
+    wrapper = patcher.model_options.get("model_function_wrapper")
+    if isinstance(wrapper, MultiUNetRouter):
+        return wrapper.route(patcher, patcher.model.apply_model, args)
+    if wrapper is not None:
+        return wrapper(patcher.model.apply_model, args)
+    return patcher.model.apply_model(args["input"], args["timestep"], **args["c"])
+
+
+class MultiUNetRouter:
+    """``model_function_wrapper`` of the routing MODEL (a clone of the late UNet).
+
+    Late stage: the late UNet's previous ``model_function_wrapper`` (chained) or its ``apply_model``.
+    Early stage: the early patcher registered under ``key`` on the patcher being sampled (resolved at
+    run time, so downstream clones work), with its own transformer_options, without ``control``.
+    Immutable except for a per-run threshold cache; deep copies (``ModelPatcher.clone``) share it.
+    """
+
+    def __init__(self, switch: SwitchPoint, *, previous: Callable | None = None, key: str | None = None,
+                 names: tuple[str, str] = ("early UNet", "late UNet")):
+        self.switch = switch
+        self.previous = previous
+        self.key = key or f"{KEY_PREFIX}.{uuid.uuid4().hex[:12]}"
+        self.names = names
+        self._cache_sigmas: Any = None
+        self._cache_threshold: float = math.nan
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        return f"MultiUNetRouter({self.switch.kind}={self.switch.value}, {self.names[0]} -> {self.names[1]})"
+
+    # -- decisions (pure) --------------------------------------------------------------------
+    def threshold(self, sample_sigmas: Any) -> float:
+        if self.switch.kind == "sigma":
+            return self.switch.value
+        if sample_sigmas is not None and sample_sigmas is self._cache_sigmas:
+            return self._cache_threshold
+        sig = [float(x) for x in sample_sigmas] if sample_sigmas is not None else None
+        thr = self.switch.threshold(sig)
+        self._cache_sigmas, self._cache_threshold = sample_sigmas, thr
+        early, late = steps_per_stage(sig, [thr])
+        log.info("MultiUNet: %d of %d steps on %s, %d on %s (switch sigma %.4g)", early, early + late,
+                 self.names[0], late, self.names[1], thr)
+        return thr
+
+    def stage(self, sigma: float, sample_sigmas: Any = None) -> int:
+        return EARLY if sigma > self.threshold(sample_sigmas) else LATE
+
+    # -- the wrapper ---------------------------------------------------------------------------
+    def __call__(self, apply_model: Callable, args: dict) -> Any:
+        base = getattr(apply_model, "__self__", None)
+        patcher = getattr(base, "current_patcher", None)
+        return self.route(patcher, apply_model, args)
+
+    def resolve_early(self, patcher: Any) -> Any:
+        found = patcher.get_additional_models_with_key(self.key) if patcher is not None else []
+        if not found:
+            raise PackError(
+                "the multi-UNet MODEL was run without its early UNet attached (it is resolved from the "
+                "model being sampled, which must be the MultiUNetModel output or a clone of it)",
+                "connect the MultiUNetModel output straight to the sampler, or through nodes that clone "
+                "the MODEL", node="MultiUNetModel", input_name="early_model")
+        return found[0]
+
+    def route(self, patcher: Any, apply_model: Callable, args: dict) -> Any:
+        c = args["c"]
+        to = c.get("transformer_options", {})
+        sigma = float(args["timestep"].reshape(-1)[0])
+        if self.stage(sigma, to.get("sample_sigmas")) == LATE:
+            if isinstance(self.previous, MultiUNetRouter):
+                return self.previous.route(patcher, apply_model, args)
+            if self.previous is not None:
+                return self.previous(apply_model, args)
+            return apply_model(args["input"], args["timestep"], **c)
+        early = self.resolve_early(patcher)
+        main_static = patcher.model_options.get("transformer_options", {}) if patcher is not None else {}
+        c_early = {k: v for k, v in c.items() if k not in ("control", "transformer_options")}
+        c_early["transformer_options"] = stage_transformer_options(early, to, main_static)
+        return call_patcher_model(early, dict(args, c=c_early))

@@ -1,0 +1,215 @@
+"""Finding and checking weight files before anything is loaded.
+
+* :func:`inspect_safetensors` reads only the header and proves the file is whole: every tensor's
+  byte range lies inside the file and the data section ends exactly where the last tensor does.
+  A truncated or corrupt download fails here with a :class:`WeightFileError`, before any tensor
+  is read or any model is built.
+* :func:`resolve_unet_source` turns what a user picked (a single file, a diffusers ``unet/``
+  folder, one shard of a sharded folder) into the list of files to read plus the folder's
+  ``config.json``, and refuses half-downloaded folders with an :class:`IncompleteModelError`.
+* :func:`read_shapes` gives tensor names and shapes without reading tensor data (safetensors), or
+  from a weights-only ``torch.load`` (``.ckpt``/``.pt``/``.bin``); pickled code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+from .errors import IncompleteModelError, WeightFileError
+
+SAFETENSORS_EXT = (".safetensors", ".sft")
+PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
+WEIGHT_EXT = SAFETENSORS_EXT + PICKLE_EXT
+PARTIAL_SUFFIXES = (".incomplete", ".part", ".partial", ".tmp", ".download", ".crdownload", ".aria2")
+DIFFUSERS_NAMES = (
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin",
+)
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class Source:
+    """What to read for one UNet: its weight files and, for a diffusers folder, its config."""
+
+    files: list[str]
+    config: dict | None = None
+    folder: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.folder or self.files[0]
+
+
+def inspect_safetensors(path: str) -> tuple[dict, dict]:
+    """Header of a safetensors file -> ({name: (dtype, shape)}, metadata), with integrity checks."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise WeightFileError("the file is shorter than a safetensors header (empty or cut off)",
+                                      "download the file again", path=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or n > size - 8:
+                raise WeightFileError("the safetensors header length is impossible; the file is corrupt or "
+                                      "not a safetensors file", "download the file again", path=path)
+            raw = f.read(n)
+    except OSError as e:
+        raise WeightFileError(f"the file cannot be read ({e.strerror or e})", "check that it exists and is readable",
+                              path=path) from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightFileError("the safetensors header is not valid JSON; the file is corrupt",
+                              "download the file again", path=path) from e
+    if not isinstance(header, dict):
+        raise WeightFileError("the safetensors header is not a table of tensors", "download the file again", path=path)
+    meta = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    end = 0
+    shapes = {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightFileError(f"tensor '{name}' has a malformed header entry", "download the file again",
+                                  path=path) from e
+        want = math.prod(shape) * _DTYPE_BYTES.get(dtype, 0)
+        if _DTYPE_BYTES.get(dtype) and b - a != want:
+            raise WeightFileError(f"tensor '{name}' claims {b - a} bytes but {dtype}{list(shape)} needs {want}",
+                                  "download the file again", path=path)
+        if a < 0 or b < a or b > data_len:
+            raise WeightFileError(
+                f"the file is truncated: tensor '{name}' ends at byte {b} of a {data_len}-byte data section "
+                f"({size} bytes on disk)", "the download was cut off; download the file again", path=path)
+        end = max(end, b)
+        shapes[name] = (dtype, tuple(shape))
+    if end != data_len:
+        raise WeightFileError(f"the data section is {data_len} bytes but the tensors end at byte {end}; the file "
+                              "is corrupt", "download the file again", path=path)
+    return shapes, meta
+
+
+def _torch_load(path: str):
+    import pickle
+
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise WeightFileError("the pickled file contains code or objects that weights-only loading refuses; this "
+                              "pack never runs pickled code",
+                              "get the .safetensors version of the model (or convert it in a trusted "
+                              "environment)", path=path) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightFileError(f"the file cannot be read as torch weights ({type(e).__name__}: {str(e)[:120]})",
+                              "download the file again, preferably the .safetensors version", path=path) from e
+    for k in ("state_dict", "module", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(k), dict) and len(sd) < 8:
+            sd = sd[k]
+    if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
+        raise WeightFileError("the file does not hold a plain table of tensors", "use a .safetensors file",
+                              path=path)
+    return sd
+
+
+def read_shapes(path: str) -> tuple[dict, dict]:
+    """({name: shape}, metadata) of one weight file, reading no tensor data for safetensors."""
+    low = path.lower()
+    if low.endswith(PARTIAL_SUFFIXES):
+        raise IncompleteModelError("this is an unfinished download", "wait for the download to finish, or restart it",
+                                   path=path)
+    if low.endswith(SAFETENSORS_EXT):
+        header, meta = inspect_safetensors(path)
+        return {k: v[1] for k, v in header.items()}, meta
+    if low.endswith(PICKLE_EXT):
+        sd = _torch_load(path)
+        return {k: tuple(v.shape) for k, v in sd.items()}, {}
+    raise WeightFileError(f"'{os.path.splitext(path)[1]}' is not a weight file type this loader reads",
+                          "use a .safetensors file (or .ckpt/.pt/.bin, loaded weights-only)", path=path)
+
+
+def _folder_source(folder: str) -> Source:
+    names = set(os.listdir(folder))
+    partial = sorted(n for n in names if n.lower().endswith(PARTIAL_SUFFIXES))
+    config = None
+    if "config.json" in names:
+        try:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise IncompleteModelError("config.json in the folder is unreadable or cut off",
+                                       "download the folder again", path=folder) from e
+    for idx_name in ("diffusion_pytorch_model.safetensors.index.json",
+                     "diffusion_pytorch_model.fp16.safetensors.index.json"):
+        if idx_name in names:
+            try:
+                with open(os.path.join(folder, idx_name), encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise IncompleteModelError(f"{idx_name} is unreadable", "download the folder again",
+                                           path=folder) from e
+            missing = [s for s in shards if s not in names]
+            if missing:
+                raise IncompleteModelError(
+                    f"{len(missing)} of {len(shards)} weight shards are missing (e.g. {missing[0]}); the download "
+                    "is incomplete", "finish downloading every shard listed in the index", path=folder)
+            return Source([os.path.join(folder, s) for s in shards], config, folder)
+    for n in DIFFUSERS_NAMES:
+        if n in names:
+            return Source([os.path.join(folder, n)], config, folder)
+    singles = sorted(n for n in names if n.lower().endswith(WEIGHT_EXT))
+    if len(singles) == 1:
+        return Source([os.path.join(folder, singles[0])], config, folder)
+    if partial:
+        raise IncompleteModelError(f"the folder holds an unfinished download ({partial[0]})",
+                                   "wait for the download to finish, or restart it", path=folder)
+    if not names:
+        raise IncompleteModelError("the folder is empty", "download the model's unet/ folder into it", path=folder)
+    if "unet" in names and os.path.isdir(os.path.join(folder, "unet")):
+        return _folder_source(os.path.join(folder, "unet"))
+    raise IncompleteModelError(
+        "the folder has no UNet weights (expected diffusion_pytorch_model.safetensors"
+        + (" next to config.json" if config is not None else "") + ")",
+        "download the weights file of the model's unet/ folder (the download is incomplete)", path=folder)
+
+
+def resolve_unet_source(path: str) -> Source:
+    """What to read for the UNet the user picked: a file, a folder, or one file inside a folder."""
+    if os.path.isdir(path):
+        return _folder_source(path)
+    if not os.path.exists(path):
+        raise WeightFileError("the file does not exist", "refresh the node (R) and pick a file that exists", path=path)
+    base = os.path.basename(path)
+    folder = os.path.dirname(path)
+    if base.startswith("diffusion_pytorch_model") or (
+            os.path.exists(os.path.join(folder, "config.json")) and base.endswith(WEIGHT_EXT)
+            and any(os.path.exists(os.path.join(folder, n + ".index.json")) for n in
+                    ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"))):
+        src = _folder_source(folder)
+        if path in src.files or base.startswith("diffusion_pytorch_model"):
+            return src
+    if os.path.getsize(path) == 0:
+        raise WeightFileError("the file is empty (0 bytes)", "download it again", path=path)
+    return Source([path])
+
+
+def source_shapes(src: Source) -> tuple[dict, dict]:
+    """Merged ({name: shape}, metadata) of every file of ``src``."""
+    shapes, meta = {}, {}
+    for f in src.files:
+        s, m = read_shapes(f)
+        shapes.update(s)
+        meta.update(m or {})
+    if not shapes:
+        raise WeightFileError("the file holds no tensors", "download the file again", path=src.name)
+    return shapes, meta

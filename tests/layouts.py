@@ -1,0 +1,147 @@
+"""Test-side builders of the three on-disk layouts, written independently of the pack's converter.
+
+* diffusers: what ``UNet2DConditionModel.state_dict()`` gives;
+* ldm contiguous: ComfyUI's numbering (one ``input_blocks`` entry per resnet and per downsampler);
+* ldm gapped: the numbering of diffusers' ``scripts/convert_diffusers_to_original_*.py``, which
+  assumes the teacher's two resnets per down stage and three per up stage
+  (``input_blocks.{3i+j+1}``, downsampler ``input_blocks.{3(i+1)}``, ``output_blocks.{3i+j}``,
+  up-sampler ``output_blocks.{3i+2}.{1 if i == 0 else 2}``), leaving holes for a student.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+
+from distilled_unets.models.registry import REGISTRY
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+BASIC = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+         "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+         "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+SD15 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
+            attention_head_dim=8, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, sample_size=64)
+SD21B = dict(SD15, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+SDXL = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
+            attention_head_dim=[5, 10, 20], down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+            up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], transformer_layers_per_block=[1, 2, 10],
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816, sample_size=128)
+TEACHER_CONFIGS = {"sd1": SD15, "sd2": SD21B, "sdxl": SDXL}
+
+
+def cases():
+    """(id, registry entry, full-size diffusers config) for every reference topology, teachers included."""
+    out = []
+    for e in REGISTRY:
+        if e.topology is None:
+            continue
+        cfg = TEACHER_CONFIGS[e.family] if e.is_teacher else e.diffusers
+        out.append((e.id, e, copy.deepcopy(cfg)))
+    return out
+
+
+def tiny_config(cfg: dict) -> dict:
+    """The same topology at tiny widths (SD1: 32/64/128, SD2/SDXL: 64/128/256, 64-wide heads)."""
+    cfg = copy.deepcopy(cfg)
+    boc = cfg["block_out_channels"]
+    if cfg["cross_attention_dim"] == 768:
+        cfg["block_out_channels"] = [c // 10 for c in boc]
+    else:
+        cfg["block_out_channels"] = [c // 5 for c in boc]
+        cfg["attention_head_dim"] = [max(1, c // 5 // 64) for c in boc]
+    cfg["sample_size"] = 8
+    return cfg
+
+
+def diffusers_model(cfg: dict, device="cpu", seed=0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = UNet2DConditionModel(**cfg)
+    if device != "meta":
+        with torch.no_grad():  # diffusers zero-inits nothing important, but make every tensor matter
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    return m.eval()
+
+
+def _resnet_rest(rest: str) -> str:
+    head, tail = rest.split(".", 1)
+    return RESNET[head] + "." + tail
+
+
+def to_ldm(sd: dict, cfg: dict, gapped: bool) -> dict:
+    """diffusers state dict -> ldm state dict (contiguous like ComfyUI, or gapped like the script)."""
+    n = len(cfg["block_out_channels"])
+    lpb = cfg["layers_per_block"]
+    out = {}
+    # contiguous index tables
+    in_idx, idx = {}, 1
+    for i in range(n):
+        for j in range(lpb):
+            in_idx[(i, j)] = idx
+            idx += 1
+        if i < n - 1:
+            in_idx[(i, "down")] = idx
+            idx += 1
+    out_idx, idx = {}, 0
+    for i in range(n):
+        for j in range(lpb + 1):
+            out_idx[(i, j)] = idx
+            idx += 1
+    for k, v in sd.items():
+        m = re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.*)", k)
+        if m:
+            i, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            if kind == "downsamplers":
+                b = 3 * (i + 1) if gapped else in_idx[(i, "down")]
+                out[f"input_blocks.{b}.0.op.{rest[len('conv.'):]}"] = v
+                continue
+            b = 3 * i + j + 1 if gapped else in_idx[(i, j)]
+            out[f"input_blocks.{b}." + ("0." + _resnet_rest(rest) if kind == "resnets" else "1." + rest)] = v
+            continue
+        m = re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.*)", k)
+        if m:
+            i, kind, j, rest = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            if kind == "upsamplers":
+                rest = rest[len("conv."):]
+                if gapped:
+                    out[f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.conv.{rest}"] = v
+                else:
+                    b = out_idx[(i, lpb)]
+                    has_attn = any(x.startswith(f"up_blocks.{i}.attentions.{lpb}.") for x in sd)
+                    out[f"output_blocks.{b}.{2 if has_attn else 1}.conv.{rest}"] = v
+                continue
+            b = 3 * i + j if gapped else out_idx[(i, j)]
+            out[f"output_blocks.{b}." + ("0." + _resnet_rest(rest) if kind == "resnets" else "1." + rest)] = v
+            continue
+        m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", k)
+        if m:
+            kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
+            b = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[(kind, j)]
+            out[f"middle_block.{b}." + (_resnet_rest(rest) if kind == "resnets" else rest)] = v
+            continue
+        for a, b in BASIC.items():
+            if k.startswith(a + "."):
+                out[b + k[len(a):]] = v
+                break
+        else:
+            raise KeyError(k)
+    return out
+
+
+def layouts(sd: dict, cfg: dict) -> dict:
+    """{layout name: state dict} for the three layouts."""
+    return {"diffusers": dict(sd), "ldm": to_ldm(sd, cfg, gapped=False), "ldm-gapped": to_ldm(sd, cfg, gapped=True)}
+
+
+def meta_shapes(cfg: dict) -> dict:
+    m = diffusers_model(cfg, device="meta")
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import torch
 
@@ -94,3 +95,29 @@ def lora_for(modules: dict, fmt: str, *, rank: int = 2, alpha: float = 3.0, seed
             raise ValueError(fmt)
         deltas[path] = s * (up.flatten(1) @ down.flatten(1)).reshape(shape)
     return t, metadata, adapter_config, deltas
+
+
+def expected_bk(teacher_path: str, student: dict) -> str | None:
+    """The published BK-SDM/segmind correspondence, written out independently of the implementation."""
+    levels = len(student["channel_mult"])
+    m = re.match(r"(down_blocks|up_blocks)\.(\d)\.(resnets|attentions|downsamplers|upsamplers)\.(\d)(.*)", teacher_path)
+    if m:
+        side, b, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        if side == "down_blocks":
+            if b >= levels or (kind == "downsamplers" and b == levels - 1):
+                return None
+            if kind in ("resnets", "attentions") and j != 0:
+                return None
+            return teacher_path
+        b2 = b - (4 - levels)  # tiny: student up j <- teacher up j+1
+        if b2 < 0:
+            return None
+        if kind in ("resnets", "attentions"):
+            j2 = {0: 0, 2: 1}.get(j)
+            if j2 is None:
+                return None
+            return f"up_blocks.{b2}.{kind}.{j2}{rest}"
+        return f"up_blocks.{b2}.{kind}.{j}{rest}"
+    if teacher_path.startswith("mid_block"):
+        return teacher_path if student["transformer_depth_middle"] >= 0 else None
+    return teacher_path

@@ -3,13 +3,11 @@ shapes and the patched weights are checked in tests/comfy/test_lora_node.py)."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 from distilled_unets.models import lora_keys as lk
-from tests._lora_fixtures import FORMATS, LDM_FORMATS, lora_for
+from tests._lora_fixtures import FORMATS, LDM_FORMATS, expected_bk, lora_for
 
 BK_BASE = dict(num_res_blocks=[1] * 4, channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 0],
                transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1, context_dim=768)
@@ -25,32 +23,6 @@ SHAPE = (8, 8)
 
 def shapes_of(cfg):
     return {f"diffusion_model.{v}.weight": SHAPE for v in lk.unet_module_map(cfg).values()}
-
-
-def expected_bk(teacher_path: str, student: dict) -> str | None:
-    """The published BK-SDM/segmind correspondence, written out independently of the implementation."""
-    levels = len(student["channel_mult"])
-    m = re.match(r"(down_blocks|up_blocks)\.(\d)\.(resnets|attentions|downsamplers|upsamplers)\.(\d)(.*)", teacher_path)
-    if m:
-        side, b, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-        if side == "down_blocks":
-            if b >= levels or (kind == "downsamplers" and b == levels - 1):
-                return None
-            if kind in ("resnets", "attentions") and j != 0:
-                return None
-            return teacher_path
-        b2 = b - (4 - levels)  # tiny: student up j <- teacher up j+1
-        if b2 < 0:
-            return None
-        if kind in ("resnets", "attentions"):
-            j2 = {0: 0, 2: 1}.get(j)
-            if j2 is None:
-                return None
-            return f"up_blocks.{b2}.{kind}.{j2}{rest}"
-        return f"up_blocks.{b2}.{kind}.{j}{rest}"
-    if teacher_path.startswith("mid_block"):
-        return teacher_path if student["transformer_depth_middle"] >= 0 else None
-    return teacher_path
 
 
 def test_module_map_matches_diffusers_names():

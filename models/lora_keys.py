@@ -421,6 +421,7 @@ class LoraPlan:
     unknown: list[str] = field(default_factory=list)              # file keys naming nothing we know
     text_encoder: list[str] = field(default_factory=list)         # file prefixes for the text encoder
     uncertain_applied: bool = False
+    ambiguous: int = 0   # modules whose names fit the student and the teacher with different targets
 
     @property
     def unet_modules(self) -> int:
@@ -445,6 +446,10 @@ class LoraPlan:
             lines.append(f"dropped, block removed in the student: {len(self.removed)}{ex(self.removed)}")
         if self.shape_mismatch:
             lines.append(f"dropped, shape mismatch: {len(self.shape_mismatch)}{ex(self.shape_mismatch)}")
+        if self.ambiguous:
+            lines.append(f"note: {self.ambiguous} module names fit both this UNet and its teacher "
+                         "(read as this UNet's own; a teacher LoRA normally also names blocks the "
+                         "student lacks, which decides it)")
         if self.unknown:
             lines.append(f"unknown keys: {len(self.unknown)}{ex(self.unknown)}")
         return "\n".join(lines)
@@ -572,6 +577,8 @@ def plan_lora(tensors: dict, student_config: dict, model_shapes: dict, *, teache
     same_structure = _structure(student_config) == _structure(teacher)
     plan.origin = "teacher" if (teacher_score > student_score and not same_structure) else "student"
     plan.uncertain_applied = apply_uncertain
+    if plan.origin == "student" and not same_structure and teacher_score == student_score:
+        plan.ambiguous = sum(1 for pm in parsed if teacher_res[pm.prefix][1] != as_student(pm))
 
     for pm in parsed:
         if plan.origin == "student":

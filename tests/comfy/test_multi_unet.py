@@ -59,10 +59,11 @@ def _spy(patcher, log: list, tag: str):
     return patcher
 
 
-def _schedule(model, scheduler, steps):
+def _schedule(model, scheduler, steps, sampler="euler"):
+    """The sigmas KSampler really samples (dpm_2 / uni_pc drop the penultimate one)."""
     import comfy.samplers
 
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).tolist()
+    return comfy.samplers.KSampler(model, steps, "cpu", sampler, scheduler).sigmas.tolist()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def test_switch_step_routes_each_step_to_its_unet(tm, nodes_mod, sampler):
     full = tm.build("sd15", seed=2)
     pos, neg = tm.conditioning("sd15")
     steps = 6
-    sig = _schedule(full, "karras", steps)
+    sig = _schedule(full, "karras", steps, sampler)
     for k in range(steps + 1):
         calls: list = []
         out = nodes_mod.MultiUNetKSampler.execute(
@@ -149,7 +150,7 @@ def test_switch_step_with_intermediate_sigmas(tm, nodes_mod, sampler):
     full = tm.build("sd15", seed=2)
     pos, neg = tm.conditioning("sd15")
     steps, k = 6, 3
-    sig = _schedule(full, "karras", steps)
+    sig = _schedule(full, "karras", steps, sampler)
     calls: list = []
     nodes_mod.MultiUNetKSampler.execute(_spy(full.clone(), calls, "late"), _spy(small.clone(), calls, "early"),
                                         5, steps, k, 4.0, sampler, "karras", pos, neg,
@@ -261,8 +262,7 @@ def test_main_model_sampling_object_patch_is_shared(tm, nodes_mod):
     class Patched(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
         pass
 
-    new_ms = Patched(full.model.model_config)
-    new_ms.set_parameters(beta_schedule="linear", linear_start=0.001, linear_end=0.015)
+    new_ms = Patched(full.model.model_config, zsnr=True)  # what the ModelSamplingDiscrete node does
     assert not torch.equal(new_ms.sigmas, ms.sigmas)
     late = full.clone()
     late.add_object_patch("model_sampling", new_ms)

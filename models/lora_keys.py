@@ -363,7 +363,8 @@ def translate_teacher_path(path: str, teacher: dict, student: dict) -> tuple[str
             return (UNCERTAIN, f"{s_block}.{rest}",
                     f"depth {dt}->{ds}: which teacher transformer blocks were kept is not published")
         if not certain:
-            return UNCERTAIN, f"{s_block}.{rest}", "which teacher block pair the student kept is not published"
+            return (UNCERTAIN, f"{s_block}.{rest}",
+                    "which teacher block pair the student kept is not published")
         return MAPPED, f"{s_block}.{rest}", ""
 
     m = _BLOCK_RE.match(path)
@@ -572,8 +573,11 @@ def plan_lora(tensors: dict, student_config: dict, model_shapes: dict, *, teache
 
     student_score = sum(1 for pm in parsed if (k := as_student(pm)) and shape_fits(pm.prefix, k))
     teacher_res = {pm.prefix: as_teacher(pm) for pm in parsed}
-    teacher_score = sum(1 for pm in parsed if teacher_res[pm.prefix][0] != UNKNOWN
-                        and (teacher_res[pm.prefix][1] is None or shape_fits(pm.prefix, teacher_res[pm.prefix][1])))
+    def teacher_explains(pm: ParsedModule) -> bool:
+        outcome, key, _ = teacher_res[pm.prefix]
+        return outcome != UNKNOWN and (key is None or shape_fits(pm.prefix, key))
+
+    teacher_score = sum(1 for pm in parsed if teacher_explains(pm))
     same_structure = _structure(student_config) == _structure(teacher)
     plan.origin = "teacher" if (teacher_score > student_score and not same_structure) else "student"
     plan.uncertain_applied = apply_uncertain

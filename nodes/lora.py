@@ -146,7 +146,8 @@ class DistilledLoraLoader(io.ComfyNode):
             node_id=NODE_ID,
             display_name="Distilled LoRA Loader",
             category="distilled_unets/lora",
-            description="Applies a LoRA (kohya, diffusers, PEFT, ldm, LyCORIS LoHa/LoKr) to a distilled UNet. "
+            description="Applies a LoRA (kohya, diffusers, PEFT, ldm, LyCORIS LoHa/LoKr) to a distilled "
+                        "UNet. "
                         "A LoRA trained on the teacher (SD1.5/SD2/SDXL) is mapped block by block onto the "
                         "student; modules of removed blocks are dropped and counted, never put on another "
                         "block. Works on multi-UNet MODELs (each UNet gets its own mapping).",
@@ -178,8 +179,8 @@ class DistilledLoraLoader(io.ComfyNode):
                                  ui=ui.PreviewText("strengths are 0: nothing applied"))
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         tensors, metadata = read_lora_file(path)
-        new_model, new_clip, report = apply_lora(model, clip, tensors, metadata, strength_model, strength_clip,
-                                                 apply_uncertain=uncertain_blocks == "apply")
+        new_model, new_clip, report = apply_lora(model, clip, tensors, metadata, strength_model,
+                                                 strength_clip, apply_uncertain=uncertain_blocks == "apply")
         return io.NodeOutput(new_model, new_clip if clip is not None else None, report,
                              ui=ui.PreviewText(report))
 

@@ -47,14 +47,14 @@ def cases():
 
 
 def tiny_config(cfg: dict) -> dict:
-    """The same topology at tiny widths (SD1: 32/64/128, SD2/SDXL: 64/128/256, 64-wide heads)."""
+    """The same topology at tiny widths: SD1 and SDXL 32/64/128, SD2 64/128/256 (SD2 has attention at
+    level 0, and ComfyUI's SD2/SDXL heads are 64 wide, so an attention level needs 64 channels)."""
     cfg = copy.deepcopy(cfg)
     boc = cfg["block_out_channels"]
-    if cfg["cross_attention_dim"] == 768:
-        cfg["block_out_channels"] = [c // 10 for c in boc]
-    else:
-        cfg["block_out_channels"] = [c // 5 for c in boc]
-        cfg["attention_head_dim"] = [max(1, c // 5 // 64) for c in boc]
+    div = 5 if cfg["cross_attention_dim"] == 1024 else 10
+    cfg["block_out_channels"] = [c // div for c in boc]
+    if cfg["cross_attention_dim"] != 768:
+        cfg["attention_head_dim"] = [max(1, c // div // 64) for c in boc]
     cfg["sample_size"] = 8
     return cfg
 

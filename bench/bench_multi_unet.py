@@ -1,3 +1,4 @@
+# ruff: noqa: T201  (bench scripts print their tables)
 """Bench: end-to-end multi-UNet sampling (A-SDM) against the teacher alone and the step-weighted mix.
 
 Early UNet: tiny-sd topology (3 levels, 1 resnet per level, no mid block); late UNet: SD1.5 topology.
@@ -63,7 +64,6 @@ def main():
     import _tiny_models as tm
     import comfy.sample
     import comfy.samplers
-
     from distilled_unets.nodes.sampling import MultiUNetModel, SwitchPoint, make_multi_unet_model
 
     student = tm.build("sd15", tm.TINY_SD_TOPOLOGY, model_channels=a.channels, seed=1)
@@ -117,19 +117,21 @@ def main():
     mix_p = kp / a.steps * med["student"] + (a.steps - kp) / a.steps * med["teacher"]
     sp = lambda v: min(v) and (max(v) - min(v)) / statistics.median(v) * 100  # noqa: E731
 
-    print(f"multi-UNet bench: {a.sampler}/karras, {a.steps} steps, cfg 7 (batch 2), latent {a.size}x{a.size}, "
+    print(f"multi-UNet bench: {a.sampler}/karras, {a.steps} steps, cfg 7 (batch 2), "
+          f"latent {a.size}x{a.size}, "
           f"REDUCED WIDTH model_channels={a.channels} (real SD1.5: 320), {a.threads} thread(s), "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, best of {a.reps} interleaved runs")
-    print(f"early: tiny-sd topology ({sum(p.numel() for p in student.model.parameters()) / 1e6:.1f}M params), "
-          f"late: SD1.5 topology ({sum(p.numel() for p in teacher.model.parameters()) / 1e6:.1f}M params)")
+    n_params = [sum(p.numel() for p in m.model.parameters()) / 1e6 for m in (student, teacher)]
+    print(f"early: tiny-sd topology ({n_params[0]:.1f}M params), "
+          f"late: SD1.5 topology ({n_params[1]:.1f}M params)")
     print()
     print(f"{'run':<36} {'best s':>9} {'spread %':>9} {'vs teacher':>11} {'vs mix':>9}")
     rows = [("teacher alone", med["teacher"], times["teacher"], None),
             ("student alone", med["student"], times["student"], None),
             (f"step-weighted mix ({k}/{a.steps} student)", mix_k, None, None),
             (f"MultiUNetKSampler path, step {k}", med["multi_step"], times["multi_step"], mix_k),
-            (f"MultiUNetModel {a.switch:g} ({kp}/{a.steps} early)", med["multi_percent"], times["multi_percent"],
-             mix_p)]
+            (f"MultiUNetModel {a.switch:g} ({kp}/{a.steps} early)", med["multi_percent"],
+             times["multi_percent"], mix_p)]
     for name, t, raw, mix in rows:
         spread = f"{sp(raw):8.1f}" if raw else f"{'':>8}"
         vs_mix = f"{t / mix:9.4f}" if mix else f"{'':>9}"
@@ -147,7 +149,8 @@ def main():
     noise = min(sp(times["teacher"]), sp(times["student"]))
     if noise > 1.0:
         print(f"note: run-to-run spread is {noise:.1f} % on this machine, larger than the 1 % target; the "
-              f"router's own per-call work above ({route_us / per_call_student * 100:.3f} %) bounds the true overhead")
+              f"router's own per-call work above ({route_us / per_call_student * 100:.3f} %) bounds the "
+              "true overhead")
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ class MultiUNetKSampler(io.ComfyNode):
                 "the rest, in one uninterrupted sampler run (routed on the exact sigma of that step)."),
             inputs=[
                 io.Model.Input("model", tooltip="The full (late) UNet: runs from switch_step to the end."),
-                io.Model.Input("early_model", tooltip="The small (early) UNet: runs steps 0 .. switch_step-1."),
+                io.Model.Input("early_model",
+                               tooltip="The small (early) UNet: runs steps 0 .. switch_step-1."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The random seed used for creating the noise."),
                 io.Int.Input("steps", default=25, min=1, max=10000, tooltip="Number of sampling steps."),

@@ -152,7 +152,8 @@ def test_switch_step_with_intermediate_sigmas(tm, nodes_mod, sampler):
     steps, k = 6, 3
     sig = _schedule(full, "karras", steps, sampler)
     calls: list = []
-    nodes_mod.MultiUNetKSampler.execute(_spy(full.clone(), calls, "late"), _spy(small.clone(), calls, "early"),
+    nodes_mod.MultiUNetKSampler.execute(_spy(full.clone(), calls, "late"),
+                                        _spy(small.clone(), calls, "early"),
                                         5, steps, k, 4.0, sampler, "karras", pos, neg,
                                         {"samples": tm.latent(8)}, 1.0)
     early = [s for t, s in calls if t == "early"]
@@ -382,7 +383,8 @@ def test_inputs_are_not_mutated(tm, nodes_mod):
     before = _snapshot(small), _snapshot(full)
     multi = nodes_mod.MultiUNetModel.execute(small, full, 0.5).result[0]
     _sample(multi, "dpmpp_2m_sde")
-    nodes_mod.MultiUNetKSampler.execute(full, small, 1, 4, 2, 5.0, "euler", "karras", *tm.conditioning("sd15"),
+    nodes_mod.MultiUNetKSampler.execute(full, small, 1, 4, 2, 5.0, "euler", "karras",
+                                        *tm.conditioning("sd15"),
                                         {"samples": tm.latent(8)}, 1.0)
     _same(before[0], _snapshot(small))
     _same(before[1], _snapshot(full))
@@ -407,7 +409,6 @@ def test_example_workflows_match_the_node_schemas(name):
 
     import comfy.samplers
     from comfy_api.latest import io
-
     from distilled_unets.nodes import NODE_CLASSES
 
     wf = json.loads((Path(__file__).resolve().parents[2] / "workflows" / name).read_text())

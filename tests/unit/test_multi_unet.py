@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from distilled_unets.models.errors import IncompatibleModelsError, PackError
 from distilled_unets.models.multi_unet import (
     LoadedStage,
@@ -93,8 +92,9 @@ def _sig(**kw):
 
 
 @pytest.mark.parametrize("field,value,word", [
-    ("latent_format", "SDXL", "latent"), ("latent_channels", 16, "latent"), ("context_dim", 2048, "conditioning"),
-    ("adm_channels", 2816, "pooled"), ("prediction", "v_prediction", "predict"), ("in_channels", 9, "inpainting"),
+    ("latent_format", "SDXL", "latent"), ("latent_channels", 16, "latent"),
+    ("context_dim", 2048, "conditioning"), ("adm_channels", 2816, "pooled"),
+    ("prediction", "v_prediction", "predict"), ("in_channels", 9, "inpainting"),
 ])
 def test_check_compatible_names_both_models_and_fix(field, value, word):
     early = _sig(name="early_model (tiny)")
@@ -110,7 +110,8 @@ def test_check_compatible_names_both_models_and_fix(field, value, word):
 def test_check_shared_weights():
     check_shared_weights([LoadedStage("a", 1, "w"), LoadedStage("b", 1, "w"), LoadedStage("c", 2, "z")])
     with pytest.raises(IncompatibleModelsError, match="same loaded UNet"):
-        check_shared_weights([LoadedStage("a", 1, "w"), LoadedStage("b", 2, "v"), LoadedStage("c", 1, "lora")])
+        check_shared_weights([LoadedStage("a", 1, "w"), LoadedStage("b", 2, "v"),
+                              LoadedStage("c", 1, "lora")])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,7 +155,8 @@ def _args(sigma, sample_sigmas=None):
           "main_only": 1, "cond_or_uncond": [0, 1], "uuids": ["u", "v"], "sigmas": torch.tensor([sigma] * 2),
           "sample_sigmas": sample_sigmas, "from_hook": "h"}
     return {"input": torch.zeros(2, 4, 2, 2), "timestep": torch.tensor([sigma] * 2),
-            "c": {"c_crossattn": "ctx", "control": "cnet", "transformer_options": to}, "cond_or_uncond": [0, 1]}
+            "c": {"c_crossattn": "ctx", "control": "cnet", "transformer_options": to},
+            "cond_or_uncond": [0, 1]}
 
 
 def test_router_routes_by_sigma_and_rebuilds_options_for_early():

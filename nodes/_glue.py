@@ -13,13 +13,12 @@ import json
 import logging
 import os
 
-import torch
-
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models
 import comfy.utils
+import torch
 
 from ..models import registry
 from ..models.detect import Detection, detect, from_diffusers_config

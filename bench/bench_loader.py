@@ -1,0 +1,142 @@
+"""Per-step UNet time of loaded students: our build vs ComfyUI's own build vs the teacher.
+
+For each model, random weights in the real (full-size) structure are written as a diffusers-layout
+state dict, loaded through the pack's loader path (detection -> ComfyUI's UNetModel), and, where
+ComfyUI 0.3.64 can detect the structure itself, through ``comfy.sd.load_diffusion_model_state_dict``
+on the ldm layout. One UNet evaluation (batch 2: cond + uncond) is timed for each, interleaved
+round by round so machine noise hits both alike; the table gives medians and ratios.
+
+    python bench/bench_loader.py --comfyui ~/ComfyUI                     # SD1 + SD2 at 512 px
+    python bench/bench_loader.py --families sdxl --sdxl-px 1024          # SDXL (needs ~40 GB RAM in fp32)
+    python bench/bench_loader.py --device cuda --dtype fp16 --families sd1,sd2,sdxl   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MODELS = {
+    "sd1": ["SD 1.x (v1.4 / v1.5)", "segmind/small-sd", "nota-ai/bk-sdm-small", "segmind/tiny-sd"],
+    "sd2": ["SD 2.1-base", "nota-ai/bk-sdm-v2-base", "nota-ai/bk-sdm-v2-small", "nota-ai/bk-sdm-v2-tiny"],
+    "sdxl": ["SDXL 1.0 base", "segmind/SSD-1B", "segmind/Segmind-Vega", "etri-vilab/koala-700m",
+             "etri-vilab/koala-1b"],
+}
+
+
+def _import_pack():
+    spec = importlib.util.spec_from_file_location("distilled_unets", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["distilled_unets"] = mod
+    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(ROOT))
+    from tests.layouts import TEACHER_CONFIGS, diffusers_model, to_ldm  # noqa: E402
+
+    return TEACHER_CONFIGS, diffusers_model, to_ldm
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui", default=str(Path.home() / "ComfyUI"))
+    ap.add_argument("--families", default="sd1,sd2")
+    ap.add_argument("--px", type=int, default=512, help="image size for SD1/SD2")
+    ap.add_argument("--sdxl-px", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, args.comfyui)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = args.device == "cpu"
+    import comfy.model_management as mm
+    import comfy.sd
+
+    teacher_cfgs, diffusers_model, to_ldm = _import_pack()
+    from distilled_unets.models import registry
+    from distilled_unets.models.cost import unet_cost
+    from distilled_unets.models.detect import detect
+    from distilled_unets.nodes._glue import build_model
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dev = torch.device(args.device)
+    rows = []
+    for fam in args.families.split(","):
+        px = args.sdxl_px if fam == "sdxl" else args.px
+        lat = px // 8
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, lat, lat, generator=g).to(dev, dtype)
+        ctx = torch.randn(2, 77, registry.TEACHERS[fam].topology.context_dim, generator=g).to(dev, dtype)
+        y = torch.randn(2, 2816, generator=g).to(dev, dtype) if fam == "sdxl" else None
+        t = torch.tensor([500.0, 500.0], device=dev)
+        times, entries = {}, {}
+
+        def step(patcher):
+            mm.load_models_gpu([patcher])
+            net = patcher.model.diffusion_model
+            with torch.no_grad():
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                net(x, timesteps=t, context=ctx, y=y)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - t0
+
+        # one model at a time (memory), our build and ComfyUI's interleaved round by round
+        for mid in MODELS[fam]:
+            e = entries[mid] = registry.by_id(mid)
+            cfg = teacher_cfgs[fam] if e.is_teacher else e.diffusers
+            meta = diffusers_model(cfg, device="meta").state_dict()
+            sd = {k: torch.randn(v.shape, dtype=dtype) * 0.02 for k, v in meta.items()}
+            det = detect({k: tuple(v.shape) for k, v in sd.items()})
+            ours = build_model(det, dict(sd), weight_dtype=args.dtype)
+            theirs = None
+            try:
+                theirs = comfy.sd.load_diffusion_model_state_dict(to_ldm(sd, cfg, gapped=False),
+                                                                  model_options={"dtype": dtype})
+            except Exception as ex:  # ComfyUI cannot build every structure
+                print(f"  ComfyUI's own build of {mid} failed: {type(ex).__name__}: {ex}", file=sys.stderr)
+            del sd
+            times[(mid, "ours")], times[(mid, "comfy")] = [], []
+            step(ours)
+            if theirs is not None:
+                step(theirs)
+            for _ in range(args.rounds):
+                times[(mid, "ours")].append(step(ours))
+                if theirs is not None:
+                    times[(mid, "comfy")].append(step(theirs))
+            del ours, theirs
+            mm.unload_all_models()
+            gc.collect()
+        teacher_t = statistics.median(times[(MODELS[fam][0], "ours")])
+        tcost = unet_cost(registry.TEACHERS[fam].topology, lat, lat).macs
+        for mid, e in entries.items():
+            o = statistics.median(times[(mid, "ours")])
+            c = statistics.median(times[(mid, "comfy")]) if times[(mid, "comfy")] else None
+            est = unet_cost(e.topology, lat, lat).macs / tcost
+            rows.append((mid, f"{px}px", o, c, (c / o) if c else None, teacher_t / o, est))
+    print(f"\nPer-step UNet time, batch 2, {args.dtype} on {args.device} ({torch.get_num_threads()} threads), "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"{'model':34s} {'res':>7s} {'ours s':>8s} {'comfy s':>8s} {'comfy/ours':>10s} {'speed-up vs teacher':>20s}"
+          f" {'est. cost vs teacher':>21s}")
+    for mid, px, o, c, r, sp, est in rows:
+        print(f"{mid:34s} {px:>7s} {o:8.3f} {(f'{c:8.3f}' if c else '     n/a')} "
+              f"{(f'{r:9.3f}x' if r else '  (cannot)')} {sp:19.2f}x {est:20.2f}x")
+
+
+if __name__ == "__main__":
+    main()

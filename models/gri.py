@@ -1,0 +1,318 @@
+"""Global-regional interactive (GRI) attention on a token grid (A-SDM), host-free.
+
+A-SDM names GRI attention but gives no reference code, so the pack defines it here:
+
+* The token grid ``H x W`` is cut into windows of ``window x window`` tokens (regional part). Grids that
+  are not a multiple of the window are padded up to one; padded key slots are masked out of the softmax
+  and padded query rows are dropped, so any ``H, W`` works (13x10 with window 4 gives 4x3 windows).
+  Windows may be offset by ``shift`` tokens (Swin-style shifted windows): the offset only moves the
+  window borders (the grid is padded at the top/left), nothing wraps around, so no extra mask is needed.
+* The whole grid's keys and values are average-pooled by a factor ``pool`` (global part; ragged edge
+  cells average the tokens they really hold).
+* Every query attends, in ONE softmax, to the keys of its own window and to all pooled keys, through a
+  single batched ``torch.nn.functional.scaled_dot_product_attention`` call (windows are a batch axis,
+  no Python loop over windows); the key-side bias below is passed as the float attention mask.
+
+**Weighing the pooled keys.** A pooled key stands for several tokens, so its logit gets ``+log(n)``:
+``exp(q.k_mean + log n) = n exp(q.k_mean)`` approximates the sum of the ``n`` separate terms (exact
+when the keys in a cell are equal). By default ``n`` counts only the tokens of the cell that are *not*
+in the query's own window (``n = count - overlap``; a cell wholly inside the window is masked out),
+so every token of the grid is counted exactly once in the softmax's denominator: exactly, when it
+is in the window, or through its pooled cell otherwise. Consequences:
+
+* ``pool == 1``: the "pooled" keys are the tokens themselves and GRI equals exact attention for any
+  window; ``window >= grid``: every cell is inside the window and GRI equals exact attention for any
+  pool factor (both within float rounding).
+* ``count_window_in_global=True`` gives the literal reading instead (``n = count``, the window's own
+  tokens are counted twice: exactly and through their pool); kept for comparison.
+* ``pool == 0`` switches the global part off (windowed attention only).
+
+When the window and the shift are multiples of the pool factor (the defaults: 16, 8 and 4), each cell
+is either wholly inside or wholly outside a window; otherwise a partly covered cell keeps its full
+mean key/value with the reduced weight ``count - overlap``.
+
+Layout as in ComfyUI's attention backends: q, k, v are ``[B, L, heads * dim_head]`` with
+``L = H * W`` in row-major order; the result has the same shape (before ``to_out``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["GRILayout", "gri_attention", "exact_attention", "gri_layout", "attention_sites",
+           "AttentionSite", "select_sites", "alternate_shift", "cost_ratio"]
+
+
+@dataclass(frozen=True)
+class GRILayout:
+    """Geometry of one (H, W, window, pool, shift) setting: padding, window counts and the key bias."""
+
+    height: int
+    width: int
+    win_h: int
+    win_w: int
+    shift_h: int
+    shift_w: int
+    pad: tuple[int, int, int, int]  # top, bottom, left, right (window padding)
+    n_h: int
+    n_w: int
+    pool: int
+    pool_h: int  # number of pooled cells along H (ceil(H / pool)); 0 when pool == 0
+    pool_w: int
+    cell_count: torch.Tensor | None  # [pool_h, pool_w, 1] float32 tokens per cell (ragged edges < pool**2)
+    bias: torch.Tensor  # [n_windows, 1, 1, T + G] float32: 0 / -inf window slots, log(n) / -inf pooled keys
+
+    @property
+    def n_windows(self) -> int:
+        return self.n_h * self.n_w
+
+    @property
+    def tokens_per_window(self) -> int:
+        return self.win_h * self.win_w
+
+    @property
+    def n_global(self) -> int:
+        return self.pool_h * self.pool_w
+
+
+_LAYOUT_CACHE: dict[tuple, GRILayout] = {}
+_LAYOUT_CACHE_MAX = 64
+
+
+def _pair(x) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+def gri_layout(height: int, width: int, window, pool: int, shift=0, *, count_window_in_global: bool = False,
+               device: torch.device | str = "cpu") -> GRILayout:
+    """Padding, window grid and the [n_windows, 1, 1, T+G] key bias for one grid (cached per setting)."""
+    win_h, win_w = _pair(window)
+    sh, sw = _pair(shift)
+    if height < 1 or width < 1 or win_h < 1 or win_w < 1 or pool < 0:
+        raise ValueError(f"GRI: bad geometry H={height} W={width} window={window} pool={pool}")
+    # a window at least as large as the grid is the whole grid (and then a shift would only add padding)
+    win_h, win_w = min(win_h, height), min(win_w, width)
+    sh = sh % win_h if win_h < height else 0
+    sw = sw % win_w if win_w < width else 0
+    device = torch.device(device)
+    key = (height, width, win_h, win_w, sh, sw, pool, count_window_in_global, device)
+    hit = _LAYOUT_CACHE.get(key)
+    if hit is not None:
+        return hit
+
+    pad_t, pad_l = sh, sw
+    pad_b = (-(height + pad_t)) % win_h
+    pad_r = (-(width + pad_l)) % win_w
+    n_h = (height + pad_t + pad_b) // win_h
+    n_w = (width + pad_l + pad_r) // win_w
+    n_win = n_h * n_w
+    T = win_h * win_w
+
+    # regional part: which window slots hold a real token
+    valid = torch.ones(height, width, device=device)
+    valid = F.pad(valid, (pad_l, pad_r, pad_t, pad_b))
+    valid = valid.view(n_h, win_h, n_w, win_w).permute(0, 2, 1, 3).reshape(n_win, T) > 0
+    zero = torch.zeros((), device=device)
+    neg_inf = torch.full((), float("-inf"), device=device)
+    win_bias = torch.where(valid, zero, neg_inf)
+
+    cell_count = None
+    pool_h = pool_w = 0
+    if pool > 0:
+        pool_h, pool_w = -(-height // pool), -(-width // pool)
+        G = pool_h * pool_w
+        rows = torch.arange(height, device=device)
+        cols = torch.arange(width, device=device)
+        cell = ((rows // pool)[:, None] * pool_w + (cols // pool)[None, :]).reshape(-1)
+        count = torch.bincount(cell, minlength=G).to(torch.float32)
+        cell_count = count.view(pool_h, pool_w, 1)
+        if count_window_in_global:
+            weight = count.expand(n_win, G)
+        else:
+            win = (((rows + pad_t) // win_h)[:, None] * n_w + ((cols + pad_l) // win_w)[None, :]).reshape(-1)
+            overlap = torch.bincount(win * G + cell, minlength=n_win * G).view(n_win, G).to(torch.float32)
+            weight = count[None, :] - overlap
+        glob_bias = torch.where(weight > 0, torch.log(weight.clamp_min(1.0)), neg_inf)
+        bias = torch.cat([win_bias, glob_bias], dim=1)
+    else:
+        bias = win_bias
+    layout = GRILayout(height, width, win_h, win_w, sh, sw, (pad_t, pad_b, pad_l, pad_r), n_h, n_w, pool,
+                       pool_h, pool_w, cell_count, bias.view(n_win, 1, 1, -1).contiguous())
+    if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_MAX:
+        _LAYOUT_CACHE.clear()
+    _LAYOUT_CACHE[key] = layout
+    return layout
+
+
+def _pool_grid(x: torch.Tensor, lay: GRILayout) -> torch.Tensor:
+    """[B, H, W, C] -> [B, G, C]: mean over each pool x pool cell (ragged edge cells: mean of what they hold)."""
+    B, H, W, C = x.shape
+    p = lay.pool
+    x = F.pad(x, (0, 0, 0, lay.pool_w * p - W, 0, lay.pool_h * p - H))
+    s = x.view(B, lay.pool_h, p, lay.pool_w, p, C).sum(dim=(2, 4), dtype=torch.float32)
+    return (s / lay.cell_count).to(x.dtype).reshape(B, lay.n_global, C)
+
+
+def _windows(x: torch.Tensor, lay: GRILayout, heads: int) -> torch.Tensor:
+    """[B, H, W, C] -> [B, n_windows, heads, T, d] (padded with zeros up to whole windows)."""
+    B, H, W, C = x.shape
+    d = C // heads
+    pt, pb, pl, pr = lay.pad
+    if pt or pb or pl or pr:
+        x = F.pad(x, (0, 0, pl, pr, pt, pb))
+    x = x.view(B, lay.n_h, lay.win_h, lay.n_w, lay.win_w, heads, d)
+    return x.permute(0, 1, 3, 5, 2, 4, 6).reshape(B, lay.n_windows, heads, lay.tokens_per_window, d)
+
+
+def gri_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, height: int, width: int, *,
+                  window=16, pool: int = 4, shift=0, attn_precision: torch.dtype | None = None,
+                  count_window_in_global: bool = False) -> torch.Tensor:
+    """GRI attention of q, k, v ``[B, H*W, heads*dim_head]`` on an ``height x width`` grid -> same shape.
+
+    ``window``: window side in tokens (int or (h, w)); ``pool``: global pooling factor (0 = no global
+    part); ``shift``: window offset in tokens (int or (h, w)), e.g. ``window // 2`` on every other
+    block; ``attn_precision``: compute in this dtype when it is wider than q's (SD2.x asks float32).
+    """
+    B, L, C = q.shape
+    if L != height * width or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"GRI: q/k/v {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} are not a "
+                         f"{height}x{width} self-attention grid")
+    if C % heads:
+        raise ValueError(f"GRI: width {C} is not a multiple of heads={heads}")
+    out_dtype = q.dtype
+    if attn_precision is not None and torch.finfo(attn_precision).bits > torch.finfo(q.dtype).bits:
+        q, k, v = q.to(attn_precision), k.to(attn_precision), v.to(attn_precision)
+    lay = gri_layout(height, width, window, pool, shift, count_window_in_global=count_window_in_global,
+                     device=q.device)
+    d = C // heads
+    qg, kg, vg = (t.reshape(B, height, width, C) for t in (q, k, v))
+    qw = _windows(qg, lay, heads)
+    kw = _windows(kg, lay, heads)
+    vw = _windows(vg, lay, heads)
+    if pool > 0:
+        G = lay.n_global
+        kp = _pool_grid(kg, lay).view(B, 1, G, heads, d).transpose(2, 3)
+        vp = _pool_grid(vg, lay).view(B, 1, G, heads, d).transpose(2, 3)
+        shape = (B, lay.n_windows, heads, G, d)
+        kw = torch.cat([kw, kp.expand(shape)], dim=3)
+        vw = torch.cat([vw, vp.expand(shape)], dim=3)
+    out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=lay.bias.to(qw.dtype))
+    # [B, nWin, heads, T, d] -> [B, Hpad, Wpad, C] -> crop
+    out = out.view(B, lay.n_h, lay.n_w, heads, lay.win_h, lay.win_w, d).permute(0, 1, 4, 2, 5, 3, 6)
+    out = out.reshape(B, lay.n_h * lay.win_h, lay.n_w * lay.win_w, C)
+    pt, _, pl, _ = lay.pad
+    out = out[:, pt:pt + height, pl:pl + width]
+    return out.reshape(B, L, C).to(out_dtype)
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                    attn_precision: torch.dtype | None = None) -> torch.Tensor:
+    """Plain softmax attention in the same layout (the baseline GRI is compared with)."""
+    B, L, C = q.shape
+    out_dtype = q.dtype
+    if attn_precision is not None and torch.finfo(attn_precision).bits > torch.finfo(q.dtype).bits:
+        q, k, v = q.to(attn_precision), k.to(attn_precision), v.to(attn_precision)
+    d = C // heads
+    q, k, v = (t.reshape(B, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(B, L, C).to(out_dtype)
+
+
+def alternate_shift(ordinal: int, window: int) -> int:
+    """Swin-style: no shift on even blocks, half a window on odd ones (so borders do not stay fixed)."""
+    return (window // 2) if ordinal % 2 else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# where the self-attentions of a UNet sit (duck-typed walk over ComfyUI's openaimodel layout)
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One transformer block's self-attention: ComfyUI's attn1 replace key and its resolution level.
+
+    ``level`` counts downsamplings from the input resolution (0 = full latent resolution);
+    ``attn_rank`` is the position of that level among the levels that have self-attention
+    (0 = the highest-resolution level with self-attention: level 0 on SD1.5, level 1 on SDXL).
+    """
+
+    block_name: str  # "input" | "middle" | "output"
+    block_id: int
+    index: int  # index in the SpatialTransformer's transformer_blocks
+    level: int
+    attn_rank: int = -1
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.block_name, self.block_id, self.index)
+
+
+def _self_attn_blocks(block) -> int:
+    """Number of transformer blocks with a real self-attention (attn1) inside one UNet block."""
+    n = 0
+    for m in block.modules():
+        tbs = getattr(m, "transformer_blocks", None)
+        if tbs is not None and isinstance(tbs, torch.nn.ModuleList):
+            n = max(n, sum(1 for tb in tbs if hasattr(tb, "attn1") and not getattr(tb, "disable_self_attn", False)))
+    return n
+
+
+def _has(block, class_name: str) -> bool:
+    return any(type(m).__name__ == class_name for m in block.modules())
+
+
+def attention_sites(diffusion_model) -> list[AttentionSite]:
+    """Every self-attention of an ldm-layout UNet (``input_blocks`` / ``middle_block`` / ``output_blocks``).
+
+    Levels come from counting ``Downsample`` / ``Upsample`` modules, so any block layout works (SD1.5,
+    SDXL, block-removed students, A-SDM-style mixes), not fixed indices.
+    """
+    sites: list[AttentionSite] = []
+    level = 0
+    for i, blk in enumerate(getattr(diffusion_model, "input_blocks", [])):
+        for j in range(_self_attn_blocks(blk)):
+            sites.append(AttentionSite("input", i, j, level))
+        if _has(blk, "Downsample"):
+            level += 1
+    middle = getattr(diffusion_model, "middle_block", None)
+    if middle is not None:
+        for j in range(_self_attn_blocks(middle)):
+            sites.append(AttentionSite("middle", 0, j, level))
+    for i, blk in enumerate(getattr(diffusion_model, "output_blocks", [])):
+        for j in range(_self_attn_blocks(blk)):
+            sites.append(AttentionSite("output", i, j, level))
+        if _has(blk, "Upsample"):
+            level -= 1
+    attn_levels = sorted({s.level for s in sites})
+    rank = {lv: r for r, lv in enumerate(attn_levels)}
+    return [AttentionSite(s.block_name, s.block_id, s.index, s.level, rank[s.level]) for s in sites]
+
+
+def select_sites(sites: list[AttentionSite], levels: int, output_blocks: bool = True,
+                 middle: bool = False) -> list[AttentionSite]:
+    """The sites of the ``levels`` highest-resolution self-attention levels (input blocks, and output
+    blocks when asked; the middle block only with ``middle``)."""
+    out = []
+    for s in sites:
+        if s.attn_rank < 0 or s.attn_rank >= levels:
+            continue
+        if s.block_name == "output" and not output_blocks:
+            continue
+        if s.block_name == "middle" and not middle:
+            continue
+        out.append(s)
+    return out
+
+
+def cost_ratio(height: int, width: int, window: int, pool: int) -> float:
+    """Keys per query of GRI over exact attention (what the attention matmuls scale with)."""
+    lay_keys = min(window, height) * min(window, width)
+    if pool > 0:
+        lay_keys += math.ceil(height / pool) * math.ceil(width / pool)
+    return lay_keys / float(height * width)

@@ -1,0 +1,83 @@
+"""A real ComfyUI server for the server tests (and the browser tests): CPU, loopback, temp directories.
+
+The server gets three model roots: the demo weights (``tools/demo_weights.py``, cached under
+``test-artifacts/demo-models`` so only the first run pays for writing them), and a per-session
+folder of deliberately broken files for the bad-input tests. The pack is loaded from this checkout
+through an extra ``custom_nodes:`` path. Without a ComfyUI the tests skip with one line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..conftest import ROOT, find_comfyui
+
+sys.path.insert(0, str(ROOT / "tools"))
+
+import demo_weights  # noqa: E402
+from comfy_server import ComfyServer, ServerError  # noqa: E402
+from run_workflow import server_model_dirs  # noqa: E402
+
+DEMO_DIR = ROOT / "test-artifacts" / "demo-models"
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+
+
+def _write_bad_models(root: Path) -> dict[str, str]:
+    """Broken inputs for DistilledUNetLoader, as the user would have them on disk: name -> what it is."""
+    dm = root / "diffusion_models"
+    dm.mkdir(parents=True, exist_ok=True)
+    good = DEMO_DIR / "diffusion_models" / demo_weights.STUDENT_FILE
+    data = good.read_bytes()
+    (dm / "bad-truncated.safetensors").write_bytes(data[: len(data) // 2])
+    corrupt = bytearray(data)
+    corrupt[8:40] = b"\x00" * 32  # header JSON destroyed
+    (dm / "bad-corrupt.safetensors").write_bytes(bytes(corrupt))
+    (dm / "bad-empty.safetensors").write_bytes(b"")
+    shutil.copyfile(DEMO_DIR / "vae" / demo_weights.VAE, dm / "bad-vae-as-unet.safetensors")
+    shutil.copyfile(DEMO_DIR / "loras" / demo_weights.LORA, dm / "bad-lora-as-unet.safetensors")
+    half = dm / "bad-half-downloaded" / "unet"
+    half.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(DEMO_DIR / "diffusion_models" / demo_weights.STUDENT_FOLDER / "config.json", half / "config.json")
+    return {"bad-truncated.safetensors": "truncated", "bad-corrupt.safetensors": "corrupt header",
+            "bad-empty.safetensors": "empty file", "bad-vae-as-unet.safetensors": "a VAE",
+            "bad-lora-as-unet.safetensors": "a LoRA", "bad-half-downloaded/unet/": "folder without weights"}
+
+
+@pytest.fixture(scope="session")
+def comfyui_root() -> Path:
+    c = find_comfyui()
+    if c is None or not (c / "main.py").is_file():
+        pytest.skip("no ComfyUI found (set COMFYUI_PATH, or put ComfyUI at ~/ComfyUI)")
+    return c
+
+
+@pytest.fixture(scope="session")
+def demo_models() -> Path:
+    return demo_weights.ensure(DEMO_DIR, sdxl=True)
+
+
+@pytest.fixture(scope="session")
+def bad_models(tmp_path_factory, demo_models) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("bad-models")
+    return root, _write_bad_models(root)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_root, demo_models, bad_models, tmp_path_factory):
+    server = ComfyServer(comfyui_root, [*server_model_dirs(None, demo_models), bad_models[0]],
+                         workdir=tmp_path_factory.mktemp("comfy-server"))
+    try:
+        server.start()
+    except ServerError as e:
+        pytest.fail(f"ComfyUI did not start: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def object_info(comfy_server) -> dict:
+    return comfy_server.object_info()

@@ -1,0 +1,127 @@
+"""Every shipped workflow runs in a real ComfyUI server, as people run it: UI JSON -> /object_info
+conversion -> POST /prompt -> /history -> PNG files. Plus unknown nodes, bad inputs and a soak run.
+
+The models are the tiny random demo weights (``tools/demo_weights.py``) swapped in for the files the
+workflow names; steps and size are cut down so the whole file runs in about a minute on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import psutil
+import pytest
+from PIL import Image
+
+from comfy_server import PromptRejected, execution_error
+from run_workflow import expected_sizes, prepare, run_one
+from ui_to_api import UnknownNodeError, convert
+
+from .conftest import WORKFLOWS
+
+pytestmark = pytest.mark.server
+
+SIZE = (64, 64)
+SOAK_PROMPTS = 100
+SOAK_RSS_BOUND_MB = 200  # resident memory growth allowed over the 100 prompts, after a warm-up
+
+
+def _sd15_prompt(server, demo_models, seed=0):
+    wf = json.loads((WORKFLOWS[0].parent / "distilled_unet_sd15.json").read_text())
+    prompt, _ = prepare(server, wf, demo_models, steps=1, size=SIZE, force_demo=True)
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["seed"] = seed
+    return prompt
+
+
+def _loader_id(prompt):
+    return next(n for n, v in prompt.items() if v["class_type"] == "DistilledUNetLoader")
+
+
+def test_workflows_exist():
+    assert WORKFLOWS, "workflows/ holds no .json"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_runs_in_server(comfy_server, demo_models, path, tmp_path):
+    res = run_one(comfy_server, path, tmp_path, demo_models, steps=2, size=SIZE, force_demo=True, timeout=300)
+    assert res["images"], f"{path.name} produced no image"
+    sizes = expected_sizes(res["prompt"])
+    assert sizes == {SIZE}
+    for img in res["images"]:
+        assert img.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(img) as im:
+            assert im.format == "PNG" and im.size == SIZE
+            # SaveImage embeds the UI workflow, as when the editor queues it
+            assert json.loads(im.info["workflow"])["nodes"]
+
+
+def test_loader_sends_model_info_to_the_node(comfy_server, demo_models):
+    """The loader's ui output (what js/model_info.js shows on the node) reaches the client."""
+    prompt = _sd15_prompt(comfy_server, demo_models, seed=7)
+    entry = comfy_server.run(prompt, timeout=300)
+    assert execution_error(entry) is None
+    info = entry["outputs"][_loader_id(prompt)]["text"]
+    assert isinstance(info, list) and info and all(isinstance(t, str) and t for t in info)
+
+
+def test_unknown_node_fails(comfy_server, object_info):
+    wf = json.loads(WORKFLOWS[0].read_text())
+    bad = copy.deepcopy(wf)
+    victim = next(n for n in bad["nodes"] if n["type"] not in ("Note", "MarkdownNote"))
+    victim["type"] = "NoSuchNodeFromAMissingPack"
+    with pytest.raises(UnknownNodeError, match="NoSuchNodeFromAMissingPack"):
+        convert(bad, object_info)
+    # the server itself rejects it too when sent raw
+    prompt = convert(wf, object_info)
+    prompt[str(victim["id"])]["class_type"] = "NoSuchNodeFromAMissingPack"
+    with pytest.raises(PromptRejected, match="NoSuchNodeFromAMissingPack"):
+        comfy_server.queue(prompt)
+
+
+BAD_EXPECT = {"bad-truncated.safetensors": "", "bad-corrupt.safetensors": "", "bad-empty.safetensors": "",
+              "bad-vae-as-unet.safetensors": "VAE", "bad-lora-as-unet.safetensors": "LoRA",
+              "bad-half-downloaded/unet/": ""}
+
+
+@pytest.mark.parametrize("name", list(BAD_EXPECT))
+def test_bad_input_fails_with_message_and_server_keeps_serving(comfy_server, demo_models, bad_models, name):
+    assert name in bad_models[1]
+    prompt = _sd15_prompt(comfy_server, demo_models, seed=random.randrange(1 << 30))
+    prompt[_loader_id(prompt)]["inputs"]["unet_name"] = name
+    entry = comfy_server.run(prompt, timeout=300)
+    err = execution_error(entry)
+    assert err is not None, f"{name} loaded without error"
+    assert "DistilledUNetLoader" in err
+    assert "Fix:" in err, f"message gives no fix: {err}"
+    assert BAD_EXPECT[name] in err
+    assert "Traceback" not in err
+    good = comfy_server.run(_sd15_prompt(comfy_server, demo_models, seed=random.randrange(1 << 30)), timeout=300)
+    assert execution_error(good) is None
+    assert comfy_server.output_images(good)
+
+
+def test_soak_100_prompts(comfy_server, demo_models):
+    proc = psutil.Process(comfy_server.pid)
+    for seed in range(3):  # warm-up: models loaded, caches filled
+        assert execution_error(comfy_server.run(_sd15_prompt(comfy_server, demo_models, seed=10_000 + seed))) is None
+    rss0 = proc.memory_info().rss
+    base = _sd15_prompt(comfy_server, demo_models)
+    ids = []
+    for seed in range(SOAK_PROMPTS):
+        p = copy.deepcopy(base)
+        for node in p.values():
+            if node["class_type"] == "KSampler":
+                node["inputs"]["seed"] = seed
+        ids.append(comfy_server.queue(p))
+    entries = [comfy_server.wait(i, timeout=600) for i in ids]
+    errors = [execution_error(e) for e in entries if execution_error(e)]
+    assert not errors, errors[:3]
+    assert all(comfy_server.output_images(e) for e in entries)
+    growth_mb = (proc.memory_info().rss - rss0) / 2**20
+    print(f"soak: {SOAK_PROMPTS} prompts ok, server RSS {rss0 / 2**20:.0f} MB -> "  # noqa: T201
+          f"{proc.memory_info().rss / 2**20:.0f} MB (growth {growth_mb:+.1f} MB, bound {SOAK_RSS_BOUND_MB} MB)")
+    assert growth_mb < SOAK_RSS_BOUND_MB

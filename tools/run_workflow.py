@@ -15,7 +15,6 @@ the whole pipeline but THE IMAGE IS NOISE. Client side: standard library only.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import re
@@ -26,8 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from comfy_server import (REPO, ComfyServer, PromptRejected, ServerError, execution_error,  # noqa: E402
-                          find_comfyui)
+from comfy_server import REPO, ComfyServer, PromptRejected, ServerError, execution_error, find_comfyui  # noqa: E402
 from ui_to_api import ConversionError, convert  # noqa: E402
 
 log = logging.getLogger("distilled_unets.tools")

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["GRILayout", "gri_attention", "exact_attention", "gri_layout", "attention_sites",
-           "AttentionSite", "select_sites", "alternate_shift", "cost_ratio"]
+           "AttentionSite", "select_sites", "alternate_shift", "cost_ratio", "GRIReplace"]
 
 
 @dataclass(frozen=True)
@@ -294,20 +294,11 @@ def attention_sites(diffusion_model) -> list[AttentionSite]:
     return [AttentionSite(s.block_name, s.block_id, s.index, s.level, rank[s.level]) for s in sites]
 
 
-def select_sites(sites: list[AttentionSite], levels: int, output_blocks: bool = True,
-                 middle: bool = False) -> list[AttentionSite]:
-    """The sites of the ``levels`` highest-resolution self-attention levels (input blocks, and output
-    blocks when asked; the middle block only with ``middle``)."""
-    out = []
-    for s in sites:
-        if s.attn_rank < 0 or s.attn_rank >= levels:
-            continue
-        if s.block_name == "output" and not output_blocks:
-            continue
-        if s.block_name == "middle" and not middle:
-            continue
-        out.append(s)
-    return out
+def select_sites(sites: list[AttentionSite], levels: int, output_blocks: bool = True) -> list[AttentionSite]:
+    """The sites of the ``levels`` highest-resolution self-attention levels: input blocks, the middle
+    block when its level is selected, and output blocks when ``output_blocks``."""
+    return [s for s in sites
+            if 0 <= s.attn_rank < levels and (output_blocks or s.block_name != "output")]
 
 
 def cost_ratio(height: int, width: int, window: int, pool: int) -> float:
@@ -316,3 +307,57 @@ def cost_ratio(height: int, width: int, window: int, pool: int) -> float:
     if pool > 0:
         lay_keys += math.ceil(height / pool) * math.ceil(width / pool)
     return lay_keys / float(height * width)
+
+
+# ------------------------------------------------------------------------------------------------
+# the attn1 replace callable (host-free: the host's exact attention is passed in)
+
+
+class GRIReplace:
+    """An ``attn1`` replace for one transformer block: ``fn(q, k, v, extra_options) -> out``.
+
+    Runs GRI attention when the current sigma is inside ``[sigma_end, sigma_start]`` and q/k/v are the
+    block's own ``H x W`` self-attention grid (``extra_options["activations_shape"]``); otherwise it
+    hands the call to ``previous`` (the replace another pack had put on this block, if any) or to
+    ``fallback(q, k, v, heads, attn_precision=..., transformer_options=...)``, the host's exact
+    attention, so the block behaves as unpatched. Another pack's replace is therefore kept, and
+    overridden only inside GRI's own sigma range.
+    """
+
+    def __init__(self, *, window: int, pool: int, shift: int, sigma_start: float, sigma_end: float,
+                 fallback, previous=None, count_window_in_global: bool = False):
+        self.window = int(window)
+        self.pool = int(pool)
+        self.shift = int(shift)
+        self.sigma_start = float(sigma_start)
+        self.sigma_end = float(sigma_end)
+        self.fallback = fallback
+        self.previous = previous
+        self.count_window_in_global = bool(count_window_in_global)
+
+    def grid(self, q: torch.Tensor, k: torch.Tensor, extra_options: dict) -> tuple[int, int] | None:
+        """(H, W) when this call is in range and is the block's own self-attention grid, else None."""
+        sigmas = extra_options.get("sigmas")
+        if sigmas is not None:
+            sigma = float(torch.as_tensor(sigmas).max())
+            if not (self.sigma_end <= sigma <= self.sigma_start):
+                return None
+        shape = extra_options.get("activations_shape")
+        if shape is None or len(shape) < 4:
+            return None
+        H, W = int(shape[-2]), int(shape[-1])
+        # another pack's attn1_patch may have re-tiled or merged tokens (HyperTile, ToMe): leave those alone
+        if q.shape[1] != H * W or k.shape != q.shape:
+            return None
+        return H, W
+
+    def __call__(self, q, k, v, extra_options):
+        hw = self.grid(q, k, extra_options)
+        if hw is not None:
+            return gri_attention(q, k, v, extra_options["n_heads"], hw[0], hw[1], window=self.window,
+                                 pool=self.pool, shift=self.shift, attn_precision=extra_options.get("attn_precision"),
+                                 count_window_in_global=self.count_window_in_global)
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        return self.fallback(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+                             transformer_options=extra_options)

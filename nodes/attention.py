@@ -1,3 +1,118 @@
-"""Placeholder until this feature lands."""
+"""GRIAttention: A-SDM global-regional interactive self-attention patched onto a cloned MODEL.
 
-NODES = []
+The maths lives in ``models/gri.py``; this node finds the self-attentions of the chosen resolution
+levels in the model's own UNet (any block layout: SD1.5, SD2, SDXL, block-removed students), and puts
+one keyed ``attn1`` replace per transformer block on a clone, chaining any replace already there.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from comfy.ldm.modules.attention import optimized_attention
+from comfy_api.latest import io
+
+from ..models.errors import PackError
+from ..models.gri import GRIReplace, alternate_shift, attention_sites, select_sites
+
+log = logging.getLogger("distilled_unets")
+
+CATEGORY = "distilled_unets/model_patches"
+NODE = "GRIAttention"
+
+
+def _exact_attention(q, k, v, heads, attn_precision=None, transformer_options=None):
+    """ComfyUI's exact attention as the block would run it unpatched (same backend, same override)."""
+    return optimized_attention(q, k, v, heads, attn_precision=attn_precision,
+                               transformer_options=transformer_options or {})
+
+
+def patch_gri(model, *, window: int, pool: int, levels: int = 1, start_percent: float = 0.0,
+              end_percent: float = 1.0, output_blocks: bool = True, shifted_windows: bool = True):
+    """A clone of ``model`` (a ModelPatcher) with GRI attention on the selected self-attentions.
+
+    Returns (patched clone, list of patched sites).
+    """
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise PackError(f"start_percent {start_percent} is after end_percent {end_percent}",
+                        "set start_percent <= end_percent (0 = start of sampling, 1 = end)", node=NODE,
+                        input_name="end_percent")
+    diffusion_model = getattr(model.model, "diffusion_model", None)
+    sites = attention_sites(diffusion_model) if diffusion_model is not None else []
+    if not sites:
+        raise PackError(f"the model ({type(diffusion_model).__name__}) has no UNet self-attention blocks",
+                        "connect a Stable Diffusion UNet (SD1.5, SD2, SDXL or a distilled student of them)",
+                        node=NODE, input_name="model")
+    chosen = select_sites(sites, levels, output_blocks)
+    m = model.clone()
+    ms = m.get_model_object("model_sampling")
+    sigma_start = ms.percent_to_sigma(start_percent)
+    sigma_end = ms.percent_to_sigma(end_percent)
+    existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    ordinal: dict[int, int] = {}
+    chained = 0
+    for s in chosen:
+        n = ordinal.get(s.level, 0)
+        ordinal[s.level] = n + 1
+        previous = existing.get(s.key, existing.get((s.block_name, s.block_id)))
+        chained += previous is not None
+        fn = GRIReplace(window=window, pool=pool, shift=alternate_shift(n, window) if shifted_windows else 0,
+                        sigma_start=sigma_start, sigma_end=sigma_end, fallback=_exact_attention, previous=previous)
+        m.set_model_attn1_replace(fn, s.block_name, s.block_id, s.index)
+    log.info("GRIAttention: window %d, pool %d on %d self-attention(s) at level(s) %s (%s); %d existing "
+             "replace(s) chained", window, pool, len(chosen), sorted({s.level for s in chosen}),
+             ", ".join(f"{s.block_name}{s.block_id}.{s.index}" for s in chosen), chained)
+    return m, chosen
+
+
+class GRIAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="GRI Attention (global-regional, fast high-res)",
+            category=CATEGORY,
+            description=(
+                "A-SDM global-regional interactive attention: on the highest-resolution self-attention "
+                "levels each token attends, in one softmax, to the tokens of its own window and to an "
+                "average-pooled copy of the whole image (each pooled token weighted by the tokens it stands "
+                "for). Much cheaper than full self-attention at 1024 px and above; cross-attention (the "
+                "prompt) is untouched. With a window covering the latent, or pool factor 1, it is exact "
+                "attention. Works on SD1.5, SD2, SDXL and their distilled students; to patch one UNet of a "
+                "Multi-UNet Model, patch it before routing."),
+            inputs=[
+                io.Model.Input("model", tooltip="The UNet to patch (left unchanged; a patched copy is returned)."),
+                io.Int.Input("window_size", default=16, min=1, max=256,
+                             tooltip="Window side in tokens of the patched level (at SD1.5's top level one token "
+                             "is 8 px: 16 -> 128 px windows). Larger: closer to exact, slower."),
+                io.Int.Input("pool_factor", default=4, min=0, max=64,
+                             tooltip="Global part: the whole grid average-pooled by this factor (4 -> one key "
+                             "per 4x4 tokens). 1 = every token (exact attention, no speed-up), 0 = no global "
+                             "part (windows only)."),
+                io.Int.Input("levels", default=1, min=1, max=8,
+                             tooltip="How many of the highest-resolution levels that have self-attention to "
+                             "patch (1 = the highest only: level 0 on SD1.5, the 2x-down level on SDXL)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of the part of the schedule that uses GRI (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the part of the schedule that uses GRI (1 = last step). "
+                               "Outside the range the blocks run exact attention."),
+                io.Boolean.Input("output_blocks", default=True,
+                                 tooltip="Patch the decoder (output) blocks of those levels too. On SD1.5 they "
+                                 "hold 3 of the 5 top-level self-attentions."),
+                io.Boolean.Input("shifted_windows", default=True,
+                                 tooltip="Offset the windows by half a window on every other patched block "
+                                 "(Swin-style), so window borders do not stay fixed."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched MODEL: connect to a sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, window_size, pool_factor, levels, start_percent, end_percent, output_blocks,
+                shifted_windows) -> io.NodeOutput:
+        m, _ = patch_gri(model, window=window_size, pool=pool_factor, levels=levels, start_percent=start_percent,
+                         end_percent=end_percent, output_blocks=output_blocks, shifted_windows=shifted_windows)
+        return io.NodeOutput(m)
+
+
+NODES = [GRIAttention]

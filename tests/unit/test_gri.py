@@ -260,8 +260,8 @@ def test_attention_sites_follow_the_block_layout():
     assert {s.level for s in sites} == {1, 2}
     top = gri.select_sites(sites, levels=1, output_blocks=False)
     assert [s.key for s in top] == [("input", 3, 0), ("input", 3, 1)]
-    assert len(gri.select_sites(sites, levels=2, output_blocks=True, middle=True)) == len(sites)
-    assert not any(s.block_name == "middle" for s in gri.select_sites(sites, levels=2))
+    assert len(gri.select_sites(sites, levels=2, output_blocks=True)) == len(sites)
+    assert not any(s.block_name == "middle" for s in gri.select_sites(sites, levels=1))
 
 
 def test_cost_ratio():

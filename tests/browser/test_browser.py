@@ -82,7 +82,7 @@ def test_workflow_loads_without_missing_nodes(report, name):
     wf = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
     assert res["missing"] == [], f"missing node types: {res['missing']}"
     assert res["nodeCount"] == len(wf["nodes"])
-    assert res["widgetMismatch"] == [], f"widgets_values do not line up with the node's widgets: {res['widgetMismatch']}"
+    assert res["widgetMismatch"] == [], f"widgets_values do not match the node's widgets: {res['widgetMismatch']}"
     assert not any("missing" in d.lower() and "node" in d.lower() for d in res["dialogs"]), res["dialogs"]
     with open(res["screenshot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

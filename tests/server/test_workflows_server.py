@@ -13,9 +13,8 @@ import random
 
 import psutil
 import pytest
-from PIL import Image
-
 from comfy_server import PromptRejected, execution_error
+from PIL import Image
 from run_workflow import expected_sizes, prepare, run_one
 from ui_to_api import UnknownNodeError, convert
 

@@ -81,7 +81,7 @@ class ComfyServer:
     def __init__(self, comfyui: Path, model_dirs=(), *, python: str | None = None, workdir: Path | None = None,
                  extra_args=(), startup_timeout: float = 180.0):
         self.comfyui = Path(comfyui)
-        self.model_dirs = [Path(d) for d in model_dirs]
+        self.model_dirs = [Path(d).expanduser().resolve() for d in model_dirs]
         self.python = python or sys.executable
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="comfy-server-"))

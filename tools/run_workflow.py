@@ -32,6 +32,7 @@ log = logging.getLogger("distilled_unets.tools")
 
 DEFAULT_DEMO_DIR = Path.home() / ".cache" / "distilled_unets" / "demo-models"
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "loras", "vae", "text_encoders", "clip", "diffusers")
+DEMO_STEPS, DEMO_SIZE = 4, (128, 128)
 SDXL_HINT = re.compile(r"xl|koala|ssd-?1b|vega", re.I)
 
 # (node type, input) -> demo file chooser: (original value, is_sdxl) -> demo name
@@ -154,6 +155,10 @@ def prepare(server: ComfyServer, workflow: dict, demo_dir: Path | None, *, steps
         if still:
             raise WorkflowError(f"demo weights written under {demo_dir} but the server does not list "
                                 f"{', '.join(v for _, _, v in still)}; is {demo_dir} in the server's model paths?")
+    if swaps and steps is None and size is None:
+        # noise either way: keep the demo quick on a CPU (512 px x 25 steps takes minutes there)
+        steps, size = DEMO_STEPS, DEMO_SIZE
+        log.info("demo weights: running %d steps at %dx%d (pass --steps/--size to change)", steps, *size)
     shrink(prompt, steps, size)
     return prompt, swaps
 
@@ -209,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--python", help="Python that runs ComfyUI (default: this one)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
+    args.demo_dir = args.demo_dir.expanduser().resolve()
+    args.models = args.models.expanduser().resolve() if args.models else None
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
 

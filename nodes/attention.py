@@ -27,11 +27,11 @@ def _exact_attention(q, k, v, heads, attn_precision=None, transformer_options=No
                                transformer_options=transformer_options or {})
 
 
-def patch_gri(model, *, window: int, pool: int, levels: int = 1, start_percent: float = 0.0,
+def patch_gri(model, *, window: int, pool: int | None, levels: int = 1, start_percent: float = 0.0,
               end_percent: float = 1.0, output_blocks: bool = True, shifted_windows: bool = True):
     """A clone of ``model`` (a ModelPatcher) with GRI attention on the selected self-attentions.
 
-    Returns (patched clone, list of patched sites).
+    ``pool`` None (the node's 0) = auto: see ``models.gri.auto_pool``. Returns (patched clone, sites).
     """
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise PackError(f"start_percent {start_percent} is after end_percent {end_percent}",
@@ -59,8 +59,9 @@ def patch_gri(model, *, window: int, pool: int, levels: int = 1, start_percent: 
         fn = GRIReplace(window=window, pool=pool, shift=alternate_shift(n, window) if shifted_windows else 0,
                         sigma_start=sigma_start, sigma_end=sigma_end, fallback=_exact_attention, previous=previous)
         m.set_model_attn1_replace(fn, s.block_name, s.block_id, s.index)
-    log.info("GRIAttention: window %d, pool %d on %d self-attention(s) at level(s) %s (%s); %d existing "
-             "replace(s) chained", window, pool, len(chosen), sorted({s.level for s in chosen}),
+    log.info("GRIAttention: window %d, pool %s on %d self-attention(s) at level(s) %s (%s); %d existing "
+             "replace(s) chained", window, "auto" if pool is None else pool, len(chosen),
+             sorted({s.level for s in chosen}),
              ", ".join(f"{s.block_name}{s.block_id}.{s.index}" for s in chosen), chained)
     return m, chosen
 
@@ -85,10 +86,11 @@ class GRIAttention(io.ComfyNode):
                 io.Int.Input("window_size", default=16, min=1, max=256,
                              tooltip="Window side in tokens of the patched level (at SD1.5's top level one token "
                              "is 8 px: 16 -> 128 px windows). Larger: closer to exact, slower."),
-                io.Int.Input("pool_factor", default=4, min=0, max=64,
+                io.Int.Input("pool_factor", default=0, min=0, max=64,
                              tooltip="Global part: the whole grid average-pooled by this factor (4 -> one key "
-                             "per 4x4 tokens). 1 = every token (exact attention, no speed-up), 0 = no global "
-                             "part (windows only)."),
+                             "per 4x4 tokens). 0 = auto: a factor that leaves about window x window pooled "
+                             "tokens at any resolution (8 at 1024 px on SD1.5 with window 16). 1 = every token "
+                             "(exact attention, no speed-up)."),
                 io.Int.Input("levels", default=1, min=1, max=8,
                              tooltip="How many of the highest-resolution levels that have self-attention to "
                              "patch (1 = the highest only: level 0 on SD1.5, the 2x-down level on SDXL)."),
@@ -110,8 +112,9 @@ class GRIAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, window_size, pool_factor, levels, start_percent, end_percent, output_blocks,
                 shifted_windows) -> io.NodeOutput:
-        m, _ = patch_gri(model, window=window_size, pool=pool_factor, levels=levels, start_percent=start_percent,
-                         end_percent=end_percent, output_blocks=output_blocks, shifted_windows=shifted_windows)
+        m, _ = patch_gri(model, window=window_size, pool=pool_factor or None, levels=levels,
+                         start_percent=start_percent, end_percent=end_percent, output_blocks=output_blocks,
+                         shifted_windows=shifted_windows)
         return io.NodeOutput(m)
 
 

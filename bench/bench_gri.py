@@ -1,0 +1,242 @@
+# ruff: noqa: T201  (bench scripts print their tables)
+"""Bench: GRI attention vs exact attention vs ComfyUI's HyperTile at equal window, side by side.
+
+Part 1, attention only: the self-attention op of the highest-resolution attention level at its real
+width (SD1.5 / tiny-sd: 320 ch, 8 heads x 40; SDXL: the 2x-down level, 640 ch, 10 heads x 64), batch 2
+(cond + uncond), times the number of such blocks in the UNet (SD1.5 5, tiny-sd 3, SDXL 10):
+  exact         full self-attention (ComfyUI's attention_pytorch)
+  hypertile     what HyperTile does: q cut into window x window tiles, ComfyUI's backend
+  gri           models/gri.py (windows + pooled global keys in one SDPA call)
+Exact attention at 2048 px is extrapolated from a slice of the queries (cost is linear in queries;
+marked "~"). Peak memory: process RSS above its level before the call, polled every 1 ms (psutil;
+tracemalloc does not see torch's allocator). Every attention, exact and HyperTile included, runs
+through ComfyUI's ``attention_pytorch`` (torch SDPA, ComfyUI's default on GPUs and with
+--use-pytorch-cross-attention); ComfyUI's CPU default, sub-quadratic attention, is 4-7x slower still
+for exact attention, which would flatter GRI.
+
+Part 2, whole UNet: one UNet forward (batch 1: one conditioning, no CFG batch) through ComfyUI's
+own UNetModel at FULL width with random weights, unpatched / HyperTile node / GRIAttention node.
+Models: SD1.5 and tiny-sd topologies; for SDXL the Segmind-Vega topology (a real SDXL student,
+level-2 depth 2 instead of 10, so that a step fits on a CPU). Best of --reps.
+
+    ~/venv/bin/python bench/bench_gri.py [--window 16] [--pool 4] [--sizes 512,1024,2048]
+        [--unet-sizes 512,1024] [--reps 2] [--threads 1] [--skip-unet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup():
+    comfy_root = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI")).expanduser()
+    if not (comfy_root / "comfy" / "model_patcher.py").is_file():
+        sys.exit(f"no ComfyUI at {comfy_root}: set COMFYUI_PATH")
+    sys.path.insert(0, str(comfy_root))
+    import comfy.cli_args
+
+    if os.environ.get("BENCH_DEVICE", "cpu") == "cpu":
+        comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.disable_all_custom_nodes = True
+    import comfy.ldm.modules.attention as attn
+
+    attn.optimized_attention = attn.attention_pytorch  # one kernel for every column (see the docstring)
+    if "distilled_unets" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("distilled_unets", ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["distilled_unets"] = mod
+        spec.loader.exec_module(mod)
+    sys.path.insert(0, str(ROOT / "tests" / "comfy"))
+
+
+# (name, latent downsampling of the top attention level, channels, heads, top-level self-attention blocks)
+ATTN_MODELS = [("sd15", 1, 320, 8, 5), ("tiny-sd", 1, 320, 8, 3), ("sdxl", 2, 640, 10, 10)]
+
+
+def _time(fn, reps):
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _peak_mem(fn) -> float:
+    """MiB: peak process RSS above the RSS before the call, sampled every 1 ms by a thread (psutil)."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.001)
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    return max(0, peak[0] - base) / 2 ** 20
+
+
+def hypertile_attention(q, k, v, heads, h, w, tile, attn):
+    """HyperTile's tiling of q (k, v untouched; the backend views them by q's batch), then un-tiling."""
+    from einops import rearrange
+
+    nh, nw = max(1, h // tile), max(1, w // tile)
+    qt = rearrange(q, "b (nh h nw w) c -> (b nh nw) (h w) c", h=h // nh, w=w // nw, nh=nh, nw=nw)
+    out = attn(qt, k, v, heads)
+    out = rearrange(out, "(b nh nw) hw c -> b nh nw hw c", nh=nh, nw=nw)
+    return rearrange(out, "b nh nw (h w) c -> b (nh h nw w) c", h=h // nh, w=w // nw)
+
+
+def attention_part(args):
+    import comfy.ldm.modules.attention as attn
+    import torch
+    from distilled_unets.models import gri
+
+    optimized_attention = attn.optimized_attention
+
+    pool = args.pool or None
+    print(f"\n## attention only: top self-attention level, batch 2, x blocks per UNet; window {args.window}, "
+          f"pool {args.pool or 'auto'}")
+    print(f"{'model':8} {'px':>5} {'grid':>8} {'pool':>4} | {'exact s':>9} {'hypertile s':>11} {'gri s':>8} | "
+          f"{'exact/gri':>9} {'ht/gri':>7} | {'MiB exact':>9} {'ht':>6} {'gri':>6}")
+    g = torch.Generator().manual_seed(0)
+    for name, down, ch, heads, blocks in ATTN_MODELS:
+        for px in args.sizes:
+            side = px // 8 // down
+            L = side * side
+            p = gri.auto_pool(side, side, args.window) if pool is None else pool
+            q, k, v = (torch.randn(2, L, ch, generator=g) for _ in range(3))
+            sub = 1
+            while L * L // sub > 128 ** 4 // 4:  # exact: at most ~1/4 of the 1024-px SD1.5 work, then extrapolate
+                sub *= 2
+
+            def exact(q=q, k=k, v=v, heads=heads, sub=sub):
+                return optimized_attention(q[:, : q.shape[1] // sub], k, v, heads)
+
+            def ht(q=q, k=k, v=v, heads=heads, side=side):
+                return hypertile_attention(q, k, v, heads, side, side, args.window, optimized_attention)
+
+            def fast(q=q, k=k, v=v, heads=heads, side=side, p=p):
+                return gri.gri_attention(q, k, v, heads, side, side, window=args.window, pool=p)
+
+            fast()
+            t_gri = _time(fast, args.reps) * blocks
+            t_ht = _time(ht, args.reps) * blocks
+            t_ex = _time(exact, 1 if sub > 1 else args.reps) * blocks * sub
+            m_ex = _peak_mem(exact) if sub == 1 else float("nan")
+            m_ht, m_gri = _peak_mem(ht), _peak_mem(fast)
+            mark = "~" if sub > 1 else " "
+            print(f"{name:8} {px:5d} {side:>3}x{side:<4} {p:4d} | {mark}{t_ex:8.2f} {t_ht:11.2f} {t_gri:8.2f} | "
+                  f"{t_ex / t_gri:8.2f}x {t_ht / t_gri:6.2f}x | {m_ex:9.0f} {m_ht:6.0f} {m_gri:6.0f}", flush=True)
+
+
+def _unet(name):
+    import _tiny_models as tm
+
+    vega = dict(channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
+                transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], transformer_depth_middle=-1)
+    if name == "sd15":
+        return tm.build("sd15", tm.SD15_TOPOLOGY, model_channels=320), "sd15"
+    if name == "tiny-sd":
+        return tm.build("sd15", tm.TINY_SD_TOPOLOGY, model_channels=320), "sd15"
+    return tm.build("sdxl", vega, model_channels=320), "sdxl"
+
+
+def unet_part(args):
+    import torch
+    from comfy_extras.nodes_hypertile import HyperTile
+    from distilled_unets.models import gri
+    from distilled_unets.nodes.attention import patch_gri
+
+    print(f"\n## whole UNet: one forward, batch 1, full width, random weights; window {args.window}, "
+          f"pool {args.pool or 'auto'}")
+    print(f"{'model':13} {'px':>5} | {'exact s':>8} {'hypertile s':>11} {'gri s':>8} | {'gri/exact':>9} "
+          f"{'gri/ht':>7} {'ht/exact':>8} | {'MiB exact':>9} {'ht':>6} {'gri':>6}")
+    for name in ("sd15", "tiny-sd", "sdxl"):
+        base, family = _unet(name)
+        sites = gri.attention_sites(base.model.diffusion_model)
+        top_level = min(s.level for s in sites)
+        res = HyperTile.execute(base, args.window * 8, 1, top_level, False)
+        ht = res[0] if isinstance(res, tuple) else res.result[0]
+        fast, _ = patch_gri(base, window=args.window, pool=args.pool or None)
+        for px in args.unet_sizes:
+            side = px // 8
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(1, 4, side, side, generator=g)
+            ctx_w = 768 if family == "sd15" else 2048
+            ctx = torch.randn(1, 77, ctx_w, generator=g)
+            sigma = torch.tensor([5.0])
+            extra = {"y": torch.randn(1, 2816, generator=g)} if family == "sdxl" else {}
+
+            def step(p, x=x, ctx=ctx, sigma=sigma, extra=extra):
+                to = dict(p.model_options["transformer_options"])
+                to["sigmas"] = sigma
+                with torch.no_grad():
+                    return p.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to, **extra)
+
+            times = {}
+            for tag, p in (("gri", fast), ("ht", ht), ("exact", base)):
+                times[tag] = _time(lambda p=p: step(p), args.reps)
+            mem = {tag: _peak_mem(lambda p=p: step(p)) for tag, p in (("exact", base), ("ht", ht), ("gri", fast))} \
+                if args.unet_mem else {"exact": float("nan"), "ht": float("nan"), "gri": float("nan")}
+            label = "sdxl(vega)" if name == "sdxl" else name
+            print(f"{label:13} {px:5d} | {times['exact']:8.2f} {times['ht']:11.2f} {times['gri']:8.2f} | "
+                  f"{times['exact'] / times['gri']:8.2f}x {times['ht'] / times['gri']:6.2f}x "
+                  f"{times['exact'] / times['ht']:7.2f}x | {mem['exact']:9.0f} {mem['ht']:6.0f} {mem['gri']:6.0f}",
+                  flush=True)
+        del base, ht, fast
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--pool", type=int, default=0, help="0 = auto (models.gri.auto_pool), as the node's default")
+    ap.add_argument("--sizes", default="512,1024,2048")
+    ap.add_argument("--unet-sizes", default="512,1024")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-unet", action="store_true")
+    ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--unet-mem", action="store_true", help="also profile peak memory of whole-UNet steps (slow)")
+    args = ap.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.unet_sizes = [int(s) for s in args.unet_sizes.split(",") if s]
+    _setup()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("distilled_unets").setLevel(logging.WARNING)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu")
+    if not args.skip_attention:
+        attention_part(args)
+    if not args.skip_unet:
+        unet_part(args)
+
+
+if __name__ == "__main__":
+    main()

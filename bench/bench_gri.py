@@ -26,7 +26,6 @@ level-2 depth 2 instead of 10, so that a step fits on a CPU). Best of --reps.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -34,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _pack import ROOT, import_pack  # noqa: E402
 
 
 def _setup():
@@ -50,12 +49,7 @@ def _setup():
     import comfy.ldm.modules.attention as attn
 
     attn.optimized_attention = attn.attention_pytorch  # one kernel for every column (see the docstring)
-    if "distilled_unets" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("distilled_unets", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["distilled_unets"] = mod
-        spec.loader.exec_module(mod)
+    import_pack()
     sys.path.insert(0, str(ROOT / "tests" / "comfy"))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from _pack import ROOT, import_pack  # noqa: E402
 
 MODELS = {
     "sd1": ["SD 1.x (v1.4 / v1.5)", "segmind/small-sd", "nota-ai/bk-sdm-small", "segmind/tiny-sd"],
@@ -34,11 +33,7 @@ MODELS = {
 
 
 def _import_pack():
-    spec = importlib.util.spec_from_file_location("distilled_unets", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["distilled_unets"] = mod
-    spec.loader.exec_module(mod)
+    import_pack()
     sys.path.insert(0, str(ROOT))
     from tests.layouts import TEACHER_CONFIGS, diffusers_model, to_ldm  # noqa: E402
 

@@ -15,7 +15,6 @@ Routing overhead = multi-UNet time / (k/n * student time + (n-k)/n * teacher tim
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _pack import ROOT, import_pack  # noqa: E402
 
 
 def _setup():
@@ -36,12 +35,7 @@ def _setup():
     if os.environ.get("BENCH_DEVICE", "cpu") == "cpu":
         comfy.cli_args.args.cpu = True
     comfy.cli_args.args.disable_all_custom_nodes = True
-    if "distilled_unets" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("distilled_unets", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["distilled_unets"] = mod
-        spec.loader.exec_module(mod)
+    import_pack()
     sys.path.insert(0, str(ROOT / "tests" / "comfy"))
 
 

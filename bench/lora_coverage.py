@@ -18,7 +18,6 @@ the teacher correspondence is not published; ours holds those back by default).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from _pack import ROOT, import_pack  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 
@@ -39,12 +38,7 @@ def _setup():
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
-    if "distilled_unets" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("distilled_unets", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["distilled_unets"] = mod
-        spec.loader.exec_module(mod)
+    import_pack()
 
 
 SD1 = dict(context_dim=768)

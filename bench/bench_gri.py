@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -113,8 +114,8 @@ def attention_part(args):
     pool = args.pool or None
     print(f"\n## attention only: top self-attention level, batch 2, x blocks per UNet; window {args.window}, "
           f"pool {args.pool or 'auto'}")
-    print(f"{'model':8} {'px':>5} {'grid':>8} {'pool':>4} | {'exact s':>9} {'hypertile s':>11} {'gri s':>8} | "
-          f"{'exact/gri':>9} {'ht/gri':>7} | {'MiB exact':>9} {'ht':>6} {'gri':>6}")
+    print(f"{'model':8} {'px':>5} {'grid':>8} {'pool':>4} | {'exact s':>9} {'hypertile s':>11} {'gri s':>8} "
+          f"{'shifted s':>9} | {'exact/gri':>9} {'ht/gri':>7} | {'MiB exact':>9} {'ht':>6} {'gri':>6}")
     g = torch.Generator().manual_seed(0)
     for name, down, ch, heads, blocks in ATTN_MODELS:
         for px in args.sizes:
@@ -135,14 +136,20 @@ def attention_part(args):
             def fast(q=q, k=k, v=v, heads=heads, side=side, p=p):
                 return gri.gri_attention(q, k, v, heads, side, side, window=args.window, pool=p)
 
+            def shifted(q=q, k=k, v=v, heads=heads, side=side, p=p):
+                return gri.gri_attention(q, k, v, heads, side, side, window=args.window, pool=p,
+                                         shift=args.window // 2)
+
             fast()
             t_gri = _time(fast, args.reps) * blocks
+            t_sh = _time(shifted, args.reps) * blocks
             t_ht = _time(ht, args.reps) * blocks
             t_ex = _time(exact, 1 if sub > 1 else args.reps) * blocks * sub
             m_ex = _peak_mem(exact) if sub == 1 else float("nan")
             m_ht, m_gri = _peak_mem(ht), _peak_mem(fast)
             mark = "~" if sub > 1 else " "
-            print(f"{name:8} {px:5d} {side:>3}x{side:<4} {p:4d} | {mark}{t_ex:8.2f} {t_ht:11.2f} {t_gri:8.2f} | "
+            print(f"{name:8} {px:5d} {side:>3}x{side:<4} {p:4d} | {mark}{t_ex:8.2f} {t_ht:11.2f} {t_gri:8.2f} "
+                  f"{t_sh:9.2f} | "
                   f"{t_ex / t_gri:8.2f}x {t_ht / t_gri:6.2f}x | {m_ex:9.0f} {m_ht:6.0f} {m_gri:6.0f}", flush=True)
 
 
@@ -158,23 +165,38 @@ def _unet(name):
     return tm.build("sdxl", vega, model_channels=320), "sdxl"
 
 
+def _drop_attention(base):
+    """The attention-free bound: the patched level's self-attentions return q (no attention work at all)."""
+    from distilled_unets.models import gri
+
+    m = base.clone()
+    for s in gri.select_sites(gri.attention_sites(base.model.diffusion_model), 1, True):
+        m.set_model_attn1_replace(lambda q, k, v, extra: q, s.block_name, s.block_id, s.index)
+    return m
+
+
 def unet_part(args):
+    import comfy.ldm.modules.attention as attn
     import torch
     from comfy_extras.nodes_hypertile import HyperTile
     from distilled_unets.models import gri
     from distilled_unets.nodes.attention import patch_gri
 
     print(f"\n## whole UNet: one forward, batch 1, full width, random weights; window {args.window}, "
-          f"pool {args.pool or 'auto'}")
-    print(f"{'model':13} {'px':>5} | {'exact s':>8} {'hypertile s':>11} {'gri s':>8} | {'gri/exact':>9} "
-          f"{'gri/ht':>7} {'ht/exact':>8} | {'MiB exact':>9} {'ht':>6} {'gri':>6}")
-    for name in ("sd15", "tiny-sd", "sdxl"):
+          f"pool {args.pool or 'auto'}; median of {args.reps} interleaved rounds")
+    print("   bound = the same UNet with the patched level's self-attention removed (no attention work): no "
+          "attention patch can beat it")
+    print(f"{'model':11} {'px':>5} | {'exact s':>8} {'ht s':>7} {'gri s':>7} {'bound s':>8} | {'gri/exact':>9} "
+          f"{'gri/ht':>7} {'ht/exact':>8} {'bound/exact':>11}" + (f" | {'cpu-default exact s':>19} {'gri vs it':>9}"
+                                                                  if args.cpu_default_exact else ""))
+    for name in args.unet_models:
         base, family = _unet(name)
         sites = gri.attention_sites(base.model.diffusion_model)
         top_level = min(s.level for s in sites)
         res = HyperTile.execute(base, args.window * 8, 1, top_level, False)
         ht = res[0] if isinstance(res, tuple) else res.result[0]
         fast, _ = patch_gri(base, window=args.window, pool=args.pool or None)
+        bound = _drop_attention(base)
         for px in args.unet_sizes:
             side = px // 8
             g = torch.Generator().manual_seed(1)
@@ -187,20 +209,32 @@ def unet_part(args):
             def step(p, x=x, ctx=ctx, sigma=sigma, extra=extra):
                 to = dict(p.model_options["transformer_options"])
                 to["sigmas"] = sigma
+                t = time.perf_counter()
                 with torch.no_grad():
-                    return p.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to, **extra)
+                    p.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to, **extra)
+                return time.perf_counter() - t
 
-            times = {}
-            for tag, p in (("gri", fast), ("ht", ht), ("exact", base)):
-                times[tag] = _time(lambda p=p: step(p), args.reps)
-            mem = {tag: _peak_mem(lambda p=p: step(p)) for tag, p in (("exact", base), ("ht", ht), ("gri", fast))} \
-                if args.unet_mem else {"exact": float("nan"), "ht": float("nan"), "gri": float("nan")}
+            runs = {"gri": fast, "ht": ht, "exact": base, "bound": bound}
+            times = {tag: [] for tag in runs}
+            for _ in range(args.reps):  # interleaved: machine noise hits every column alike
+                for tag, p in runs.items():
+                    times[tag].append(step(p))
+            t = {tag: statistics.median(v) for tag, v in times.items()}
             label = "sdxl(vega)" if name == "sdxl" else name
-            print(f"{label:13} {px:5d} | {times['exact']:8.2f} {times['ht']:11.2f} {times['gri']:8.2f} | "
-                  f"{times['exact'] / times['gri']:8.2f}x {times['ht'] / times['gri']:6.2f}x "
-                  f"{times['exact'] / times['ht']:7.2f}x | {mem['exact']:9.0f} {mem['ht']:6.0f} {mem['gri']:6.0f}",
-                  flush=True)
-        del base, ht, fast
+            line = (f"{label:11} {px:5d} | {t['exact']:8.2f} {t['ht']:7.2f} {t['gri']:7.2f} {t['bound']:8.2f} | "
+                    f"{t['exact'] / t['gri']:8.2f}x {t['ht'] / t['gri']:6.2f}x {t['exact'] / t['ht']:7.2f}x "
+                    f"{t['exact'] / t['bound']:10.2f}x")
+            if args.cpu_default_exact:
+                # exact attention as ComfyUI runs it on a CPU by default (no --use-pytorch-cross-attention)
+                saved = attn.optimized_attention
+                attn.optimized_attention = attn.attention_sub_quad
+                try:
+                    t_cd = step(base)
+                finally:
+                    attn.optimized_attention = saved
+                line += f" | {t_cd:19.2f} {t_cd / t['gri']:8.2f}x"
+            print(line, flush=True)
+        del base, ht, fast, bound
 
 
 def main():
@@ -213,10 +247,13 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-unet", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
-    ap.add_argument("--unet-mem", action="store_true", help="also profile peak memory of whole-UNet steps (slow)")
+    ap.add_argument("--unet-models", default="sd15,tiny-sd,sdxl")
+    ap.add_argument("--cpu-default-exact", action="store_true",
+                    help="also time one exact step with ComfyUI's CPU-default attention (sub-quadratic; slow)")
     args = ap.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     args.unet_sizes = [int(s) for s in args.unet_sizes.split(",") if s]
+    args.unet_models = [m for m in args.unet_models.split(",") if m]
     _setup()
     import torch
 

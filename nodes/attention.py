@@ -28,7 +28,7 @@ def _exact_attention(q, k, v, heads, attn_precision=None, transformer_options=No
 
 
 def patch_gri(model, *, window: int, pool: int | None, levels: int = 1, start_percent: float = 0.0,
-              end_percent: float = 1.0, output_blocks: bool = True, shifted_windows: bool = True):
+              end_percent: float = 1.0, output_blocks: bool = True, shifted_windows: bool = False):
     """A clone of ``model`` (a ModelPatcher) with GRI attention on the selected self-attentions.
 
     ``pool`` None (the node's 0) = auto: see ``models.gri.auto_pool``. Returns (patched clone, sites).
@@ -88,9 +88,9 @@ class GRIAttention(io.ComfyNode):
                              "is 8 px: 16 -> 128 px windows). Larger: closer to exact, slower."),
                 io.Int.Input("pool_factor", default=0, min=0, max=64,
                              tooltip="Global part: the whole grid average-pooled by this factor (4 -> one key "
-                             "per 4x4 tokens). 0 = auto: a factor that leaves about window x window pooled "
-                             "tokens at any resolution (8 at 1024 px on SD1.5 with window 16). 1 = every token "
-                             "(exact attention, no speed-up)."),
+                             "per 4x4 tokens). 0 = auto: a factor that leaves about (window/2) x (window/2) "
+                             "pooled tokens at any resolution (16 at 1024 px on SD1.5 with window 16: an 8x8 "
+                             "summary of the image). 1 = every token (exact attention, no speed-up)."),
                 io.Int.Input("levels", default=1, min=1, max=8,
                              tooltip="How many of the highest-resolution levels that have self-attention to "
                              "patch (1 = the highest only: level 0 on SD1.5, the 2x-down level on SDXL)."),
@@ -102,9 +102,12 @@ class GRIAttention(io.ComfyNode):
                 io.Boolean.Input("output_blocks", default=True,
                                  tooltip="Patch the decoder (output) blocks of those levels too. On SD1.5 they "
                                  "hold 3 of the 5 top-level self-attentions."),
-                io.Boolean.Input("shifted_windows", default=True,
+                io.Boolean.Input("shifted_windows", default=False,
                                  tooltip="Offset the windows by half a window on every other patched block "
-                                 "(Swin-style), so window borders do not stay fixed."),
+                                 "(Swin-style), so window borders do not stay fixed. Off by default: the "
+                                 "pooled global keys already carry information across windows, and a shift "
+                                 "costs an extra row and column of windows (about 1.5x GRI's attention time "
+                                 "on the shifted blocks). Turn on if window seams show."),
             ],
             outputs=[io.Model.Output(tooltip="The patched MODEL: connect to a sampler.")],
         )

@@ -267,3 +267,26 @@ def test_attention_sites_follow_the_block_layout():
 def test_cost_ratio():
     assert gri.cost_ratio(128, 128, 16, 4) == pytest.approx((256 + 1024) / 16384)
     assert gri.cost_ratio(8, 8, 16, 0) == 1.0
+
+
+@pytest.mark.parametrize("H, W, window, pool, cells", [
+    (128, 128, 16, 16, (8, 8)),   # SD1.5 top level at 1024 px: an 8x8 summary
+    (64, 64, 16, 8, (8, 8)),      # 512 px
+    (256, 256, 16, 32, (8, 8)),   # 2048 px
+    (128, 96, 16, 16, (8, 6)),    # landscape/portrait: the long side sets the factor
+    (100, 100, 16, 13, (8, 8)),   # not a multiple: ragged edge cells, still about (window/2)^2
+    (16, 16, 16, 1, (16, 16)),    # window covers the grid: pool 1, i.e. exact attention
+    (8, 8, 16, 1, (8, 8)),
+])
+def test_auto_pool_leaves_about_a_quarter_window_of_global_keys(H, W, window, pool, cells):
+    assert gri.auto_pool(H, W, window) == pool
+    lay = gri.gri_layout(H, W, window, pool)
+    assert (lay.pool_h, lay.pool_w) == cells
+
+
+def test_auto_pool_replace_is_exact_when_window_covers_grid():
+    q, k, v = _qkv(B=1, H=6, W=5, heads=2, d=4)
+    fn = gri.GRIReplace(window=8, pool=None, shift=0, sigma_start=1e9, sigma_end=0.0,
+                        fallback=lambda *a, **kw: pytest.fail("GRI did not run"))
+    out = fn(q, k, v, {"n_heads": 2, "activations_shape": (1, 8, 6, 5), "sigmas": torch.tensor([1.0])})
+    torch.testing.assert_close(out, gri.exact_attention(q, k, v, 2), atol=1e-6, rtol=1e-5)

@@ -39,12 +39,18 @@ def _write_bad_models(root: Path) -> dict[str, str]:
     (dm / "bad-empty.safetensors").write_bytes(b"")
     shutil.copyfile(DEMO_DIR / "vae" / demo_weights.VAE, dm / "bad-vae-as-unet.safetensors")
     shutil.copyfile(DEMO_DIR / "loras" / demo_weights.LORA, dm / "bad-lora-as-unet.safetensors")
+    loras = root / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    lora = (DEMO_DIR / "loras" / demo_weights.LORA).read_bytes()
+    (loras / "bad-truncated-lora.safetensors").write_bytes(lora[: len(lora) // 2])
+    shutil.copyfile(DEMO_DIR / "vae" / demo_weights.VAE, loras / "bad-vae-as-lora.safetensors")
     half = dm / "bad-half-downloaded" / "unet"
     half.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(DEMO_DIR / "diffusion_models" / demo_weights.STUDENT_FOLDER / "config.json", half / "config.json")
     return {"bad-truncated.safetensors": "truncated", "bad-corrupt.safetensors": "corrupt header",
             "bad-empty.safetensors": "empty file", "bad-vae-as-unet.safetensors": "a VAE",
-            "bad-lora-as-unet.safetensors": "a LoRA", "bad-half-downloaded/unet/": "folder without weights"}
+            "bad-lora-as-unet.safetensors": "a LoRA", "bad-half-downloaded/unet/": "folder without weights",
+            "bad-truncated-lora.safetensors": "truncated LoRA", "bad-vae-as-lora.safetensors": "a VAE as LoRA"}
 
 
 @pytest.fixture(scope="session")

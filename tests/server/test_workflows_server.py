@@ -27,8 +27,8 @@ SOAK_PROMPTS = 100
 SOAK_RSS_BOUND_MB = 200  # resident memory growth allowed over the 100 prompts, after a warm-up
 
 
-def _sd15_prompt(server, demo_models, seed=0):
-    wf = json.loads((WORKFLOWS[0].parent / "distilled_unet_sd15.json").read_text())
+def _sd15_prompt(server, demo_models, seed=0, workflow="distilled_unet_sd15"):
+    wf = json.loads((WORKFLOWS[0].parent / f"{workflow}.json").read_text())
     prompt, _ = prepare(server, wf, demo_models, steps=1, size=SIZE, force_demo=True)
     for node in prompt.values():
         if node["class_type"] == "KSampler":
@@ -38,6 +38,10 @@ def _sd15_prompt(server, demo_models, seed=0):
 
 def _loader_id(prompt):
     return next(n for n, v in prompt.items() if v["class_type"] == "DistilledUNetLoader")
+
+
+def _node(prompt, class_type):
+    return next(v for v in prompt.values() if v["class_type"] == class_type)
 
 
 def test_workflows_exist():
@@ -99,6 +103,50 @@ def test_bad_input_fails_with_message_and_server_keeps_serving(comfy_server, dem
     assert BAD_EXPECT[name] in err
     assert "Traceback" not in err
     good = comfy_server.run(_sd15_prompt(comfy_server, demo_models, seed=random.randrange(1 << 30)), timeout=300)
+    assert execution_error(good) is None
+    assert comfy_server.output_images(good)
+
+
+def _sdxl_early_model(prompt):
+    import demo_weights
+
+    prompt[_loader_id(prompt)]["inputs"]["unet_name"] = demo_weights.SDXL_STUDENT_FILE
+
+
+# bad inputs of the other nodes: workflow, edit of its API prompt, the node that must name the problem, text
+OTHER_BAD = {
+    "multi-unet-sdxl-early-sd15-late": ("multi_unet_sd15", _sdxl_early_model, "MultiUNetKSampler", "SDXL"),
+    "multi-unet-switch-step-past-the-end": (
+        "multi_unet_sd15", lambda p: _node(p, "MultiUNetKSampler")["inputs"].update(switch_step=5),
+        "MultiUNetKSampler", "switch_step"),
+    "lora-truncated": ("lora_on_student",
+                       lambda p: _node(p, "DistilledLoraLoader")["inputs"].update(
+                           lora_name="bad-truncated-lora.safetensors"),
+                       "DistilledLoraLoader", "corrupt or truncated"),
+    "lora-without-unet-keys": ("lora_on_student",
+                               lambda p: _node(p, "DistilledLoraLoader")["inputs"].update(
+                                   lora_name="bad-vae-as-lora.safetensors"),
+                               "DistilledLoraLoader", "no UNet keys"),
+    "gri-start-after-end": ("gri_sd15_student_1024",
+                            lambda p: _node(p, "GRIAttention")["inputs"].update(start_percent=0.8, end_percent=0.2),
+                            "GRIAttention", "start_percent"),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_BAD))
+def test_other_nodes_bad_input_fails_with_message_and_server_keeps_serving(comfy_server, demo_models, bad_models,
+                                                                          name):
+    workflow, edit, node, text = OTHER_BAD[name]
+    prompt = _sd15_prompt(comfy_server, demo_models, seed=random.randrange(1 << 30), workflow=workflow)
+    edit(prompt)
+    entry = comfy_server.run(prompt, timeout=300)
+    err = execution_error(entry)
+    assert err is not None, f"{name}: ran without error"
+    assert node in err and text in err and "Fix:" in err, err
+    assert "Traceback" not in err
+    assert not comfy_server.output_images(entry)  # nothing written half-way
+    good = comfy_server.run(_sd15_prompt(comfy_server, demo_models, seed=random.randrange(1 << 30),
+                                         workflow=workflow), timeout=300)
     assert execution_error(good) is None
     assert comfy_server.output_images(good)
 

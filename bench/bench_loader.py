@@ -1,10 +1,13 @@
+# ruff: noqa: T201  (bench scripts print their tables)
 """Per-step UNet time of loaded students: our build vs ComfyUI's own build vs the teacher.
 
 For each model, random weights in the real (full-size) structure are written as a diffusers-layout
 state dict, loaded through the pack's loader path (detection -> ComfyUI's UNetModel), and, where
 ComfyUI 0.3.64 can detect the structure itself, through ``comfy.sd.load_diffusion_model_state_dict``
 on the ldm layout. One UNet evaluation (batch 2: cond + uncond) is timed for each, interleaved
-round by round so machine noise hits both alike; the table gives medians and ratios.
+round by round so machine noise hits both alike; the table gives medians and ratios, and whether the
+two builds are the same module tree (classes, tensor names, shapes, dtypes, strides): when they are, any
+time difference between them is machine noise.
 
     python bench/bench_loader.py --comfyui ~/ComfyUI                     # SD1 + SD2 at 512 px
     python bench/bench_loader.py --families sdxl --sdxl-px 1024          # SDXL (needs ~40 GB RAM in fp32)
@@ -21,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _pack import ROOT, import_pack  # noqa: E402
 
 MODELS = {
@@ -38,6 +40,17 @@ def _import_pack():
     from tests.layouts import TEACHER_CONFIGS, diffusers_model, to_ldm  # noqa: E402
 
     return TEACHER_CONFIGS, diffusers_model, to_ldm
+
+
+def same_build(a, b) -> bool:
+    """True when two ModelPatchers hold the same module tree: same classes in the same order and every
+    tensor with the same name, shape, dtype and strides (so any time difference between them is noise)."""
+    ma, mb = a.model.diffusion_model, b.model.diffusion_model
+    if [type(m) for m in ma.modules()] != [type(m) for m in mb.modules()]:
+        return False
+    ta, tb = ma.state_dict(), mb.state_dict()
+    return ta.keys() == tb.keys() and all(
+        (x.shape, x.dtype, x.stride()) == (tb[k].shape, tb[k].dtype, tb[k].stride()) for k, x in ta.items())
 
 
 def main():
@@ -77,7 +90,7 @@ def main():
         ctx = torch.randn(2, 77, registry.TEACHERS[fam].topology.context_dim, generator=g).to(dev, dtype)
         y = torch.randn(2, 2816, generator=g).to(dev, dtype) if fam == "sdxl" else None
         t = torch.tensor([500.0, 500.0], device=dev)
-        times, entries = {}, {}
+        times, entries, same = {}, {}, {}
 
         def step(patcher):
             mm.load_models_gpu([patcher])
@@ -106,10 +119,12 @@ def main():
             except Exception as ex:  # ComfyUI cannot build every structure
                 print(f"  ComfyUI's own build of {mid} failed: {type(ex).__name__}: {ex}", file=sys.stderr)
             del sd
+            same[mid] = same_build(ours, theirs) if theirs is not None else None
             times[(mid, "ours")], times[(mid, "comfy")] = [], []
-            step(ours)
-            if theirs is not None:
-                step(theirs)
+            for _ in range(2):  # warm-up (allocator, first-call caches) for both builds
+                step(ours)
+                if theirs is not None:
+                    step(theirs)
             for _ in range(args.rounds):
                 times[(mid, "ours")].append(step(ours))
                 if theirs is not None:
@@ -123,14 +138,15 @@ def main():
             o = statistics.median(times[(mid, "ours")])
             c = statistics.median(times[(mid, "comfy")]) if times[(mid, "comfy")] else None
             est = unet_cost(e.topology, lat, lat).macs / tcost
-            rows.append((mid, f"{px}px", o, c, (c / o) if c else None, teacher_t / o, est))
+            rows.append((mid, f"{px}px", o, c, (c / o) if c else None, teacher_t / o, est, same[mid]))
     print(f"\nPer-step UNet time, batch 2, {args.dtype} on {args.device} ({torch.get_num_threads()} threads), "
           f"median of {args.rounds} interleaved rounds")
     print(f"{'model':34s} {'res':>7s} {'ours s':>8s} {'comfy s':>8s} {'comfy/ours':>10s} {'speed-up vs teacher':>20s}"
-          f" {'est. cost vs teacher':>21s}")
-    for mid, px, o, c, r, sp, est in rows:
+          f" {'est. cost vs teacher':>21s} {'same module tree':>17s}")
+    for mid, px, o, c, r, sp, est, sm in rows:
         print(f"{mid:34s} {px:>7s} {o:8.3f} {(f'{c:8.3f}' if c else '     n/a')} "
-              f"{(f'{r:9.3f}x' if r else '  (cannot)')} {sp:19.2f}x {est:20.2f}x")
+              f"{(f'{r:9.3f}x' if r else '  (cannot)')} {sp:19.2f}x {est:20.2f}x "
+              f"{('n/a' if sm is None else str(sm)):>17s}")
 
 
 if __name__ == "__main__":

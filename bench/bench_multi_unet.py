@@ -119,7 +119,8 @@ def main():
 
     print(f"multi-UNet bench: {a.sampler}/karras, {a.steps} steps, cfg 7 (batch 2), "
           f"latent {a.size}x{a.size}, "
-          f"REDUCED WIDTH model_channels={a.channels} (real SD1.5: 320), {a.threads} thread(s), "
+          + (f"REDUCED WIDTH model_channels={a.channels} (real SD1.5: 320), " if a.channels != 320 else "full width, ")
+          + f"{a.threads} thread(s), "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, best of {a.reps} interleaved runs")
     n_params = [sum(p.numel() for p in m.model.parameters()) / 1e6 for m in (student, teacher)]
     print(f"early: tiny-sd topology ({n_params[0]:.1f}M params), "
@@ -143,7 +144,7 @@ def main():
     print(f"speed-up vs teacher: {med['teacher'] / med['multi_step']:.3f}x (step {k}), "
           f"{med['teacher'] / med['multi_percent']:.3f}x (percent {a.switch:g})")
     per_call_student = med["student"] / a.steps * 1e6
-    print(f"router work per model call: {route_us:.1f} us = {route_us / per_call_student * 100:.3f} % of one "
+    print(f"router work per model call: {route_us:.1f} us = {route_us / per_call_student * 100:.2g} % of one "
           f"student call ({per_call_student / 1e3:.1f} ms) at this size")
     print(f"routing overhead over the step-weighted mix: {over_k:+.2f} % (step), {over_p:+.2f} % (percent); "
           f"target <= 1 % -> {'OK' if max(over_k, over_p) <= 1.0 else 'ABOVE TARGET'}")
@@ -153,7 +154,7 @@ def main():
     noise = min(sp(times["teacher"]), sp(times["student"]))
     if noise > 1.0:
         print(f"note: run-to-run spread is {noise:.1f} % on this machine, larger than the 1 % target; the "
-              f"router's own per-call work above ({route_us / per_call_student * 100:.3f} %) bounds the "
+              f"router's own per-call work above ({route_us / per_call_student * 100:.2g} %) bounds the "
               "true overhead")
 
 

@@ -346,3 +346,66 @@ class MultiUNetRouter:
         c_early = {k: v for k, v in c.items() if k not in ("control", "transformer_options")}
         c_early["transformer_options"] = stage_transformer_options(early, to, main_static)
         return call_patcher_model(early, dict(args, c=c_early))
+
+
+# ------------------------------------------------------------------------------------------------
+# CFG-level hooks (sampler_cfg_function, sampler_pre/post_cfg_function) per stage
+#
+# These live in the MODEL's model_options and are called by the sampler around the UNet calls, not by
+# the UNet, so the router above never sees them. Without help the routing MODEL (a clone of the late
+# UNet) would run the late UNet's hooks at every step and the early UNet's never. When the stages'
+# hooks differ, the routing MODEL gets dispatchers that run, at each sigma, the hooks of the stage
+# that runs there (ComfyUI's plain CFG for a stage without a sampler_cfg_function).
+
+CFG_LIST_HOOKS = {"sampler_pre_cfg_function": "conds_out", "sampler_post_cfg_function": "denoised"}
+
+
+class _StageHook:
+    def __init__(self, router: MultiUNetRouter, early: Any, late: Any):
+        self.router, self.early, self.late = router, early, late
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def pick(self, args: dict) -> Any:
+        to = (args.get("model_options") or {}).get("transformer_options", {})
+        sigma = float(args["sigma"].reshape(-1)[0])
+        return self.early if self.router.stage(sigma, to.get("sample_sigmas")) == EARLY else self.late
+
+
+class StageCfgFunction(_StageHook):
+    """``sampler_cfg_function`` that runs the current stage's own one (plain CFG where it has none)."""
+
+    def __call__(self, args: dict) -> Any:
+        fn = self.pick(args)
+        if fn is not None:
+            return fn(args)
+        return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+
+
+class StageCfgList(_StageHook):
+    """One entry of a pre/post-CFG hook list that runs the current stage's own list in order."""
+
+    def __init__(self, router: MultiUNetRouter, early: list, late: list, value_key: str):
+        super().__init__(router, list(early), list(late))
+        self.value_key = value_key
+
+    def __call__(self, args: dict) -> Any:
+        out = args[self.value_key]
+        for fn in self.pick(args):
+            out = fn(dict(args, **{self.value_key: out}))
+        return out
+
+
+def stage_cfg_hooks(router: MultiUNetRouter, early_options: dict, late_options: dict) -> dict:
+    """model_options entries for the routing MODEL so that each stage's CFG-level hooks run only in that
+    stage; empty when both stages have the same hooks (the routing MODEL then keeps the late ones)."""
+    out: dict = {}
+    e, l_ = early_options.get("sampler_cfg_function"), late_options.get("sampler_cfg_function")
+    if e is not l_:
+        out["sampler_cfg_function"] = StageCfgFunction(router, e, l_)
+    for name, value_key in CFG_LIST_HOOKS.items():
+        e_list, l_list = list(early_options.get(name, [])), list(late_options.get(name, []))
+        if len(e_list) != len(l_list) or any(a is not b for a, b in zip(e_list, l_list)):
+            out[name] = [StageCfgList(router, e_list, l_list, value_key)]
+    return out

@@ -105,28 +105,36 @@ def _load_tensors(src: Source) -> dict:
     return sd
 
 
+def comfy_model(topology, unet_dtype, manual_cast=None, prediction: str = "eps", device=None,
+                fp8: bool = False):
+    """ComfyUI's own model (``BaseModel`` / ``SDXL`` around its ``UNetModel``) for ``topology``, without
+    weights: built through ComfyUI's ``SD15`` / ``SD20`` / ``SDXL`` model configs, no fixed-list matching."""
+    unet_config = topology.comfy_unet_config()
+    model_config = FAMILY_CLASSES[topology.family](unet_config)
+    model_config.set_inference_dtype(unet_dtype, manual_cast)
+    if fp8:
+        model_config.optimizations["fp8"] = True
+    model_type = (comfy.model_base.ModelType.V_PREDICTION if prediction == "v_prediction"
+                  else comfy.model_base.ModelType.EPS)
+    cls = comfy.model_base.SDXL if topology.family == "sdxl" else comfy.model_base.BaseModel
+    model = cls(model_config, model_type=model_type, device=device)
+    if unet_config.get("in_channels", 4) > 4:
+        model.set_inpaint()
+    return model
+
+
 def build_model(det: Detection, sd: dict, weight_dtype: str = "default", prediction: str = "eps"):
     """ComfyUI's own UNet for ``det``, with the weights of ``sd`` (file keys), in a ModelPatcher."""
     n = len(det.prefix)
     new_sd = {det.key_map[k[n:]]: v for k, v in sd.items() if k.startswith(det.prefix) and k[n:] in det.key_map}
-    unet_config = det.topology.comfy_unet_config()
-    model_config = FAMILY_CLASSES[det.topology.family](unet_config)
     opts = _dtype_options(weight_dtype)
     load_device = mm.get_torch_device()
-    supported = list(model_config.supported_inference_dtypes)
+    supported = list(FAMILY_CLASSES[det.topology.family].supported_inference_dtypes)
     unet_dtype = opts.get("dtype") or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(new_sd),
                                                     supported_dtypes=supported,
                                                     weight_dtype=comfy.utils.weight_dtype(new_sd))
-    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(unet_dtype, manual_cast)
-    if opts.get("fp8_optimizations"):
-        model_config.optimizations["fp8"] = True
-    model_type = (comfy.model_base.ModelType.V_PREDICTION if prediction == "v_prediction"
-                  else comfy.model_base.ModelType.EPS)
-    cls = comfy.model_base.SDXL if det.topology.family == "sdxl" else comfy.model_base.BaseModel
-    model = cls(model_config, model_type=model_type, device=None)
-    if unet_config.get("in_channels", 4) > 4:
-        model.set_inpaint()
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
+    model = comfy_model(det.topology, unet_dtype, manual_cast, prediction, fp8=bool(opts.get("fp8_optimizations")))
     _check_state_dict(model.diffusion_model, new_sd)
     model = model.to(mm.unet_offload_device())
     model.load_model_weights(new_sd, "")

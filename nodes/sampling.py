@@ -23,6 +23,7 @@ from ..models.multi_unet import (
     check_shared_weights,
     check_switch_percent,
     check_switch_step,
+    stage_cfg_hooks,
 )
 
 log = logging.getLogger("distilled_unets")
@@ -105,6 +106,8 @@ def make_multi_unet_model(early, late, switch: SwitchPoint, *, node: str):
                              names=(sig_e.name, sig_l.name))
     routing.set_additional_models(router.key, [early_c])
     routing.set_model_unet_function_wrapper(router)
+    # CFG-level hooks (e.g. RescaleCFG, PerpNeg-style pre-CFG) run only in their own UNet's stage
+    routing.model_options.update(stage_cfg_hooks(router, early_c.model_options, late.model_options))
     return routing
 
 
@@ -129,7 +132,8 @@ class MultiUNetModel(io.ComfyNode):
                 io.Model.Input("early_model", tooltip="UNet for the early, high-noise steps: usually the "
                                "small distilled one (tiny-sd, BK-SDM, KOALA, SSD-1B)."),
                 io.Model.Input("late_model", tooltip="UNet for the late, low-noise steps: usually the full "
-                               "teacher. Its schedule and sampler-level options are the run's."),
+                               "teacher. Its noise schedule is the run's; each UNet's own patches "
+                               "and CFG hooks act only in its own steps."),
                 io.Float.Input("switch_percent", default=0.4, min=0.0, max=1.0, step=0.01, round=0.001,
                                tooltip="Fraction of the denoising schedule run on the early UNet "
                                "(ComfyUI percent convention). 0 = late UNet only, 1 = early UNet only. "

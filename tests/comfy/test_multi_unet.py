@@ -253,6 +253,59 @@ def test_patches_and_wrappers_apply_only_in_their_stage(tm, nodes_mod):
     assert by["early"] == by["early_wrapper"] and by["late"] == by["late_wrapper"]
 
 
+def test_cfg_hooks_apply_only_in_their_stage(tm, nodes_mod):
+    """sampler_cfg_function / pre- / post-CFG hooks (RescaleCFG, PerpNeg-style nodes) are called by the
+    sampler, not the UNet: each runs only at the sigmas of its own UNet's stage; a stage without a
+    sampler_cfg_function gets ComfyUI's plain CFG."""
+    small = tm.build("sd15", tm.TINY_SD_TOPOLOGY, seed=1).clone()
+    full = tm.build("sd15", seed=2).clone()
+    seen: list = []
+
+    def cfg_fn(args):
+        seen.append(("early_cfg", float(args["sigma"].reshape(-1)[0])))
+        return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+
+    def post(tag):
+        def fn(args):
+            seen.append((tag, float(args["sigma"].reshape(-1)[0])))
+            return args["denoised"]
+        return fn
+
+    def pre(tag):
+        def fn(args):
+            seen.append((tag, float(args["sigma"].reshape(-1)[0])))
+            return args["conds_out"]
+        return fn
+
+    small.set_model_sampler_cfg_function(cfg_fn)
+    small.set_model_sampler_post_cfg_function(post("early_post"))
+    full.set_model_sampler_post_cfg_function(post("late_post"))
+    full.set_model_sampler_pre_cfg_function(pre("late_pre"))
+    before = (dict(small.model_options), dict(full.model_options))
+    multi = nodes_mod.MultiUNetModel.execute(small, full, 0.5).result[0]
+    assert (small.model_options, full.model_options) == before  # inputs untouched
+    _sample(multi, "euler", steps=6)
+    switch = full.get_model_object("model_sampling").percent_to_sigma(0.5)
+    by: dict = {}
+    for tag, sg in seen:
+        by.setdefault(tag, []).append(sg)
+    assert set(by) == {"early_cfg", "early_post", "late_post", "late_pre"}
+    assert min(by["early_cfg"] + by["early_post"]) > switch
+    assert max(by["late_post"] + by["late_pre"]) <= switch
+    assert by["early_cfg"] == by["early_post"] and by["late_post"] == by["late_pre"]
+    assert len(by["early_cfg"]) + len(by["late_post"]) == 6  # one CFG combination per euler step
+
+
+def test_cfg_hooks_shared_by_both_stages_are_left_as_they_are(tm, nodes_mod):
+    base = tm.build("sd15", seed=2).clone()
+    base.set_model_sampler_post_cfg_function(lambda args: args["denoised"])
+    small = tm.build("sd15", tm.TINY_SD_TOPOLOGY, seed=1).clone()
+    small.model_options["sampler_post_cfg_function"] = list(base.model_options["sampler_post_cfg_function"])
+    multi = nodes_mod.MultiUNetModel.execute(small, base, 0.5).result[0]
+    assert multi.model_options["sampler_post_cfg_function"] == base.model_options["sampler_post_cfg_function"]
+    assert "sampler_cfg_function" not in multi.model_options
+
+
 def test_main_model_sampling_object_patch_is_shared(tm, nodes_mod):
     import comfy.model_sampling
 

@@ -274,6 +274,17 @@ def call_patcher_model(patcher: Any, args: dict) -> Any:
     return patcher.model.apply_model(args["input"], args["timestep"], **args["c"])
 
 
+def stage_patchers(patcher: Any, label: str = "model") -> list[tuple[str, Any]]:
+    """(label, patcher) for every UNet a (possibly nested) multi-UNet MODEL runs: the MODEL itself (the
+    late UNet), then each early stage registered under this module's additional-model key."""
+    out = [(label, patcher)]
+    for key, models in getattr(patcher, "additional_models", {}).items():
+        if key.startswith(KEY_PREFIX):
+            for i, m in enumerate(models):
+                out += stage_patchers(m, f"{label} > early stage" + (f" {i}" if len(models) > 1 else ""))
+    return out
+
+
 class MultiUNetRouter:
     """``model_function_wrapper`` of the routing MODEL (a clone of the late UNet).
 

@@ -18,7 +18,7 @@ from comfy_api.latest import io, ui
 
 from ..models.errors import LoraError
 from ..models.lora_keys import LoraPlan, family_mismatch, plan_lora
-from ..models.multi_unet import KEY_PREFIX
+from ..models.multi_unet import stage_patchers
 
 log = logging.getLogger("distilled_unets")
 
@@ -60,16 +60,6 @@ def _unet_shapes(patcher) -> dict:
     return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items()}
 
 
-def _stages(patcher, label: str = "model"):
-    """(label, patcher) for the UNet this MODEL runs and, for a multi-UNet MODEL, each early stage."""
-    out = [(label, patcher)]
-    for key, models in patcher.additional_models.items():
-        if key.startswith(KEY_PREFIX):
-            for i, m in enumerate(models):
-                out += _stages(m, f"{label} > early stage" + (f" {i}" if len(models) > 1 else ""))
-    return out
-
-
 def plan_for(patcher, tensors: dict, metadata: dict, *, apply_uncertain: bool, node: str = NODE_ID,
              adapter_config: dict | None = None) -> LoraPlan:
     cfg = patcher.model.model_config.unet_config
@@ -88,7 +78,7 @@ def apply_lora(model, clip, tensors: dict, metadata: dict, strength_model: float
     are never modified."""
     plans: list[tuple[str, object, LoraPlan, dict]] = []
     if model is not None:
-        for label, p in _stages(model):
+        for label, p in stage_patchers(model):
             plan = plan_for(p, tensors, metadata, apply_uncertain=apply_uncertain, node=node,
                             adapter_config=adapter_config)
             lora = tensors
@@ -118,7 +108,7 @@ def apply_lora(model, clip, tensors: dict, metadata: dict, strength_model: float
     new_model = None
     if model is not None:
         new_model = model.clone()
-        by_label = dict(_stages(new_model))  # clones of every stage, owned by new_model
+        by_label = dict(stage_patchers(new_model))  # clones of every stage, owned by new_model
         for label, _, plan, loaded in plans:
             target = by_label[label]
             accepted = set(target.add_patches(loaded, strength_model))

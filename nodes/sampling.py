@@ -14,7 +14,6 @@ from comfy_api.latest import io
 
 from ..models.errors import IncompatibleModelsError
 from ..models.multi_unet import (
-    KEY_PREFIX,
     LoadedStage,
     MultiUNetRouter,
     SwitchPoint,
@@ -24,6 +23,7 @@ from ..models.multi_unet import (
     check_switch_percent,
     check_switch_step,
     stage_cfg_hooks,
+    stage_patchers,
 )
 
 log = logging.getLogger("distilled_unets")
@@ -51,7 +51,7 @@ def signature_of(patcher, label: str) -> UNetSignature:
     cfg = base.model_config
     unet = cfg.unet_config
     params = sum(p.numel() for p in base.diffusion_model.parameters())
-    stages = _chain_leaves(patcher, label)
+    stages = stage_patchers(patcher, label)
     chain = f", {len(stages)}-stage multi-UNet" if len(stages) > 1 else ""
     name = f"{label} ({type(cfg).__name__} UNet, {params / 1e6:.1f}M params{chain})"
     lf = base.latent_format
@@ -64,16 +64,6 @@ def signature_of(patcher, label: str) -> UNetSignature:
         prediction=prediction_of(patcher),
         in_channels=int(unet.get("in_channels", 4)),
     )
-
-
-def _chain_leaves(patcher, label: str) -> list[tuple[str, object]]:
-    """Every UNet patcher a (possibly nested) multi-UNet MODEL runs: itself, then its early stages."""
-    out = [(label, patcher)]
-    for key, models in patcher.additional_models.items():
-        if key.startswith(KEY_PREFIX):
-            for m in models:
-                out += _chain_leaves(m, f"{label} > early stage")
-    return out
 
 
 def _weights_token(patcher):
@@ -99,7 +89,7 @@ def make_multi_unet_model(early, late, switch: SwitchPoint, *, node: str):
             "ModelSamplingDiscrete (or zsnr) node on the late model, the multi-UNet copies it to the "
             "early one; or remove it from the early model", node=node, input_name="early_model")
 
-    leaves = _chain_leaves(early_c, "early_model") + _chain_leaves(late, "late_model")
+    leaves = stage_patchers(early_c, "early_model") + stage_patchers(late, "late_model")
     check_shared_weights([LoadedStage(n, id(p.model), _weights_token(p)) for n, p in leaves], node=node)
 
     router = MultiUNetRouter(switch, previous=routing.model_options.get("model_function_wrapper"),

@@ -57,10 +57,13 @@ try {
         }
       }
       // js/model_info.js: what the loader's ui output ({"text": [...]}) turns into on the node
+      // a sample of the loader's info text (what it says after a run; here no model has run)
+      const INFO_SAMPLE = "(shown after a run) detected: family, teacher, parameters, cost per step vs " +
+        "the teacher, recommended sampler / steps / CFG / size";
       const modelInfo = [];
       for (const node of nodes.filter((n) => n.type === "DistilledUNetLoader")) {
         const before = JSON.stringify(node.serialize().widgets_values);
-        node.onExecuted?.({ text: ["check: detected tiny-sd"] });
+        node.onExecuted?.({ text: [INFO_SAMPLE] });
         const w = (node.widgets ?? []).find((x) => x.name === "model_info");
         modelInfo.push({ id: node.id, shown: w?.value ?? null,
                          serializedUnchanged: JSON.stringify(node.serialize().widgets_values) === before });

@@ -27,8 +27,9 @@ is in the window, or through its pooled cell otherwise. Consequences:
   tokens are counted twice: exactly and through their pool); kept for comparison.
 * ``pool == 0`` switches the global part off (windowed attention only).
 
-When the window and the shift are multiples of the pool factor (the defaults: 16, 8 and 4), each cell
-is either wholly inside or wholly outside a window; otherwise a partly covered cell keeps its full
+When the window and the shift are multiples of the pool factor, each cell is either wholly inside or
+wholly outside a window (the node's defaults up to 1024 px: window 16, auto pool 8 or 16, no shift);
+otherwise (auto pool 32 at 2048 px: one cell spans 2x2 windows) a partly covered cell keeps its full
 mean key/value with the reduced weight ``count - overlap``.
 
 Layout as in ComfyUI's attention backends: q, k, v are ``[B, L, heads * dim_head]`` with

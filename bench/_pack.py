@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -18,3 +19,17 @@ def import_pack():
         sys.modules["distilled_unets"] = mod
         spec.loader.exec_module(mod)
     return sys.modules["distilled_unets"]
+
+
+def setup_comfy():
+    """Put ComfyUI (``COMFYUI_PATH`` or ``~/ComfyUI``) on sys.path with its arguments set for a bench: CPU
+    unless ``BENCH_DEVICE`` says otherwise, no other custom nodes. Exits with a message when absent."""
+    comfy_root = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI")).expanduser()
+    if not (comfy_root / "comfy" / "model_patcher.py").is_file():
+        sys.exit(f"no ComfyUI at {comfy_root}: set COMFYUI_PATH")
+    sys.path.insert(0, str(comfy_root))
+    import comfy.cli_args
+
+    if os.environ.get("BENCH_DEVICE", "cpu") == "cpu":
+        comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.disable_all_custom_nodes = True

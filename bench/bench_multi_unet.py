@@ -15,26 +15,16 @@ Routing overhead = multi-UNet time / (k/n * student time + (n-k)/n * teacher tim
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
-from _pack import ROOT, import_pack  # noqa: E402
+from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
 
 
 def _setup():
-    comfy_root = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI")).expanduser()
-    if not (comfy_root / "comfy" / "model_patcher.py").is_file():
-        sys.exit(f"no ComfyUI at {comfy_root}: set COMFYUI_PATH")
-    sys.path.insert(0, str(comfy_root))
-    import comfy.cli_args
-
-    if os.environ.get("BENCH_DEVICE", "cpu") == "cpu":
-        comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.disable_all_custom_nodes = True
+    setup_comfy()
     import_pack()
     sys.path.insert(0, str(ROOT / "tests" / "comfy"))
 

@@ -65,12 +65,14 @@ class BlockMap:
         return u.ldm if u is not None else None
 
     def source_key(self, key: str) -> tuple[str, str] | None:
-        """(origin, key in the origin model) for one student tensor, or None when it is new."""
+        """(origin, key in the origin model) for one student tensor, or None when it is new. A
+        ``diffusion_model.`` prefix is kept."""
+        pre = "diffusion_model." if key.startswith("diffusion_model.") else ""
         unit = self.unit_of(key)
         src = self.units.get(unit) if unit else None
         if src is None or src.origin == NEW or src.unit is None:
             return None
-        return src.origin, _move(key, unit, src.unit, src.layers)
+        return src.origin, pre + _move(key[len(pre):], unit, src.unit, src.layers)
 
     def student_module(self, teacher_module: str) -> tuple[str | None, str, str]:
         """(student module or None, certainty, why) for a module (ldm path) of the teacher."""

@@ -17,7 +17,7 @@ Formats understood (module prefix, before the adapter suffix):
 Teacher -> student: a LoRA trained on the teacher (SD1.x/2.x or SDXL) names the teacher's blocks.
 The plan tries both readings (the names are the student's own / the names are the teacher's) and
 keeps the one that explains more keys. Under the teacher reading every module is moved block by
-block onto the student (BK-SDM / segmind rules, see ``reference/distilled_unets.md`` §2), dropped
+block onto the student by its block map (``models/blockmap.py``: the BK-SDM / segmind rules), dropped
 when its block was removed, or held back as *uncertain* when the student shrank that block in a
 way whose teacher correspondence is not published (SDXL students). Nothing is ever applied to a
 block it was not trained for, and nothing whose shape disagrees with the target.

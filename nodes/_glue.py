@@ -1,6 +1,6 @@
 """The code that must touch comfy.*: building ComfyUI's own UNet from a detected structure.
 
-Decision 1 of DESIGN.md: the model that samples is ComfyUI's ``UNetModel``, built from the
+The pack's first rule: the model that samples is ComfyUI's ``UNetModel``, built from the
 ``unet_config`` our detection derives, through ``supported_models.SD15 / SD20 / SDXL`` (never the
 fixed-list matching), and wrapped in a ``ModelPatcher`` so memory management, attention backends,
 dtypes, LoRA patching and lowvram behave as for any ComfyUI model.

@@ -77,10 +77,21 @@ def asdm(teacher: Topology, base: Topology, levels: tuple[int, ...]) -> Topology
 
 BK_BASE, BK_SMALL, BK_TINY = (bk(SD1, s) for s in ("base", "small", "tiny"))
 BK_V2_BASE, BK_V2_SMALL, BK_V2_TINY = (bk(SD2, s) for s in ("base", "small", "tiny"))
-SSD_1B = sdxl_prune(SDXL, ins=[[0, 0], [2, 2], [4, 4]], outs=[[0, 0, 0], [2, 1, 1], [4, 4, 10]], mid=-1)
-VEGA = sdxl_prune(SDXL, ins=[[0, 0], [1, 1], [2, 2]], outs=[[0, 0, 0], [1, 1, 1], [2, 2, 2]], mid=-1)
-KOALA_700M = sdxl_prune(SDXL, ins=[[0], [2], [5]], outs=[[0, 0], [2, 2], [5, 5]], mid=-2)
-KOALA_1B = sdxl_prune(SDXL, ins=[[0], [2], [6]], outs=[[0, 0], [2, 2], [6, 6]], mid=6)
+#: SDXL students as the depth of every attention, per level (shallowest first): (inputs, outputs, middle depth)
+SDXL_DEPTHS = {
+    "ssd-1b": ([[0, 0], [2, 2], [4, 4]], [[0, 0, 0], [2, 1, 1], [4, 4, 10]], -1),
+    "vega": ([[0, 0], [1, 1], [2, 2]], [[0, 0, 0], [1, 1, 1], [2, 2, 2]], -1),
+    "koala-700m": ([[0], [2], [5]], [[0, 0], [2, 2], [5, 5]], -2),
+    "koala-1b": ([[0], [2], [6]], [[0, 0], [2, 2], [6, 6]], 6),
+}
+
+
+def sdxl_student(teacher: Topology, name: str) -> Topology:
+    ins, outs, mid = SDXL_DEPTHS[name]
+    return sdxl_prune(teacher, ins=ins, outs=outs, mid=mid)
+
+
+SSD_1B, VEGA, KOALA_700M, KOALA_1B = (sdxl_student(SDXL, n) for n in ("ssd-1b", "vega", "koala-700m", "koala-1b"))
 #: SDXS-512-0.9: BK-Tiny of SD 2.1 whose level-0 attn1 is a cross-attention (ComfyUI's SD09_XS)
 SDXS_09 = replace(BK_V2_TINY, disable_self_attn=(True, False, False))
 #: SDXS-512-DreamShaper: BK-Tiny of SD 1.5 without attention at level 0
@@ -124,10 +135,8 @@ def _bk_preset(size: str) -> Preset:
                   "BK-SDM (arXiv 2305.15798), copy rule of its kd_train_text_to_image.py")
 
 
-def _sdxl_preset(name: str, structure: Topology, counterpart: str, source: str) -> Preset:
-    return Preset(name, ("sdxl",), lambda t, b: replace(structure, in_channels=t.in_channels,
-                                                         out_channels=t.out_channels),
-                  {"sdxl": counterpart}, source)
+def _sdxl_preset(name: str, counterpart: str, source: str) -> Preset:
+    return Preset(name, ("sdxl",), lambda t, b: sdxl_student(t, name), {"sdxl": counterpart}, source)
 
 
 def _asdm_preset(name: str, levels: tuple[int, ...]) -> Preset:
@@ -137,10 +146,10 @@ def _asdm_preset(name: str, levels: tuple[int, ...]) -> Preset:
 
 PRESETS = {p.name: p for p in (
     _bk_preset("base"), _bk_preset("small"), _bk_preset("tiny"),
-    _sdxl_preset("ssd-1b", SSD_1B, "segmind/SSD-1B", "SSD-1B (arXiv 2401.02677), structure of its config"),
-    _sdxl_preset("vega", VEGA, "segmind/Segmind-Vega", "Segmind-Vega (arXiv 2401.02677), structure of its config"),
-    _sdxl_preset("koala-700m", KOALA_700M, "etri-vilab/koala-700m", "KOALA (arXiv 2312.04005), its config"),
-    _sdxl_preset("koala-1b", KOALA_1B, "etri-vilab/koala-1b", "KOALA (arXiv 2312.04005), its config"),
+    _sdxl_preset("ssd-1b", "segmind/SSD-1B", "SSD-1B (arXiv 2401.02677), structure of its config"),
+    _sdxl_preset("vega", "segmind/Segmind-Vega", "Segmind-Vega (arXiv 2401.02677), structure of its config"),
+    _sdxl_preset("koala-700m", "etri-vilab/koala-700m", "KOALA (arXiv 2312.04005), structure of its config"),
+    _sdxl_preset("koala-1b", "etri-vilab/koala-1b", "KOALA (arXiv 2312.04005), structure of its config"),
     _asdm_preset("asdm-m1", (0,)), _asdm_preset("asdm-m2", (0, 1)),
 )}
 

@@ -120,6 +120,23 @@ def model_from_state_dict(topology: Topology, sd: dict, *, prediction: str = "ep
     return patcher
 
 
+def unet_weights(patcher) -> dict:
+    """The UNet weights a MODEL samples with (LoRA and other weight patches merged), as CPU tensors under
+    ldm names. The MODEL is not changed: an unpatched model is read directly; a patched one is loaded the
+    way ComfyUI's own ModelSave loads it, and read through its saving path."""
+    prefix = "diffusion_model."
+    patched = bool(patcher.patches) or bool(getattr(patcher, "weight_wrapper_patches", None))
+    if not patched:
+        sd = patcher.model.diffusion_model.state_dict()
+    elif hasattr(patcher, "model_state_dict_for_saving"):  # ComfyUI >= 0.4: lazily patched, per tensor
+        mm.load_models_gpu([patcher])
+        sd = patcher.model_state_dict_for_saving(patcher.model.diffusion_model, prefix)
+    else:  # ComfyUI 0.3.x: ModelSave patches the weights in place while loaded
+        mm.load_models_gpu([patcher], force_patch_weights=True)
+        sd = patcher.model.diffusion_model.state_dict()
+    return {k: v.to("cpu").detach().clone() for k, v in sd.items()}
+
+
 def topology_of(patcher) -> Topology:
     """The structure of a MODEL's UNet, from the config ComfyUI built it with."""
     return from_comfy_config(patcher.model.model_config.unet_config)

@@ -63,12 +63,13 @@ def _resnet_rest(rest: str) -> str:
 def to_ldm(sd: dict, cfg: dict, gapped: bool) -> dict:
     """diffusers state dict -> ldm state dict (contiguous like ComfyUI, or gapped like the script)."""
     n = len(cfg["block_out_channels"])
-    lpb = cfg["layers_per_block"]
+    lpbs = cfg["layers_per_block"]
+    lpbs = list(lpbs) if isinstance(lpbs, (list, tuple)) else [lpbs] * n
     out = {}
     # contiguous index tables
     in_idx, idx = {}, 1
     for i in range(n):
-        for j in range(lpb):
+        for j in range(lpbs[i]):
             in_idx[(i, j)] = idx
             idx += 1
         if i < n - 1:
@@ -76,7 +77,7 @@ def to_ldm(sd: dict, cfg: dict, gapped: bool) -> dict:
             idx += 1
     out_idx, idx = {}, 0
     for i in range(n):
-        for j in range(lpb + 1):
+        for j in range(lpbs[n - 1 - i] + 1):
             out_idx[(i, j)] = idx
             idx += 1
     for k, v in sd.items():
@@ -98,8 +99,8 @@ def to_ldm(sd: dict, cfg: dict, gapped: bool) -> dict:
                 if gapped:
                     out[f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.conv.{rest}"] = v
                 else:
-                    b = out_idx[(i, lpb)]
-                    has_attn = any(x.startswith(f"up_blocks.{i}.attentions.{lpb}.") for x in sd)
+                    b = out_idx[(i, lpbs[n - 1 - i])]
+                    has_attn = any(x.startswith(f"up_blocks.{i}.attentions.{lpbs[n - 1 - i]}.") for x in sd)
                     out[f"output_blocks.{b}.{2 if has_attn else 1}.conv.{rest}"] = v
                 continue
             b = 3 * i + j if gapped else out_idx[(i, j)]

@@ -21,10 +21,9 @@ import gc
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from _pack import ROOT, import_pack  # noqa: E402
+from _pack import ROOT, comfyui, import_pack  # noqa: E402
 
 MODELS = {
     "sd1": ["SD 1.x (v1.4 / v1.5)", "segmind/small-sd", "nota-ai/bk-sdm-small", "segmind/tiny-sd"],
@@ -55,7 +54,7 @@ def same_build(a, b) -> bool:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comfyui", default=str(Path.home() / "ComfyUI"))
+    ap.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH, the enclosing ComfyUI or ~/ComfyUI)")
     ap.add_argument("--families", default="sd1,sd2")
     ap.add_argument("--px", type=int, default=512, help="image size for SD1/SD2")
     ap.add_argument("--sdxl-px", type=int, default=1024)
@@ -66,7 +65,7 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.path.insert(0, args.comfyui)
+    sys.path.insert(0, str(comfyui(args.comfyui)))
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = args.device == "cpu"

@@ -20,21 +20,16 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
-from pathlib import Path
 
 import torch
 
-from _pack import ROOT, import_pack  # noqa: E402
+from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 
 def _setup():
-    for c in (os.environ.get("COMFYUI_PATH"), str(Path.home() / "ComfyUI")):
-        if c and (Path(c) / "comfy" / "model_patcher.py").is_file():
-            sys.path.append(c)  # after ours: ComfyUI has its own top-level `tests` package
-            break
+    setup_comfy(append=True)  # after ours: ComfyUI has its own top-level `tests` package
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True

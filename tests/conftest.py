@@ -1,49 +1,21 @@
-"""Test setup: import the pack under a fixed name and find a real ComfyUI for the host tests.
+"""Test setup: the pack imported as ``distilled_unets`` and a real ComfyUI for the host tests, both
+through ``tools/_host.py`` (the one place that finds ComfyUI and imports the pack; ``tools/`` is on the
+path through pytest's ``pythonpath`` setting in pyproject.toml).
 
-The pack is imported as ``distilled_unets`` whatever its folder is called, so relative imports work
-as they do inside ComfyUI. ComfyUI is found through COMFYUI_PATH, the ComfyUI whose custom_nodes/
-holds this checkout, or ~/ComfyUI. Host tests (tests/comfy/) skip with one line when none is found.
+ComfyUI is ``COMFYUI_PATH``, the ComfyUI whose custom_nodes/ holds this checkout, or ~/ComfyUI. Host
+tests (tests/comfy/, or marked ``host``) skip with one line when there is none.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from _host import REPO, comfyui_version, find_comfyui, import_pack, missing_reason, setup_comfy
 
-ROOT = Path(__file__).resolve().parents[1]
-PACK = "distilled_unets"
-
-
-def _import_pack():
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_import_pack()
-
-
-def find_comfyui() -> Path | None:
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    if ROOT.parent.name == "custom_nodes":
-        candidates.append(ROOT.parent.parent)
-    candidates.append(Path.home() / "ComfyUI")
-    for c in candidates:
-        if (c / "comfy" / "model_patcher.py").is_file():
-            return c.resolve()
-    return None
-
+ROOT = REPO
+import_pack()
 
 COMFYUI = find_comfyui()
 _HOST_ERROR: str | None = None
@@ -52,19 +24,18 @@ _HOST_ERROR: str | None = None
 def _setup_host() -> str | None:
     """Put ComfyUI on sys.path in CPU mode. Returns a reason string when it cannot be used."""
     if COMFYUI is None:
-        return "no ComfyUI found (set COMFYUI_PATH, or put ComfyUI at ~/ComfyUI)"
-    if str(COMFYUI) not in sys.path:
-        sys.path.insert(0, str(COMFYUI))
+        return missing_reason()
     try:
-        import comfy.cli_args
-
-        comfy.cli_args.args.cpu = True
-        comfy.cli_args.args.disable_all_custom_nodes = True
+        setup_comfy(COMFYUI)
         import comfy.model_management  # noqa: F401
         import comfy_api.latest  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the machine
         return f"ComfyUI at {COMFYUI} does not import: {type(e).__name__}: {e}"
     return None
+
+
+def pytest_report_header(config):
+    return f"ComfyUI: {comfyui_version(COMFYUI)} at {COMFYUI}" if COMFYUI else f"ComfyUI: {missing_reason()}"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -83,5 +54,5 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def comfyui_path() -> Path:
     if COMFYUI is None or _HOST_ERROR:
-        pytest.skip(_HOST_ERROR or "no ComfyUI found")
+        pytest.skip(_HOST_ERROR or missing_reason())
     return COMFYUI

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,30 +25,14 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-log = logging.getLogger("distilled_unets.tools")
+from _host import PACK as PACK_FOLDER
+from _host import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-PACK_FOLDER = "distilled_unets"
+log = logging.getLogger("distilled_unets.tools")
 
 
 class ServerError(RuntimeError):
     """The server did not start, or answered with an error."""
-
-
-def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
-    """ComfyUI from ``explicit``, ``COMFYUI_PATH``, the ComfyUI holding this checkout, or ``~/ComfyUI``."""
-    candidates = []
-    if explicit:
-        candidates.append(Path(explicit).expanduser())
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]).expanduser())
-    if REPO.parent.name == "custom_nodes":
-        candidates.append(REPO.parent.parent)
-    candidates.append(Path.home() / "ComfyUI")
-    for c in candidates:
-        if (c / "main.py").is_file() and (c / "comfy" / "model_patcher.py").is_file():
-            return c.resolve()
-    return None
 
 
 def pack_installed_in(comfyui: Path) -> bool:
@@ -214,7 +199,7 @@ class ComfyServer:
                                                  "extra_data": extra_data or {}})
         data = json.loads(body or b"{}")
         if status != 200:
-            raise PromptRejected(data)
+            raise PromptRejected(data, prompt)
         return data["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600, poll: float = 0.2) -> dict:
@@ -244,12 +229,35 @@ class ComfyServer:
 
 
 class PromptRejected(ServerError):
-    """POST /prompt answered 400: the prompt failed validation (``node_errors`` says where)."""
+    """POST /prompt answered 400: the prompt failed validation (``node_errors`` says where).
 
-    def __init__(self, data: dict):
+    ``node_id`` / ``node_type`` name the node the top-level error is about, when it is about one. The
+    node is read from ``details`` ("Node ID '#6'"), which every ComfyUI version sends, and its type from
+    the prompt that was sent: ComfyUI 0.3.64 names an unknown type only in its message ("node X does
+    not exist", ``invalid_prompt``), later versions only in ``extra_info.class_type``
+    (``missing_node_type``, the message naming the node's title).
+    """
+
+    def __init__(self, data: dict, prompt: dict | None = None):
         self.data = data
         err = data.get("error", {})
-        msg = err.get("message", "prompt rejected") if isinstance(err, dict) else str(err)
+        err = err if isinstance(err, dict) else {"message": str(err)}
+        self.error_type = err.get("type")
+        extra = err.get("extra_info") or {}
+        m = re.fullmatch(r"Node ID '#(.+)'", str(err.get("details") or ""))
+        self.node_id = str(extra.get("node_id") or (m.group(1) if m else "")) or None
+        sent = (prompt or {}).get(self.node_id) or {}
+        self.node_type = extra.get("class_type") or sent.get("class_type")
+        server_msg = err.get("message", "prompt rejected")
+        unknown = self.error_type == "missing_node_type" or (
+            self.node_type is not None and f"node {self.node_type} does not exist" in server_msg)
+        if unknown and self.node_type:
+            title = (sent.get("_meta") or {}).get("title") or extra.get("node_title")
+            msg = (f"node {self.node_id}{f' ({title!r})' if title else ''} is of type {self.node_type!r}, which "
+                   f"this ComfyUI does not know: install the custom node pack that provides {self.node_type!r} "
+                   f"(or check its spelling). ComfyUI said: {server_msg}")
+        else:
+            msg = server_msg
         details = []
         for nid, ne in (data.get("node_errors") or {}).items():
             for e in ne.get("errors", []):

@@ -32,20 +32,19 @@ same version are kept (``DEMO_WEIGHTS.json`` records what is there).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _host import import_pack
 from safetensors.torch import save_file
 
 log = logging.getLogger("distilled_unets.tools")
 
 VERSION = 1
-REPO = Path(__file__).resolve().parents[1]
 STAMP = "DEMO_WEIGHTS.json"
 NOISE_NOTE = "random weights: images made with them are noise"
 
@@ -81,14 +80,8 @@ VOCAB, CTX = 49408, 77
 
 def _pack_detect():
     """The pack's own structural detection (host-free), for the diffusers -> ldm key names."""
-    name = "_distilled_unets_models"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "models" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "models")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return importlib.import_module(name + ".detect")
+    import_pack()
+    return importlib.import_module("distilled_unets.models.detect")
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:

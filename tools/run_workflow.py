@@ -6,10 +6,12 @@
 Starts a real ComfyUI server (``main.py --cpu`` on 127.0.0.1, a free port, throw-away user /
 input / output directories) with this pack loaded, converts the UI-format workflow to the API
 format with the server's ``/object_info``, queues it, waits for it, and copies the PNGs to
-``--out``. The model files the workflow names are looked up in ComfyUI's own ``models/`` and in
-``--models``; when one is missing, tiny random DEMO weights are generated (``tools/demo_weights.py``)
-and every model file in the workflow is swapped for its demo counterpart, so the run exercises
-the whole pipeline but THE IMAGE IS NOISE. Client side: standard library only.
+``--out`` as ``<workflow>_<saver prefix>_<counter>_.png``, numbered like ComfyUI's own savers (a
+second run adds files, never replaces them). The model files the workflow names are looked up in
+ComfyUI's own ``models/`` and in ``--models``; when one is missing, tiny random DEMO weights are
+generated (``tools/demo_weights.py``) and every model file in the workflow is swapped for its demo
+counterpart, so the run exercises the whole pipeline but THE IMAGE IS NOISE. Client side: standard
+library only.
 """
 
 from __future__ import annotations
@@ -18,15 +20,13 @@ import argparse
 import json
 import logging
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from comfy_server import REPO, ComfyServer, PromptRejected, ServerError, execution_error, find_comfyui  # noqa: E402
-from ui_to_api import ConversionError, convert  # noqa: E402
+from _host import REPO, find_comfyui, missing_reason
+from comfy_server import ComfyServer, PromptRejected, ServerError, execution_error
+from ui_to_api import ConversionError, convert
 
 log = logging.getLogger("distilled_unets.tools")
 
@@ -177,13 +177,37 @@ def run_one(server: ComfyServer, path: Path, out_dir: Path, demo_dir: Path | Non
         raise WorkflowError(f"{path.name} failed in ComfyUI: {err}")
     images = server.output_images(entry)
     out_dir.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for img in images:
-        dest = out_dir / f"{path.stem}_{img.name}"
-        shutil.copyfile(img, dest)
-        copied.append(dest)
+    copied = [copy_numbered(img, out_dir, f"{path.stem}_{saver_prefix(img.name)}") for img in images]
     return {"workflow": path, "images": copied, "swaps": swaps, "seconds": time.perf_counter() - t,
             "prompt": prompt}
+
+
+COUNTER = re.compile(r"_(\d{5,})_$")
+
+
+def saver_prefix(name: str) -> str:
+    """``distilled_unet_00001_.png`` -> ``distilled_unet``: the prefix a ComfyUI saver numbered."""
+    stem = Path(name).stem
+    return COUNTER.sub("", stem) or stem
+
+
+def copy_numbered(src: Path, out_dir: Path, prefix: str) -> Path:
+    """Copy ``src`` to ``out_dir/<prefix>_<counter>_<suffix>``, numbered the way ComfyUI's savers number
+    their files: one past the highest counter already there for that prefix, so a second run never
+    replaces the images of the first. The file is created exclusively (a concurrent run takes the next one)."""
+    suffix = src.suffix
+    pattern = re.compile(re.escape(prefix) + r"_(\d+)_" + re.escape(suffix) + "$")
+    counter = max((int(m.group(1)) for f in out_dir.iterdir() if (m := pattern.match(f.name))), default=0)
+    data = src.read_bytes()
+    while True:
+        counter += 1
+        dest = out_dir / f"{prefix}_{counter:05}_{suffix}"
+        try:
+            with open(dest, "xb") as f:
+                f.write(data)
+            return dest
+        except FileExistsError:
+            continue
 
 
 def server_model_dirs(models: Path | None, demo_dir: Path | None) -> list[Path]:
@@ -225,7 +249,7 @@ def main(argv=None) -> int:
     size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
     comfyui = find_comfyui(args.comfyui)
     if comfyui is None:
-        sys.stderr.write("error: no ComfyUI found: pass --comfyui PATH or set COMFYUI_PATH\n")
+        sys.stderr.write(f"error: {missing_reason(args.comfyui)}; pass --comfyui PATH or set COMFYUI_PATH\n")
         return 2
     results, failures = [], []
     with ComfyServer(comfyui, server_model_dirs(args.models, args.demo_dir), python=args.python) as server:

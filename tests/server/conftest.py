@@ -9,18 +9,14 @@ through an extra ``custom_nodes:`` path. Without a ComfyUI the tests skip with o
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
+import demo_weights
 import pytest
-
-from ..conftest import ROOT, find_comfyui
-
-sys.path.insert(0, str(ROOT / "tools"))
-
-import demo_weights  # noqa: E402
-from comfy_server import ComfyServer, ServerError  # noqa: E402
-from run_workflow import server_model_dirs  # noqa: E402
+from _host import REPO as ROOT
+from _host import find_comfyui, missing_reason
+from comfy_server import ComfyServer, ServerError
+from run_workflow import server_model_dirs
 
 DEMO_DIR = ROOT / "test-artifacts" / "demo-models"
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -57,7 +53,7 @@ def _write_bad_models(root: Path) -> dict[str, str]:
 def comfyui_root() -> Path:
     c = find_comfyui()
     if c is None or not (c / "main.py").is_file():
-        pytest.skip("no ComfyUI found (set COMFYUI_PATH, or put ComfyUI at ~/ComfyUI)")
+        pytest.skip(missing_reason())
     return c
 
 

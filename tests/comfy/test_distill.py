@@ -87,10 +87,12 @@ def distiller(env, teacher, student, data, held, *, steps, **cfg):
     cfg.setdefault("batch_size", 2)
     cfg.setdefault("ema_decay", 0.0)
     trainable = cfg.pop("trainable", None)
+    semantic = cfg.pop("semantic", None)
     return D.Distiller(teacher=teacher.model.diffusion_model, student=student.model.diffusion_model,
                        teacher_topology=topo(env, teacher), student_topology=topo(env, student),
                        schedule=D.NoiseSchedule(teacher.model.model_sampling, prediction="eps"), data=data,
-                       heldout=held, config=D.DistillConfig(steps=steps, **cfg), trainable=trainable, device="cpu")
+                       heldout=held, config=D.DistillConfig(steps=steps, **cfg), trainable=trainable, semantic=semantic,
+                       device="cpu")
 
 
 def snapshot(module):
@@ -315,3 +317,20 @@ def test_memory_estimate_and_refusal(env, models):
     assert "GiB" in msg and "free on cpu" in msg and "gradient_checkpointing" in msg and "Fix:" in msg
     assert e.value.estimate.total == est.total
     d.check_memory(free_bytes=est.total * 2)  # enough: no error
+
+
+def test_semantic_aware_supervision_with_a_vgg(env, models):
+    """A-SDM's SAS: mid-block term + VGG term on the x0 previews (latent->RGB factors of the model's family)."""
+    _, D, _ = env
+    from distilled_unets.models import vgg as V
+
+    teacher, student, data, held = models
+    g = torch.Generator().manual_seed(0)
+    sd = {f"features.{i}.weight": torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** 0.5
+          for i, cin, cout in V.VGG16_CONVS}
+    sd.update({f"features.{i}.bias": torch.zeros(cout) for i, _, cout in V.VGG16_CONVS})
+    fmt_ = teacher.model.latent_format
+    sas = V.SemanticVGGLoss(V.load_vgg16(sd), fmt_.latent_rgb_factors, fmt_.latent_rgb_factors_bias)
+    res = distiller(env, teacher, student, data, held, steps=2, features="stages+mid", semantic=sas).run()
+    assert set(res.parts) == {"task", "out", "feat", "mid", "vgg"}
+    assert all(math.isfinite(v) and v > 0 for v in res.parts["vgg"])

@@ -29,6 +29,7 @@ block of the same shape. Anything that cannot pair is left out with a report lin
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -49,7 +50,7 @@ log = logging.getLogger("distilled_unets")
 
 __all__ = ["LossWeights", "PRESETS", "FeaturePoint", "FeaturePlan", "feature_plan", "NoiseSchedule", "KDData",
            "DistillConfig", "Distiller", "TrainResult", "MemoryEstimate", "DistillError", "TrainingMemoryError",
-           "CheckpointError", "sdpa_attention", "enable_gradient_checkpointing", "read_checkpoint_meta",
+           "CheckpointError", "sdpa_attention", "draw_batch", "enable_gradient_checkpointing", "read_checkpoint_meta",
            "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "distilled_unets.distill_checkpoint"
@@ -301,10 +302,6 @@ class NoiseSchedule:
         self.sigmas = sampling.sigmas.detach().float().cpu().clone()
         self.num_timesteps = len(self.sigmas)
 
-    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Uniform over the training steps, as BK-SDM's ``torch.randint(0, num_train_timesteps)``."""
-        return torch.randint(0, self.num_timesteps, (n,), generator=generator)
-
     def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> NoisedBatch:
         ms = self.sampling
         sig_dev = ms.sigmas.device
@@ -405,6 +402,27 @@ def _generator(seed: int, *parts) -> torch.Generator:
     """A CPU generator seeded from ``(seed, *parts)`` (per-step randomness independent of history)."""
     digest = hashlib.blake2b(repr((int(seed),) + parts).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=_generator(seed, "epoch", epoch))
+
+
+def draw_batch(seed: int, step: int, micro: int, *, n_data: int, batch_size: int, grad_accum: int,
+               num_timesteps: int, sample_shape: tuple[int, ...]):
+    """The random draws of one micro-batch, from ``(seed, step, micro)`` alone: sample indices (every sample
+    once per epoch, in an order seeded by the epoch), timesteps uniform over ``num_timesteps`` (BK-SDM's
+    ``torch.randint(0, num_train_timesteps)``) and Gaussian noise."""
+    start = (step * grad_accum + micro) * batch_size
+    idx = []
+    for p in range(start, start + batch_size):
+        epoch, pos = divmod(p, n_data)
+        idx.append(int(_epoch_order(seed, epoch, n_data)[pos]))
+    gen = _generator(seed, "step", step, micro)
+    t = torch.randint(0, num_timesteps, (batch_size,), generator=gen)
+    noise = torch.randn((batch_size, *sample_shape), generator=gen, dtype=torch.float32)
+    return torch.tensor(idx, dtype=torch.long), t, noise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -985,24 +1003,11 @@ class Distiller:
         return out.float()
 
     # ---- sampling order -------------------------------------------------------------------------
-    def _indices(self, step: int, micro: int) -> torch.Tensor:
-        n, b = len(self.data), self.cfg.batch_size
-        start = (step * self.cfg.grad_accum + micro) * b
-        out = []
-        for p in range(start, start + b):
-            epoch, pos = divmod(p, n)
-            perm = self._perms.get(epoch)
-            if perm is None:
-                perm = torch.randperm(n, generator=_generator(self.cfg.seed, "epoch", epoch))
-                self._perms = {epoch: perm}  # only the current epoch is kept
-            out.append(int(perm[pos]))
-        return torch.tensor(out, dtype=torch.long)
-
-    def _noised(self, x0, gen) -> tuple[NoisedBatch, torch.Tensor]:
-        t = self.schedule.sample_timesteps(x0.shape[0], gen)
-        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
-        x0 = x0.to(self.device)
-        return self.schedule.noised(x0, noise.to(self.device), t), x0
+    def draw(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample indices, timesteps, noise) of micro-batch ``micro`` of step ``step`` (CPU tensors)."""
+        return draw_batch(self.cfg.seed, step, micro, n_data=len(self.data), batch_size=self.cfg.batch_size,
+                          grad_accum=self.cfg.grad_accum, num_timesteps=self.schedule.num_timesteps,
+                          sample_shape=tuple(self.data.latents.shape[1:]))
 
     # ---- held-out error -------------------------------------------------------------------------
     def _heldout_batches(self):
@@ -1045,10 +1050,9 @@ class Distiller:
         cfg, w = self.cfg, self.cfg.weights
         parts_sum: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            idx = self._indices(step, micro)
+            idx, t, noise = self.draw(step, micro)
             x0, ctx, y = self.data.batch(idx)
-            gen = _generator(cfg.seed, "step", step, micro)
-            nb, x0 = self._noised(x0, gen)
+            nb = self.schedule.noised(x0.to(self.device), noise.to(self.device), t)
             ctx = ctx.to(self.device)
             y = None if y is None else y.to(self.device)
             self._t_taps.recording = True
@@ -1089,8 +1093,9 @@ class Distiller:
             else:
                 scaled.backward()
             parts["loss"] = loss
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            values = torch.stack([v.detach().float() for v in parts.values()]).tolist()  # one device sync
+            for k, v in zip(parts, values):
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
         params = self._params
         if self._scaler is not None:
             self._scaler.unscale_(self._opt)
@@ -1190,11 +1195,14 @@ class Distiller:
                                               path=path, input_name="resume")
                     v.copy_(t)
             opt_steps = int(meta.get("optimizer_steps", "0"))
-            for name, p in zip(self.train_names, self._params):
-                if f"optim.{name}.exp_avg" in keys:
-                    self._opt.state[p] = {"step": torch.tensor(float(opt_steps)),
-                                          "exp_avg": f.get_tensor(f"optim.{name}.exp_avg").to(p.device),
-                                          "exp_avg_sq": f.get_tensor(f"optim.{name}.exp_avg_sq").to(p.device)}
+            opt_state = {}
+            for i, name in enumerate(self.train_names):
+                if f"optim.{name}.exp_avg" in keys:  # load_state_dict puts step/moments where the optimizer wants
+                    opt_state[i] = {"step": torch.tensor(float(opt_steps)),
+                                    "exp_avg": f.get_tensor(f"optim.{name}.exp_avg"),
+                                    "exp_avg_sq": f.get_tensor(f"optim.{name}.exp_avg_sq")}
+            self._opt.load_state_dict({"state": opt_state, "param_groups": self._opt.state_dict()["param_groups"]})
+            for name in self.train_names:
                 if self._ema is not None and f"ema.{name}" in keys:
                     self._ema[name].copy_(f.get_tensor(f"ema.{name}"))
             self._losses = f.get_tensor("history.loss").tolist()
@@ -1228,12 +1236,12 @@ class Distiller:
         named = dict(model.named_parameters())
         self._params = [named[n] for n in self.train_names]
         self._opt = torch.optim.AdamW(self._params, lr=cfg.learning_rate, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+                                      fused=True if self.device.type == "cuda" else None)
         self._scaler = torch.amp.GradScaler(self.device.type) if self.autocast == torch.float16 else None
         self._ema = {n: p.detach().clone() for n, p in zip(self.train_names, self._params)} \
             if cfg.ema_decay > 0 else None
         self._ema_updates = 0
-        self._perms: dict[int, torch.Tensor] = {}
         self._losses: list[float] = []
         self._parts: dict[str, list[float]] = {}
         self._curve: list[tuple[int, float]] = []

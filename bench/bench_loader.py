@@ -37,9 +37,9 @@ MODELS = {
 def _import_pack():
     import_pack()
     sys.path.insert(0, str(ROOT))
-    from tests.layouts import TEACHER_CONFIGS, diffusers_model, to_ldm  # noqa: E402
+    from tests.layouts import diffusers_model, to_ldm  # noqa: E402
 
-    return TEACHER_CONFIGS, diffusers_model, to_ldm
+    return diffusers_model, to_ldm
 
 
 def same_build(a, b) -> bool:
@@ -73,10 +73,11 @@ def main():
     import comfy.model_management as mm
     import comfy.sd
 
-    teacher_cfgs, diffusers_model, to_ldm = _import_pack()
+    diffusers_model, to_ldm = _import_pack()
     from distilled_unets.models import registry
     from distilled_unets.models.cost import unet_cost
     from distilled_unets.models.detect import detect
+    from distilled_unets.models.topology import diffusers_config
     from distilled_unets.nodes._glue import build_model
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -87,7 +88,7 @@ def main():
         lat = px // 8
         g = torch.Generator().manual_seed(0)
         x = torch.randn(2, 4, lat, lat, generator=g).to(dev, dtype)
-        ctx = torch.randn(2, 77, registry.TEACHERS[fam].topology.context_dim, generator=g).to(dev, dtype)
+        ctx = torch.randn(2, 77, registry.TEACHERS[fam].structure.context_dim, generator=g).to(dev, dtype)
         y = torch.randn(2, 2816, generator=g).to(dev, dtype) if fam == "sdxl" else None
         t = torch.tensor([500.0, 500.0], device=dev)
         times, entries, same = {}, {}, {}
@@ -107,11 +108,11 @@ def main():
         # one model at a time (memory), our build and ComfyUI's interleaved round by round
         for mid in MODELS[fam]:
             e = entries[mid] = registry.by_id(mid)
-            cfg = teacher_cfgs[fam] if e.is_teacher else e.diffusers
+            cfg = diffusers_config(e.structure)
             meta = diffusers_model(cfg, device="meta").state_dict()
             sd = {k: torch.randn(v.shape, dtype=dtype) * 0.02 for k, v in meta.items()}
             det = detect({k: tuple(v.shape) for k, v in sd.items()})
-            ours = build_model(det, dict(sd), weight_dtype=args.dtype)
+            ours = build_model(det.topology, {det.key_map[k]: v for k, v in sd.items()}, weight_dtype=args.dtype)
             theirs = None
             try:
                 theirs = comfy.sd.load_diffusion_model_state_dict(to_ldm(sd, cfg, gapped=False),
@@ -133,11 +134,11 @@ def main():
             mm.unload_all_models()
             gc.collect()
         teacher_t = statistics.median(times[(MODELS[fam][0], "ours")])
-        tcost = unet_cost(registry.TEACHERS[fam].topology, lat, lat).macs
+        tcost = unet_cost(registry.TEACHERS[fam].structure, lat, lat).macs
         for mid, e in entries.items():
             o = statistics.median(times[(mid, "ours")])
             c = statistics.median(times[(mid, "comfy")]) if times[(mid, "comfy")] else None
-            est = unet_cost(e.topology, lat, lat).macs / tcost
+            est = unet_cost(e.structure, lat, lat).macs / tcost
             rows.append((mid, f"{px}px", o, c, (c / o) if c else None, teacher_t / o, est, same[mid]))
     print(f"\nPer-step UNet time, batch 2, {args.dtype} on {args.device} ({torch.get_num_threads()} threads), "
           f"median of {args.rounds} interleaved rounds")

@@ -41,38 +41,18 @@ def _setup():
     import_pack()
 
 
-SD1 = dict(context_dim=768)
-STUDENTS = {
-    "bk-base / small-sd": ("sd15", dict(channel_mult=[1, 2, 4, 4], num_res_blocks=[1] * 4, transformer_depth=[1, 1, 1, 0],
-                                        transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1)),
-    "bk-small": ("sd15", dict(channel_mult=[1, 2, 4, 4], num_res_blocks=[1] * 4, transformer_depth=[1, 1, 1, 0],
-                              transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=-2)),
-    "bk-tiny / tiny-sd": ("sd15", dict(channel_mult=[1, 2, 4], num_res_blocks=[1] * 3, transformer_depth=[1, 1, 1],
-                                       transformer_depth_output=[1] * 6, transformer_depth_middle=-2)),
-    "ssd-1b": ("sdxl", dict(channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 2, 2, 4, 4],
-                            transformer_depth_output=[0, 0, 0, 1, 1, 2, 10, 4, 4], transformer_depth_middle=-1)),
-    "vega": ("sdxl", dict(channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
-                          transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], transformer_depth_middle=-1)),
-    "koala-700m": ("sdxl", dict(channel_mult=[1, 2, 4], num_res_blocks=[1, 1, 1], transformer_depth=[0, 2, 5],
-                                transformer_depth_output=[0, 0, 2, 2, 5, 5], transformer_depth_middle=-2)),
+STUDENTS = {  # name -> attribute of models.structures
+    "bk-base / small-sd": "BK_BASE", "bk-small": "BK_SMALL", "bk-tiny / tiny-sd": "BK_TINY",
+    "ssd-1b": "SSD_1B", "vega": "VEGA", "koala-700m": "KOALA_700M",
 }
 
 
-def meta_model(family: str, topo: dict):
-    import comfy.model_base
-    import comfy.supported_models as sm
+def meta_model(topology):
+    """ComfyUI's own model of ``topology``, full size, on the meta device."""
+    from distilled_unets.nodes._glue import comfy_model
 
-    cfg = dict(topo, use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
-               use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
-    if family == "sdxl":
-        cfg.update(context_dim=2048, use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential")
-        mc, cls = sm.SDXL(cfg), comfy.model_base.SDXL
-    else:
-        cfg.update(context_dim=768, use_linear_in_transformer=False, adm_in_channels=None)
-        mc, cls = sm.SD15(cfg), comfy.model_base.BaseModel
-    mc.set_inference_dtype(torch.float32, None)
     with torch.device("meta"):
-        return cls(mc, device="meta")
+        return comfy_model(topology, torch.float32, device="meta")
 
 
 def lora_on(shapes: dict, fmt: str):
@@ -122,29 +102,29 @@ def main():
     import comfy.lora
 
     from distilled_unets.models import lora_keys as lk
+    from distilled_unets.models import names
+    from distilled_unets.models import structures as S
+    from distilled_unets.models.blockmap import CERTAIN, derive
     from tests._lora_fixtures import LDM_FORMATS
 
-    teachers = {"sd15": lk.SD1_TEACHER, "sdxl": lk.SDXL_TEACHER}
     teacher_models = {}
     hdr = (f"{'student':20} {'origin':8} {'format':14} | {'ours: applied':>13} {'dropped':>7} {'unsure-held':>11} "
            f"{'wrong':>5} | {'ComfyUI: applied':>16} {'dropped':>7} {'shape':>5} {'wrong':>5} {'unsure':>6}")
     print(hdr)
     print("-" * len(hdr))
     for sname in args.students.split(","):
-        family, topo = STUDENTS[sname]
-        model = meta_model(family, topo)
+        student = getattr(S, STUDENTS[sname])
+        teacher = S.TEACHERS[student.family]
+        model = meta_model(student)
         sd_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        cfg = model.model_config.unet_config
-        smap = lk.unet_module_map(cfg)
-        if family not in teacher_models:
-            teacher_models[family] = meta_model(family, {k: v for k, v in teachers[family].items()
-                                                         if k != "adm_in_channels"})
-        tmodel = teacher_models[family]
-        tsd = tmodel.state_dict()
-        tcfg = tmodel.model_config.unet_config
-        tmap = lk.unet_module_map(tcfg)
+        smap = names.module_map(student)
+        if student.family not in teacher_models:
+            teacher_models[student.family] = meta_model(teacher)
+        tsd = teacher_models[student.family].state_dict()
+        tmap = names.module_map(teacher)
+        bm = derive(teacher, student)
         comfy_map = comfy.lora.model_lora_keys_unet(model, {})
-        table = lk._underscore_table([cfg, tcfg])
+        table = lk._underscore_table([student, teacher])
         for origin in ("teacher", "student"):
             src_map, src_sd = (tmap, tsd) if origin == "teacher" else (smap, model.state_dict())
             for fmt in args.formats.split(","):
@@ -155,22 +135,18 @@ def main():
                 prefixes = {lk.split_key(k)[0] for k in tensors}
                 n = len(prefixes)
                 # where each prefix belongs (structural correspondence)
-                inv_t = {v: k for k, v in tmap.items()}
                 expected = {}
                 for prefix in prefixes:
                     pm = lk.parse_prefix(prefix, table)
                     if origin == "student":
                         expected[prefix] = f"diffusion_model.{pm.path if pm.layout == 'ldm' else smap[pm.path]}.weight"
                         continue
-                    d = pm.path if pm.layout == "diffusers" else inv_t[pm.path]
-                    outcome, s_d, _ = lk.translate_teacher_path(d, tcfg, cfg)
-                    if outcome == lk.UNCERTAIN:
-                        expected[prefix] = "?"
-                    elif outcome == lk.MAPPED and s_d in smap:
-                        expected[prefix] = f"diffusion_model.{smap[s_d]}.weight"
-                    else:
+                    s_mod, certainty, _ = bm.student_module(pm.path if pm.layout == "ldm" else tmap[pm.path])
+                    if s_mod is None:
                         expected[prefix] = None
-                plan = lk.plan_lora(tensors, cfg, sd_shapes, metadata=meta, adapter_config=acfg)
+                    else:
+                        expected[prefix] = f"diffusion_model.{s_mod}.weight" if certainty == CERTAIN else "?"
+                plan = lk.plan_lora(tensors, student, sd_shapes, metadata=meta, adapter_config=acfg)
                 ours = count(plan.to_load, expected, tensors, sd_shapes, n)
                 loaded = comfy.lora.load_lora(tensors, comfy_map, log_missing=False)
                 back = {v: k for k, v in comfy_map.items()}

@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from .errors import NotAUNetError
+from .names import diffusers_key_to_ldm
 from .topology import SDXL_ADM, Topology, family_of
 
 Shapes = dict  # key -> tuple of ints
@@ -32,8 +33,7 @@ class Detection:
     topology: Topology
     layout: str  # "diffusers" | "ldm" | "ldm-gapped"
     prefix: str  # the prefix stripped from every UNet key ("" when none)
-    key_map: dict  # file key (prefix stripped) -> ComfyUI ldm key (no prefix); identity omitted
-    ignored: list  # keys that are not part of the UNet (VAE/text encoder of a full checkpoint)
+    key_map: dict  # file key (prefix stripped) -> ComfyUI ldm key (no prefix), for every UNet tensor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -102,18 +102,6 @@ def _fix_for(what: str) -> str:
 # diffusers layout
 # ------------------------------------------------------------------------------------------------
 
-_RESNET_MAP = {
-    "norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
-    "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection.",
-}
-_BASIC_MAP = {
-    "conv_in.": "input_blocks.0.0.", "time_embedding.linear_1.": "time_embed.0.",
-    "time_embedding.linear_2.": "time_embed.2.", "add_embedding.linear_1.": "label_emb.0.0.",
-    "add_embedding.linear_2.": "label_emb.0.2.", "class_embedding.linear_1.": "label_emb.0.0.",
-    "class_embedding.linear_2.": "label_emb.0.2.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-}
-
-
 def _count(shapes: Shapes, pattern: str) -> list[int]:
     rx = re.compile(pattern)
     found = set()
@@ -154,8 +142,8 @@ def _family(context_dim: int, adm: int | None) -> str:
     return fam
 
 
-def from_diffusers(shapes: Shapes) -> tuple[Topology, dict]:
-    """Topology and diffusers->ldm key map from diffusers-layout tensors (prefix already stripped)."""
+def from_diffusers(shapes: Shapes) -> Topology:
+    """The Topology of diffusers-layout tensors (prefix already stripped), counted from their names."""
     mc, in_ch = shapes["conv_in.weight"][0], shapes["conv_in.weight"][1]
     out_ch = shapes["conv_out.weight"][0] if "conv_out.weight" in shapes else in_ch
     levels = _count(shapes, r"down_blocks\.(\d+)\.")
@@ -166,8 +154,6 @@ def from_diffusers(shapes: Shapes) -> tuple[Topology, dict]:
     n = len(levels)
     chans, nrb, depth = [], [], []
     dsa = []
-    key_map: dict[str, str] = {}
-    idx = 1
     for i in range(n):
         res = _count(shapes, rf"down_blocks\.{i}\.resnets\.(\d+)\.")
         if not res:
@@ -176,39 +162,28 @@ def from_diffusers(shapes: Shapes) -> tuple[Topology, dict]:
         chans.append(ch)
         nrb.append(len(res))
         for j in range(len(res)):
-            key_map[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{idx}.0."
-            d = _depth(shapes, f"down_blocks.{i}.attentions.{j}.")
-            depth.append(d)
-            if d:
-                key_map[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{idx}.1."
-            idx += 1
+            depth.append(_depth(shapes, f"down_blocks.{i}.attentions.{j}."))
         k1 = f"down_blocks.{i}.attentions.0.transformer_blocks.0.attn1.to_k.weight"
         dsa.append(k1 in shapes and shapes[k1][1] != shapes[k1][0])
         if f"down_blocks.{i}.downsamplers.0.conv.weight" in shapes:
             if i == n - 1:
                 raise NotAUNetError("the deepest down block has a downsampler", "not a supported UNet")
-            key_map[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{idx}.0.op."
-            idx += 1
         elif i < n - 1:
             raise NotAUNetError(f"down_blocks.{i} has no downsampler", "the file is not a complete UNet")
 
     # middle
     if "mid_block.attentions.0.proj_in.weight" in shapes:
         mid = _depth(shapes, "mid_block.attentions.0.")
-        key_map.update({"mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-                        "mid_block.resnets.1.": "middle_block.2."})
     elif "mid_block.resnets.0.conv1.weight" in shapes:
         if "mid_block.resnets.1.conv1.weight" in shapes:
             raise NotAUNetError("the middle block has two resnets and no attention, which ComfyUI's UNet "
                                 "cannot build", "use a UNet whose middle block is full, resnet-only or absent")
         mid = -1
-        key_map["mid_block.resnets.0."] = "middle_block.0."
     else:
         mid = -2
 
     # up side: level i of up_blocks mirrors down level n-1-i
     out_depths = []
-    oidx = 0
     for i in range(n):
         level = n - 1 - i
         res = _count(shapes, rf"up_blocks\.{i}\.resnets\.(\d+)\.")
@@ -217,14 +192,7 @@ def from_diffusers(shapes: Shapes) -> tuple[Topology, dict]:
                                 f"{nrb[level]}; ComfyUI's UNet needs exactly one more on the way up",
                                 "this asymmetric structure is not supported")
         for j in range(len(res)):
-            key_map[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{oidx}.0."
-            d = _depth(shapes, f"up_blocks.{i}.attentions.{j}.")
-            out_depths.append(d)
-            if d:
-                key_map[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{oidx}.1."
-            if j == len(res) - 1 and f"up_blocks.{i}.upsamplers.0.conv.weight" in shapes:
-                key_map[f"up_blocks.{i}.upsamplers.0.conv."] = f"output_blocks.{oidx}.{2 if d else 1}.conv."
-            oidx += 1
+            out_depths.append(_depth(shapes, f"up_blocks.{i}.attentions.{j}."))
 
     if any(c % mc for c in chans):
         raise NotAUNetError(f"level widths {chans} are not multiples of the first ({mc})", "not a supported UNet")
@@ -233,37 +201,12 @@ def from_diffusers(shapes: Shapes) -> tuple[Topology, dict]:
     for k in ("add_embedding.linear_1.weight", "class_embedding.linear_1.weight"):
         if k in shapes:
             adm = shapes[k][1]
-    key_map.update(_BASIC_MAP)
-    topo = Topology(
+    return Topology(
         family=_family(context_dim, adm), model_channels=mc, channel_mult=tuple(c // mc for c in chans),
         num_res_blocks=tuple(nrb), transformer_depth=tuple(depth),
         transformer_depth_output=tuple(reversed(out_depths)), transformer_depth_middle=mid,
         context_dim=context_dim, use_linear=linear, adm_in_channels=adm, in_channels=in_ch,
         out_channels=out_ch, disable_self_attn=tuple(dsa) if any(dsa) else None)
-    return topo, key_map
-
-
-def convert_diffusers_key(key: str, prefix_map: dict) -> str | None:
-    """Rename one diffusers key to ComfyUI's ldm name using the prefix map from :func:`from_diffusers`."""
-    m = re.match(r"^((?:down_blocks|up_blocks)\.\d+\.(?:resnets|attentions|downsamplers|upsamplers)\.\d+\.|"
-                 r"mid_block\.(?:resnets|attentions)\.\d+\.)(.*)$", key)
-    if m:
-        head, rest = m.group(1), m.group(2)
-        if "samplers." in head:
-            target = prefix_map.get(head + "conv.")
-            return target + rest[len("conv."):] if target and rest.startswith("conv.") else None
-        if head not in prefix_map:
-            return None
-        if ".resnets." in head:
-            for a, b in _RESNET_MAP.items():
-                if rest.startswith(a):
-                    rest = b + rest[len(a):]
-                    break
-        return prefix_map[head] + rest
-    for a, b in _BASIC_MAP.items():
-        if key.startswith(a):
-            return b + key[len(a):]
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -402,12 +345,11 @@ def detect(shapes: Shapes) -> Detection:
     prefix, layout = split_prefix(shapes)
     n = len(prefix)
     unet = {k[n:]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
-    ignored = [k for k in shapes if not k.startswith(prefix)]
     if layout == "diffusers":
-        topo, prefix_map = from_diffusers(unet)
+        topo = from_diffusers(unet)
         key_map, unknown = {}, []
         for k in unet:
-            new = convert_diffusers_key(k, prefix_map)
+            new = diffusers_key_to_ldm(k, topo)
             if new is None:
                 unknown.append(k)
             else:
@@ -416,10 +358,10 @@ def detect(shapes: Shapes) -> Detection:
             raise NotAUNetError(f"{len(unknown)} tensors fit no block of the detected structure "
                                 f"(e.g. {', '.join(unknown[:3])})",
                                 "the file mixes layouts or is not a UNet; re-export it with diffusers")
-        return Detection(topo, "diffusers", prefix, key_map, ignored)
+        return Detection(topo, "diffusers", prefix, key_map)
     topo, renum, gapped = from_ldm(unet)
     key_map = {k: convert_by_prefix(k, renum) for k in unet} if gapped else {k: k for k in unet}
-    return Detection(topo, "ldm-gapped" if gapped else "ldm", prefix, key_map, ignored)
+    return Detection(topo, "ldm-gapped" if gapped else "ldm", prefix, key_map)
 
 
 def from_diffusers_config(config: dict) -> Topology:

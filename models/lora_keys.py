@@ -17,7 +17,7 @@ Formats understood (module prefix, before the adapter suffix):
 Teacher -> student: a LoRA trained on the teacher (SD1.x/2.x or SDXL) names the teacher's blocks.
 The plan tries both readings (the names are the student's own / the names are the teacher's) and
 keeps the one that explains more keys. Under the teacher reading every module is moved block by
-block onto the student (BK-SDM / segmind rules, see ``reference/distilled_unets.md`` §2), dropped
+block onto the student by its block map (``models/blockmap.py``: the BK-SDM / segmind rules), dropped
 when its block was removed, or held back as *uncertain* when the student shrank that block in a
 way whose teacher correspondence is not published (SDXL students). Nothing is ever applied to a
 block it was not trained for, and nothing whose shape disagrees with the target.
@@ -28,149 +28,26 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from . import names
+from .blockmap import CERTAIN, BlockMap, derive
+from .structures import TEACHERS
+from .topology import CONTEXT_FAMILY, FAMILY_NAMES, Topology, from_comfy_config
 
 # ---------------------------------------------------------------------------------------------
-# Teachers (ComfyUI ldm unet_config form; only the structural fields matter here)
-
-SD1_TEACHER = {
-    "num_res_blocks": [2, 2, 2, 2],
-    "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # popped from the end
-    "transformer_depth_middle": 1,
-}
-SDXL_TEACHER = {
-    "num_res_blocks": [2, 2, 2],
-    "channel_mult": [1, 2, 4],
-    "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "transformer_depth_middle": 10,
-    "adm_in_channels": 2816,
-}
-FAMILY_NAMES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+# Structures
 
 
-def family_of(unet_config: dict) -> str:
-    """'sdxl' or 'sd' (SD1.x and SD2.x share one block layout)."""
-    if unet_config.get("adm_in_channels") or unet_config.get("context_dim") == 2048:
-        return "sdxl"
-    return "sd"
+def as_topology(model_config) -> Topology:
+    """A :class:`Topology` from a Topology or a ComfyUI ldm ``unet_config`` (``model.model_config.unet_config``)."""
+    return model_config if isinstance(model_config, Topology) else from_comfy_config(model_config)
 
 
-def teacher_config_for(student_config: dict) -> dict:
-    """The teacher's structure for a student: SDXL for SDXL students, SD1.x/2.x otherwise."""
-    return dict(SDXL_TEACHER if family_of(student_config) == "sdxl" else SD1_TEACHER)
-
-
-def _family_name(context_dim) -> str:
-    return FAMILY_NAMES.get(context_dim, f"context width {context_dim}")
-
-
-# ---------------------------------------------------------------------------------------------
-# ldm <-> diffusers module names, built from the config the way openaimodel.UNetModel builds
-# (correct for non-uniform num_res_blocks, unlike comfy.utils.unet_to_diffusers: notes A5).
-
-_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
-           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"))
-_TBLOCK = ("norm1", "norm2", "norm3", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
-           "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
-
-
-def _middle_depth(cfg: dict) -> int:
-    m = cfg.get("transformer_depth_middle")
-    if m is None:
-        m = list(cfg["transformer_depth"])[-1]
-    return int(m)
-
-
-def _nrb(cfg: dict) -> list[int]:
-    n = cfg["num_res_blocks"]
-    if isinstance(n, int):
-        return [n] * len(cfg["channel_mult"])
-    return [int(x) for x in n]
-
-
-def unet_module_map(unet_config: dict) -> dict[str, str]:
-    """{diffusers module path: ldm module path} for every weight-bearing module of the UNet.
-
-    Module paths carry no ``.weight``; ldm paths are relative to ``diffusion_model.``.
-    """
-    cm = list(unet_config["channel_mult"])
-    nrb = _nrb(unet_config)
-    td = list(unet_config["transformer_depth"])
-    tdo = list(unet_config["transformer_depth_output"])
-    out: dict[str, str] = {}
-
-    def resnet(d, l_, shortcut):
-        for a, b in _RESNET:
-            out[f"{d}.{a}"] = f"{l_}.{b}"
-        if shortcut:
-            out[f"{d}.conv_shortcut"] = f"{l_}.skip_connection"
-
-    def attn(d, l_, depth):
-        for a in ("norm", "proj_in", "proj_out"):
-            out[f"{d}.{a}"] = f"{l_}.{a}"
-        for t in range(depth):
-            for a in _TBLOCK:
-                out[f"{d}.transformer_blocks.{t}.{a}"] = f"{l_}.transformer_blocks.{t}.{a}"
-
-    out["conv_in"] = "input_blocks.0.0"
-    out["time_embedding.linear_1"] = "time_embed.0"
-    out["time_embedding.linear_2"] = "time_embed.2"
-    if unet_config.get("adm_in_channels") or unet_config.get("num_classes") == "sequential":
-        out["add_embedding.linear_1"] = "label_emb.0.0"
-        out["add_embedding.linear_2"] = "label_emb.0.2"
-    ch = cm[0]
-    chans = [ch]
-    k = 1
-    for level, mult in enumerate(cm):
-        for i in range(nrb[level]):
-            resnet(f"down_blocks.{level}.resnets.{i}", f"input_blocks.{k}.0", ch != mult)
-            ch = mult
-            d = td.pop(0)
-            if d > 0:
-                attn(f"down_blocks.{level}.attentions.{i}", f"input_blocks.{k}.1", d)
-            chans.append(ch)
-            k += 1
-        if level != len(cm) - 1:
-            out[f"down_blocks.{level}.downsamplers.0.conv"] = f"input_blocks.{k}.0.op"
-            chans.append(ch)
-            k += 1
-    m = _middle_depth(unet_config)
-    if m >= -1:
-        resnet("mid_block.resnets.0", "middle_block.0", False)
-        if m >= 0:
-            attn("mid_block.attentions.0", "middle_block.1", m)
-            resnet("mid_block.resnets.1", "middle_block.2", False)
-    k = 0
-    for level, mult in list(enumerate(cm))[::-1]:
-        u = len(cm) - 1 - level
-        for i in range(nrb[level] + 1):
-            skip = chans.pop()
-            resnet(f"up_blocks.{u}.resnets.{i}", f"output_blocks.{k}.0", ch + skip != mult)
-            ch = mult
-            d = tdo.pop()
-            layer = 1
-            if d > 0:
-                attn(f"up_blocks.{u}.attentions.{i}", f"output_blocks.{k}.1", d)
-                layer = 2
-            if level and i == nrb[level]:
-                out[f"up_blocks.{u}.upsamplers.0.conv"] = f"output_blocks.{k}.{layer}.conv"
-            k += 1
-    out["conv_norm_out"] = "out.0"
-    out["conv_out"] = "out.2"
-    return out
-
-
-def block_depths(unet_config: dict) -> dict[str, int]:
-    """{diffusers attention path: transformer depth} for every attention of the UNet."""
-    depths: dict[str, int] = {}
-    for d in unet_module_map(unet_config):
-        mt = re.match(r"^(.*attentions\.\d+)\.transformer_blocks\.(\d+)\.", d)
-        if mt:
-            depths[mt.group(1)] = max(depths.get(mt.group(1), 0), int(mt.group(2)) + 1)
-    return depths
+def teacher_of(student: Topology) -> Topology:
+    """The teacher structure of a student's family (SD1.x, SD2.x or SDXL), in the student's channels."""
+    return replace(TEACHERS[student.family], in_channels=student.in_channels, out_channels=student.out_channels,
+                   model_channels=student.model_channels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,10 +128,10 @@ def _layout_of(path: str) -> str | None:
     return None
 
 
-def _underscore_table(configs: list[dict]) -> dict[str, tuple[str, str]]:
+def _underscore_table(structures: list[Topology]) -> dict[str, tuple[str, str]]:
     table: dict[str, tuple[str, str]] = {}
-    for cfg in configs:
-        for d, l_ in unet_module_map(cfg).items():
+    for t in structures:
+        for d, l_ in names.module_map(t).items():
             table.setdefault(d.replace(".", "_"), ("diffusers", d))
             table.setdefault(l_.replace(".", "_"), ("ldm", l_))
     return table
@@ -319,90 +196,8 @@ def _model_shape(shape) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-# ---------------------------------------------------------------------------------------------
-# Teacher block -> student block
-
-_BLOCK_RE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
-                       r"\.(\d+)(?:\.(.*))?$")
-_MID_RE = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)(?:\.(.*))?$")
-_TB_RE = re.compile(r"^transformer_blocks\.(\d+)\.")
-
 # outcome kinds
 MAPPED, REMOVED, UNCERTAIN, UNKNOWN = "mapped", "removed", "uncertain", "unknown"
-
-
-def _pair_map(side: str, nt: int, ns: int, family: str) -> tuple[dict[int, int], bool]:
-    """Teacher pair index -> student pair index within one stage, and whether that is certain."""
-    count_t = nt if side == "down_blocks" else nt + 1
-    count_s = ns if side == "down_blocks" else ns + 1
-    if nt == ns:
-        return {i: i for i in range(count_t)}, True
-    # BK-SDM / segmind rule: down keeps the first pairs, up keeps the first and the last
-    keep = {i: i for i in range(min(ns, count_t) if side == "down_blocks" else count_s - 1)}
-    if side == "up_blocks" and count_s >= 1:
-        keep[count_t - 1] = count_s - 1
-    certain = family == "sd" and nt == 2 and ns == 1
-    return keep, certain
-
-
-def translate_teacher_path(path: str, teacher: dict, student: dict) -> tuple[str, str | None, str]:
-    """One teacher diffusers module path -> (outcome, student diffusers path or None, why)."""
-    family = family_of(student)
-    lt, ls = len(teacher["channel_mult"]), len(student["channel_mult"])
-    nt_all, ns_all = _nrb(teacher), _nrb(student)
-    tdepth, sdepth = block_depths(teacher), block_depths(student)
-
-    def attention_rest(t_block: str, s_block: str, rest: str | None, certain: bool):
-        dt, ds = tdepth.get(t_block, 0), sdepth.get(s_block, 0)
-        if ds == 0:
-            return REMOVED, None, f"{s_block} has no attention in the student"
-        mt = _TB_RE.match(rest or "")
-        if mt and int(mt.group(1)) >= ds:
-            return REMOVED, None, f"transformer block {mt.group(1)} removed (student depth {ds})"
-        if dt != ds:
-            return (UNCERTAIN, f"{s_block}.{rest}",
-                    f"depth {dt}->{ds}: which teacher transformer blocks were kept is not published")
-        if not certain:
-            return (UNCERTAIN, f"{s_block}.{rest}",
-                    "which teacher block pair the student kept is not published")
-        return MAPPED, f"{s_block}.{rest}", ""
-
-    m = _BLOCK_RE.match(path)
-    if m:
-        side, idx, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-        level = idx if side == "down_blocks" else lt - 1 - idx
-        if level >= ls:
-            return REMOVED, None, f"level {level} removed"
-        s_idx = level if side == "down_blocks" else ls - 1 - level
-        s_side = f"{side}.{s_idx}"
-        if kind in ("downsamplers", "upsamplers"):
-            has = (level < ls - 1) if kind == "downsamplers" else level > 0
-            if not has:
-                return REMOVED, None, f"{side}.{idx}.{kind} removed"
-            return MAPPED, f"{s_side}.{kind}.{j}" + (f".{rest}" if rest else ""), ""
-        pmap, certain = _pair_map(side, nt_all[level], ns_all[level], family)
-        if j not in pmap:
-            return REMOVED, None, f"{side}.{idx}.{kind}.{j} removed (pair dropped)"
-        s_block = f"{s_side}.{kind}.{pmap[j]}"
-        if kind == "attentions":
-            return attention_rest(f"{side}.{idx}.{kind}.{j}", s_block, rest, certain)
-        outcome = MAPPED if certain else UNCERTAIN
-        why = "" if certain else "which teacher block pair the student kept is not published"
-        return outcome, f"{s_block}.{rest}" if rest else s_block, why
-    m = _MID_RE.match(path)
-    if m:
-        kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
-        sm = _middle_depth(student)
-        if sm <= -2:
-            return REMOVED, None, "middle block removed"
-        if kind == "resnets":
-            if j == 0 or (j == 1 and sm >= 0):
-                return MAPPED, path, ""
-            return REMOVED, None, f"mid_block.resnets.{j} removed"
-        if sm < 0:
-            return REMOVED, None, "middle attention removed"
-        return attention_rest(f"mid_block.attentions.{j}", f"mid_block.attentions.{j}", rest, True)
-    return MAPPED, path, ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,23 +293,26 @@ def _rank_of(prefix: str, tensors: dict) -> int | None:
     return None
 
 
-def plan_lora(tensors: dict, student_config: dict, model_shapes: dict, *, teacher_config: dict | None = None,
+def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap | None = None,
               metadata: dict | None = None, adapter_config: dict | None = None,
               apply_uncertain: bool = False, model_prefix: str = "diffusion_model.") -> LoraPlan:
     """Map a LoRA's keys onto a loaded UNet.
 
-    ``tensors``: the LoRA file ({key: tensor}; only ``.shape`` is read). ``student_config``: the
-    model's ComfyUI ldm unet_config. ``model_shapes``: {model state-dict key: shape} of the loaded
-    model (keys start with ``model_prefix``). ``teacher_config`` defaults to the family's teacher.
+    ``tensors``: the LoRA file ({key: tensor}; only ``.shape`` is read). ``student``: the model's
+    :class:`Topology` (or its ComfyUI ldm unet_config). ``model_shapes``: {model state-dict key: shape}
+    of the loaded model (keys start with ``model_prefix``). ``block_map``: how the student descends
+    from its teacher (a student built by this pack carries its own); by default the published
+    correspondence against the family's teacher (:func:`blockmap.derive`).
     Raises nothing: the caller decides what an empty plan means.
     """
-    teacher = teacher_config or teacher_config_for(student_config)
-    s_map = unet_module_map(student_config)
-    t_map = unet_module_map(teacher)
+    student = as_topology(student)
+    bm = block_map or derive(teacher_of(student), student)
+    teacher = bm.teacher
+    s_map = names.module_map(student)
+    t_map = names.module_map(teacher)
     s_ldm = set(s_map.values())
-    t_ldm_to_d = {v: k for k, v in t_map.items()}
-    t_diff = set(t_map)
-    table = _underscore_table([student_config, teacher])
+    t_ldm = set(t_map.values())
+    table = _underscore_table([student, teacher])
 
     plan = LoraPlan()
     modules: dict[str, str] = {}
@@ -560,16 +358,16 @@ def plan_lora(tensors: dict, student_config: dict, model_shapes: dict, *, teache
 
     # reading 2: the names are the teacher's
     def as_teacher(pm: ParsedModule):
-        d = pm.path if pm.layout == "diffusers" else t_ldm_to_d.get(pm.path)
-        if d is None or d not in t_diff:
+        ldm = t_map.get(pm.path) if pm.layout == "diffusers" else (pm.path if pm.path in t_ldm else None)
+        if ldm is None:
             return UNKNOWN, None, "not a teacher module"
-        outcome, s_d, why = translate_teacher_path(d, teacher, student_config)
-        if outcome in (MAPPED, UNCERTAIN):
-            key = target_ok(s_map.get(s_d))
-            if key is None:
-                return REMOVED, None, f"{s_d} does not exist in the student"
-            return outcome, key, why
-        return outcome, None, why
+        s_module, certainty, why = bm.student_module(ldm)
+        if s_module is None:
+            return REMOVED, None, why
+        key = target_ok(s_module)
+        if key is None:
+            return REMOVED, None, f"{s_module} does not exist in the student"
+        return (MAPPED if certainty == CERTAIN else UNCERTAIN), key, why
 
     student_score = sum(1 for pm in parsed if (k := as_student(pm)) and shape_fits(pm.prefix, k))
     teacher_res = {pm.prefix: as_teacher(pm) for pm in parsed}
@@ -578,7 +376,7 @@ def plan_lora(tensors: dict, student_config: dict, model_shapes: dict, *, teache
         return outcome != UNKNOWN and (key is None or shape_fits(pm.prefix, key))
 
     teacher_score = sum(1 for pm in parsed if teacher_explains(pm))
-    same_structure = _structure(student_config) == _structure(teacher)
+    same_structure = _structure(student) == _structure(teacher)
     plan.origin = "teacher" if (teacher_score > student_score and not same_structure) else "student"
     plan.uncertain_applied = apply_uncertain
     if plan.origin == "student" and not same_structure and teacher_score == student_score:
@@ -622,9 +420,8 @@ def plan_lora(tensors: dict, student_config: dict, model_shapes: dict, *, teache
     return plan
 
 
-def _structure(cfg: dict) -> tuple:
-    return (tuple(_nrb(cfg)), len(cfg["channel_mult"]), tuple(cfg["transformer_depth"]),
-            tuple(cfg["transformer_depth_output"]), _middle_depth(cfg))
+def _structure(t: Topology) -> tuple:
+    return (t.num_res_blocks, t.levels, t.transformer_depth, t.transformer_depth_output, t.transformer_depth_middle)
 
 
 def lora_context_dim(tensors: dict) -> int | None:
@@ -641,11 +438,16 @@ def lora_context_dim(tensors: dict) -> int | None:
     return None
 
 
-def family_mismatch(tensors: dict, student_config: dict) -> str | None:
+def family_mismatch(tensors: dict, student) -> str | None:
     """A sentence when the LoRA was trained for another model family (context width differs)."""
     ctx = lora_context_dim(tensors)
-    want = student_config.get("context_dim")
+    want = as_topology(student).context_dim
     if ctx is None or want is None or ctx == want:
         return None
     return (f"the LoRA was trained for {_family_name(ctx)} (cross-attention width {ctx}) but the model is "
             f"{_family_name(want)} (width {want})")
+
+
+def _family_name(context_dim: int) -> str:
+    fam = CONTEXT_FAMILY.get(context_dim)
+    return FAMILY_NAMES[fam] if fam else f"context width {context_dim}"

@@ -8,13 +8,17 @@ conventions made explicit:
 * ``transformer_depth_output`` has one entry per *output* block in **ComfyUI's order**: the
   constructor pops from the end, so the LAST element belongs to ``output_blocks.0``.
   :meth:`Topology.output_depths` gives them in ``output_blocks`` order.
+
+:func:`diffusers_config` writes the same structure as a diffusers ``UNet2DConditionModel`` config
+(what the tests and benches build their reference models from).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 #: context width -> family (SD1: CLIP-L 768, SD2: OpenCLIP-H 1024, SDXL: CLIP-L + bigG 2048)
 CONTEXT_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 SDXL_ADM = 2816
@@ -35,7 +39,6 @@ class Topology:
     in_channels: int = 4
     out_channels: int = 4
     disable_self_attn: tuple[bool, ...] | None = None  # per level (SDXS-0.9: attn1 is cross-attn)
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -50,6 +53,7 @@ class Topology:
         return list(reversed(self.transformer_depth_output))
 
     def input_depths_by_level(self) -> list[list[int]]:
+        """Per level (shallowest first), the depth of each of its input blocks."""
         out, i = [], 0
         for n in self.num_res_blocks:
             out.append(list(self.transformer_depth[i:i + n]))
@@ -57,12 +61,12 @@ class Topology:
         return out
 
     def output_depths_by_level(self) -> list[list[int]]:
-        """Per output level (deepest first, as ``up_blocks``), the depth of each of its blocks."""
+        """Per level (shallowest first), the depth of each of its output blocks in ``output_blocks`` order."""
         depths = self.output_depths()
-        out, i = [], 0
+        out, i = [None] * self.levels, 0
         for level in reversed(range(self.levels)):
             n = self.num_res_blocks[level] + 1
-            out.append(depths[i:i + n])
+            out[level] = depths[i:i + n]
             i += n
         return out
 
@@ -72,6 +76,10 @@ class Topology:
         if self.family == "sd1":
             return {"num_heads": 8, "num_head_channels": -1}
         return {"num_heads": -1, "num_head_channels": 64}
+
+    def with_width(self, model_channels: int) -> "Topology":
+        """The same structure at another base width (tests and benches use tiny widths)."""
+        return replace(self, model_channels=model_channels)
 
     # ---- ComfyUI config ------------------------------------------------------------------
     def comfy_unet_config(self) -> dict:
@@ -102,11 +110,10 @@ class Topology:
 
     def signature(self) -> tuple:
         """What identifies a structure (for the registry): everything but the weights' values."""
+        dsa = tuple(self.disable_self_attn) if self.disable_self_attn and any(self.disable_self_attn) else ()
         return (self.family, self.model_channels, self.channel_mult, self.num_res_blocks,
                 self.transformer_depth, self.transformer_depth_output, self.transformer_depth_middle,
-                self.context_dim, self.use_linear, self.adm_in_channels, self.in_channels,
-                tuple(self.disable_self_attn or ()) if self.disable_self_attn and any(self.disable_self_attn)
-                else ())
+                self.context_dim, self.use_linear, self.adm_in_channels, self.in_channels, dsa)
 
     def describe(self) -> str:
         mid = {-1: "resnet-only mid", -2: "no mid"}.get(self.transformer_depth_middle,
@@ -117,6 +124,7 @@ class Topology:
 
 
 def family_of(context_dim: int, adm_in_channels: int | None) -> str | None:
+    """'sd1', 'sd2' or 'sdxl' from the cross-attention width and the class/ADM input; None for other models."""
     fam = CONTEXT_FAMILY.get(context_dim)
     if fam == "sdxl" and adm_in_channels != SDXL_ADM:
         return None
@@ -126,22 +134,71 @@ def family_of(context_dim: int, adm_in_channels: int | None) -> str | None:
 
 
 def from_comfy_config(cfg: dict, family: str | None = None) -> Topology:
-    """Build a Topology from a ComfyUI ldm unet_config (as in the reference tables)."""
+    """A Topology from a ComfyUI ldm unet_config (``model.model_config.unet_config`` of a loaded model)."""
     adm = cfg.get("adm_in_channels")
     fam = family or family_of(cfg["context_dim"], adm)
     dsa = cfg.get("disable_self_attentions")
+    nrb = cfg["num_res_blocks"]
+    nrb = (nrb,) * len(cfg["channel_mult"]) if isinstance(nrb, int) else tuple(nrb)
+    mid = cfg.get("transformer_depth_middle")
     return Topology(
         family=fam,
         model_channels=cfg["model_channels"],
         channel_mult=tuple(cfg["channel_mult"]),
-        num_res_blocks=tuple(cfg["num_res_blocks"]),
+        num_res_blocks=nrb,
         transformer_depth=tuple(cfg["transformer_depth"]),
         transformer_depth_output=tuple(cfg["transformer_depth_output"]),
-        transformer_depth_middle=cfg["transformer_depth_middle"],
+        transformer_depth_middle=cfg["transformer_depth"][-1] if mid is None else mid,
         context_dim=cfg["context_dim"],
         use_linear=cfg["use_linear_in_transformer"],
         adm_in_channels=adm,
         in_channels=cfg.get("in_channels", 4),
         out_channels=cfg.get("out_channels", 4),
-        disable_self_attn=tuple(dsa) if dsa else None,
+        disable_self_attn=tuple(dsa) if dsa and any(dsa) else None,
     )
+
+
+def diffusers_config(t: Topology) -> dict:
+    """The diffusers ``UNet2DConditionModel`` config of ``t`` (heads as ComfyUI builds them).
+
+    Raises ``ValueError`` for structures diffusers cannot express (a level whose input blocks mix
+    attention and no attention, or a middle depth other than the deepest level's when both exist).
+    """
+    boc = [t.level_channels(i) for i in range(t.levels)]
+    ins, outs = t.input_depths_by_level(), t.output_depths_by_level()
+    down_types, up_types, tlpb, reverse = [], [], [], []
+    for level in range(t.levels):
+        d_in, d_out = ins[level], outs[level]
+        if len(set(d_in)) > 1 or (any(d_out) and not all(d_out)) or (any(d_in) != any(d_out) and any(d_in)):
+            raise ValueError(f"level {level} mixes attention depths {d_in} / {d_out}: not a diffusers structure")
+        attn = bool(d_out[0]) if d_out else False
+        down_types.append("CrossAttnDownBlock2D" if d_in and d_in[0] else "DownBlock2D")
+        up_types.append("CrossAttnUpBlock2D" if attn else "UpBlock2D")
+        tlpb.append(d_in[0] if d_in and d_in[0] else (d_out[0] if attn else 1))
+        reverse.append(d_out[0] if len(set(d_out)) == 1 else list(d_out))
+    mid = t.transformer_depth_middle
+    if mid >= 0:
+        if down_types[-1] == "CrossAttnDownBlock2D" and tlpb[-1] != mid:
+            raise ValueError(f"middle depth {mid} differs from the deepest level's {tlpb[-1]}")
+        tlpb[-1] = mid
+    up_rev = list(reversed(reverse))
+    symmetric = all(r == (tlpb[t.levels - 1 - i] if up_types[i] == "CrossAttnUpBlock2D" else r)
+                    for i, r in enumerate(up_rev))
+    nrb = list(t.num_res_blocks)
+    sd1 = t.family == "sd1"
+    cfg = {
+        "in_channels": t.in_channels, "out_channels": t.out_channels, "sample_size": 128 if t.family == "sdxl" else 64,
+        "block_out_channels": boc, "layers_per_block": nrb[0] if len(set(nrb)) == 1 else nrb,
+        "down_block_types": down_types, "up_block_types": list(reversed(up_types)),
+        "cross_attention_dim": t.context_dim, "use_linear_projection": t.use_linear,
+        "attention_head_dim": 8 if sd1 else [c // 64 for c in boc],
+        "transformer_layers_per_block": tlpb[0] if len(set(tlpb)) == 1 else tlpb,
+        "reverse_transformer_layers_per_block": None if symmetric else up_rev,
+        "mid_block_type": {-1: "UNetMidBlock2D", -2: None}.get(mid, "UNetMidBlock2DCrossAttn"),
+        "only_cross_attention": list(t.disable_self_attn) if t.disable_self_attn else False,
+        "upcast_attention": False,
+    }
+    if t.adm_in_channels:
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=t.adm_in_channels)
+    return cfg

@@ -2,13 +2,14 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention, loaders, lora, sampling
+from . import attention, loaders, lora, sampling, students
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     *loaders.NODES,
     *sampling.NODES,
     *attention.NODES,
     *lora.NODES,
+    *students.NODES,
 ]
 
 

@@ -1,6 +1,6 @@
 """The code that must touch comfy.*: building ComfyUI's own UNet from a detected structure.
 
-Decision 1 of DESIGN.md: the model that samples is ComfyUI's ``UNetModel``, built from the
+The pack's first rule: the model that samples is ComfyUI's ``UNetModel``, built from the
 ``unet_config`` our detection derives, through ``supported_models.SD15 / SD20 / SDXL`` (never the
 fixed-list matching), and wrapped in a ``ModelPatcher`` so memory management, attention backends,
 dtypes, LoRA patching and lowvram behave as for any ComfyUI model.
@@ -9,9 +9,7 @@ dtypes, LoRA patching and lowvram behave as for any ComfyUI model.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 
 import comfy.model_base
 import comfy.model_management as mm
@@ -20,10 +18,10 @@ import comfy.supported_models
 import comfy.utils
 import torch
 
-from ..models import registry
-from ..models.detect import Detection, detect, from_diffusers_config
-from ..models.errors import IncompleteModelError, NotAUNetError, PackError, WeightFileError
-from ..models.weights import Source, resolve_unet_source, source_shapes
+from ..models.blockmap import BlockMap
+from ..models.errors import PackError, WeightFileError
+from ..models.loader import block_map_of, check_state_dict, info, ldm_state_dict, prediction_hint, read_unet, recipe_of
+from ..models.topology import Topology, from_comfy_config
 
 log = logging.getLogger("distilled_unets")
 
@@ -55,44 +53,12 @@ def _dtype_options(weight_dtype: str) -> dict:
     }.get(weight_dtype, {})
 
 
-def _prediction_hint(src: Source, meta: dict) -> tuple[str | None, str]:
-    """(prediction, where it came from) from a scheduler config, file metadata or the file name."""
-    if src.folder:
-        sched = os.path.join(os.path.dirname(os.path.abspath(src.folder)), "scheduler", "scheduler_config.json")
-        if os.path.isfile(sched):
-            try:
-                with open(sched, encoding="utf-8") as f:
-                    p = json.load(f).get("prediction_type")
-                if p:
-                    return ("v_prediction" if p.startswith("v") else "eps"), "scheduler_config.json"
-            except (OSError, json.JSONDecodeError):
-                pass
-    p = str(meta.get("modelspec.prediction_type", "")).lower()
-    if p:
-        return ("v_prediction" if p.startswith("v") else "eps"), "file metadata"
-    name = os.path.basename(os.path.normpath(src.name)).lower()
-    if any(t in name for t in ("v-pred", "vpred", "v_pred", "768-v")):
-        return "v_prediction", "file name"
-    return None, ""
+#: ModelPatcher attachments the pack sets on the UNets it builds (copied by ``clone``)
+BLOCK_MAP_KEY = "distilled_unets.block_map"
+RECIPE_KEY = "distilled_unets.recipe"
 
 
-def read_unet(path: str) -> tuple[Source, Detection, dict]:
-    """Check and detect the UNet at ``path`` (file or folder) without building anything."""
-    src = resolve_unet_source(path)
-    shapes, meta = source_shapes(src)
-    det = detect(shapes)
-    if src.config is not None and "block_out_channels" in src.config:
-        try:
-            cfg_topo = from_diffusers_config(src.config)
-        except (KeyError, TypeError, ValueError, PackError):
-            cfg_topo = None
-        if cfg_topo is not None and cfg_topo.signature() != det.topology.signature():
-            log.warning("config.json of %s describes %s, but the weights are %s; using the weights",
-                        src.name, cfg_topo.describe(), det.topology.describe())
-    return src, det, meta
-
-
-def _load_tensors(src: Source) -> dict:
+def _load_tensors(src) -> dict:
     sd = {}
     for f in src.files:
         try:
@@ -105,8 +71,8 @@ def _load_tensors(src: Source) -> dict:
     return sd
 
 
-def comfy_model(topology, unet_dtype, manual_cast=None, prediction: str = "eps", device=None,
-                fp8: bool = False):
+def comfy_model(topology: Topology, unet_dtype, manual_cast=None, prediction: str = "eps", device=None,
+                fp8: bool = False, zsnr: bool = False):
     """ComfyUI's own model (``BaseModel`` / ``SDXL`` around its ``UNetModel``) for ``topology``, without
     weights: built through ComfyUI's ``SD15`` / ``SD20`` / ``SDXL`` model configs, no fixed-list matching."""
     unet_config = topology.comfy_unet_config()
@@ -114,6 +80,8 @@ def comfy_model(topology, unet_dtype, manual_cast=None, prediction: str = "eps",
     model_config.set_inference_dtype(unet_dtype, manual_cast)
     if fp8:
         model_config.optimizations["fp8"] = True
+    if zsnr:
+        model_config.sampling_settings = dict(model_config.sampling_settings, zsnr=True)
     model_type = (comfy.model_base.ModelType.V_PREDICTION if prediction == "v_prediction"
                   else comfy.model_base.ModelType.EPS)
     cls = comfy.model_base.SDXL if topology.family == "sdxl" else comfy.model_base.BaseModel
@@ -123,58 +91,89 @@ def comfy_model(topology, unet_dtype, manual_cast=None, prediction: str = "eps",
     return model
 
 
-def build_model(det: Detection, sd: dict, weight_dtype: str = "default", prediction: str = "eps"):
-    """ComfyUI's own UNet for ``det``, with the weights of ``sd`` (file keys), in a ModelPatcher."""
-    n = len(det.prefix)
-    new_sd = {det.key_map[k[n:]]: v for k, v in sd.items() if k.startswith(det.prefix) and k[n:] in det.key_map}
+def build_model(topology: Topology, new_sd: dict, weight_dtype: str = "default", prediction: str = "eps", *,
+                zsnr: bool = False, path: str | None = None):
+    """ComfyUI's own UNet for ``topology`` with the weights of ``new_sd`` (ldm names), in a ModelPatcher."""
     opts = _dtype_options(weight_dtype)
     load_device = mm.get_torch_device()
-    supported = list(FAMILY_CLASSES[det.topology.family].supported_inference_dtypes)
+    supported = list(FAMILY_CLASSES[topology.family].supported_inference_dtypes)
     unet_dtype = opts.get("dtype") or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(new_sd),
                                                     supported_dtypes=supported,
                                                     weight_dtype=comfy.utils.weight_dtype(new_sd))
     manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
-    model = comfy_model(det.topology, unet_dtype, manual_cast, prediction, fp8=bool(opts.get("fp8_optimizations")))
-    _check_state_dict(model.diffusion_model, new_sd)
+    model = comfy_model(topology, unet_dtype, manual_cast, prediction, fp8=bool(opts.get("fp8_optimizations")),
+                        zsnr=zsnr)
+    check_state_dict({k: v.shape for k, v in model.diffusion_model.state_dict().items()},
+                     {k: v.shape for k, v in new_sd.items()}, path)
     model = model.to(mm.unet_offload_device())
     model.load_model_weights(new_sd, "")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
 
 
-def _check_state_dict(module: torch.nn.Module, sd: dict):
-    """Refuse, before loading anything, weights that do not fill the built UNet exactly."""
-    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = sorted(k for k in want if k not in sd)
-    unexpected = sorted(k for k in sd if k not in want)
-    wrong = sorted(k for k in want if k in sd and tuple(sd[k].shape) != want[k])
-    if missing:
-        raise IncompleteModelError(f"{len(missing)} UNet tensors are missing for the detected structure "
-                                   f"(e.g. {', '.join(missing[:3])})",
-                                   "the file is incomplete or damaged; download it again")
-    if unexpected or wrong:
-        ex = (unexpected + wrong)[:3]
-        raise NotAUNetError(f"{len(unexpected)} unexpected and {len(wrong)} wrongly shaped tensors for the detected "
-                            f"structure (e.g. {', '.join(ex)})",
-                            "this is not a UNet this pack can build; report the model with its file name")
+def model_from_state_dict(topology: Topology, sd: dict, *, prediction: str = "eps", weight_dtype: str = "default",
+                          zsnr: bool = False, attachments: dict | None = None):
+    """A MODEL of ``topology`` from ldm-named tensors, built exactly as the loader builds a file (the student
+    builder and the distiller hand their results over through this)."""
+    patcher = build_model(topology, sd, weight_dtype, prediction, zsnr=zsnr)
+    for k, v in (attachments or {}).items():
+        patcher.set_attachments(k, v)
+    return patcher
+
+
+def unet_weights(patcher) -> dict:
+    """The UNet weights a MODEL samples with (LoRA and other weight patches merged), as CPU tensors under
+    ldm names. The MODEL is not changed: an unpatched model is read directly; a patched one is loaded the
+    way ComfyUI's own ModelSave loads it, and read through its saving path."""
+    prefix = "diffusion_model."
+    patched = bool(patcher.patches) or bool(getattr(patcher, "weight_wrapper_patches", None))
+    if not patched:
+        sd = patcher.model.diffusion_model.state_dict()
+    elif hasattr(patcher, "model_state_dict_for_saving"):  # ComfyUI >= 0.4: lazily patched, per tensor
+        mm.load_models_gpu([patcher])
+        sd = patcher.model_state_dict_for_saving(patcher.model.diffusion_model, prefix)
+    else:  # ComfyUI 0.3.x: ModelSave patches the weights in place while loaded
+        mm.load_models_gpu([patcher], force_patch_weights=True)
+        sd = patcher.model.diffusion_model.state_dict()
+    return {k: v.to("cpu").detach().clone() for k, v in sd.items()}
+
+
+def topology_of(patcher) -> Topology:
+    """The structure of a MODEL's UNet, from the config ComfyUI built it with."""
+    return from_comfy_config(patcher.model.model_config.unet_config)
+
+
+def block_map_of_model(patcher) -> BlockMap | None:
+    """The block map a student built or loaded by this pack carries (None for other models)."""
+    return patcher.get_attachment(BLOCK_MAP_KEY) if hasattr(patcher, "get_attachment") else None
+
+
+def prediction_of(patcher) -> str:
+    """'v_prediction' or 'eps' for a MODEL (other prediction types are refused by the callers)."""
+    return "v_prediction" if patcher.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps"
 
 
 def load_distilled_unet(path: str, weight_dtype: str = "default", prediction: str = "auto"):
-    """(ModelPatcher, info text, description dict) for the UNet at ``path``."""
-    src, det, meta = read_unet(path)
-    pred, why = (prediction, "chosen") if prediction != "auto" else _prediction_hint(src, meta)
-    sd = _load_tensors(src)
+    """(ModelPatcher, info text) for the UNet at ``path``."""
+    f = read_unet(path)
+    pred, zsnr, why = (prediction, False, "chosen") if prediction != "auto" else prediction_hint(f)
+    sd = ldm_state_dict(f, _load_tensors(f.source))
     if pred is None:
         pred, why = "eps", "default (all released students are epsilon models)"
-        if det.topology.family == "sd2":
-            conv = {det.key_map.get(k[len(det.prefix):], k): v for k, v in sd.items()}
-            if "output_blocks.11.1.transformer_blocks.0.norm1.bias" in conv:
-                mt = comfy.supported_models.SD20(det.topology.comfy_unet_config()).model_type(conv, "")
-                if mt == comfy.model_base.ModelType.V_PREDICTION:
-                    pred, why = "v_prediction", "ComfyUI's SD2 heuristic (full-depth SD2 UNet)"
-    patcher = build_model(det, sd, weight_dtype, pred)
-    params = sum(v.numel() for k, v in sd.items() if k.startswith(det.prefix))
-    hint = " ".join([os.path.normpath(path), str(meta.get("modelspec.title", ""))])
-    d = registry.describe(det.topology, hint, params)
-    text = registry.info_text(d, det.layout, f"{pred} ({why})")
-    log.info("Distilled UNet %s: %s", os.path.basename(os.path.normpath(path)), text.splitlines()[0])
-    return patcher, text, d
+        if f.topology.family == "sd2" and "output_blocks.11.1.transformer_blocks.0.norm1.bias" in sd:
+            mt = comfy.supported_models.SD20(f.topology.comfy_unet_config()).model_type(sd, "")
+            if mt == comfy.model_base.ModelType.V_PREDICTION:
+                pred, why = "v_prediction", "ComfyUI's SD2 heuristic (full-depth SD2 UNet)"
+    try:
+        patcher = build_model(f.topology, sd, weight_dtype, pred, zsnr=zsnr, path=f.source.name)
+    except PackError as e:
+        e.path = e.path or f.source.name
+        raise
+    bm = block_map_of(f.metadata, f.topology)
+    if bm is not None:
+        patcher.set_attachments(BLOCK_MAP_KEY, bm)
+    recipe = recipe_of(f.metadata)
+    if recipe is not None:
+        patcher.set_attachments(RECIPE_KEY, recipe)
+    text, _ = info(f, pred + (" (zero terminal SNR)" if zsnr else ""), why)
+    log.info("Distilled UNet %s: %s", f.name, text.splitlines()[0])
+    return patcher, text

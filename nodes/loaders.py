@@ -9,12 +9,11 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..models.errors import IncompleteModelError, WeightFileError
-from ..models.weights import DIFFUSERS_NAMES, inspect_safetensors
+from ..models.loader import missing_file, resolve_pipeline
+from ..models.weights import DIFFUSERS_NAMES
 from ._glue import PREDICTIONS, WEIGHT_DTYPES, load_distilled_unet, node_errors
 
 UNET_FOLDERS = "diffusion_models"  # ComfyUI maps the legacy models/unet folder onto this one
-TEXT_ENCODER_NAMES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
 
 
 def _is_diffusers_folder(path: str) -> bool:
@@ -47,13 +46,11 @@ def resolve_unet(name: str) -> str:
             p = os.path.join(base, name.rstrip("/"))
             if os.path.isdir(p):
                 return p
-        raise WeightFileError(f"the folder '{name}' is not under models/diffusion_models or models/unet",
-                              "refresh the node list (press R) and pick an existing entry")
+        raise missing_file("the folder", name, "models/diffusion_models or models/unet")
     try:
         return folder_paths.get_full_path_or_raise(UNET_FOLDERS, name)
     except FileNotFoundError as e:
-        raise WeightFileError(f"'{name}' is not under models/diffusion_models or models/unet",
-                              "refresh the node list (press R) and pick an existing entry") from e
+        raise missing_file("the file", name, "models/diffusion_models or models/unet") from e
 
 
 class DistilledUNetLoader(io.ComfyNode):
@@ -87,7 +84,7 @@ class DistilledUNetLoader(io.ComfyNode):
     @classmethod
     def execute(cls, unet_name: str, weight_dtype: str, prediction: str) -> io.NodeOutput:
         with node_errors("DistilledUNetLoader", "unet_name"):
-            model, text, _ = load_distilled_unet(resolve_unet(unet_name), weight_dtype, prediction)
+            model, text = load_distilled_unet(resolve_unet(unet_name), weight_dtype, prediction)
         return io.NodeOutput(model, text, ui=ui.PreviewText(text))
 
 
@@ -102,14 +99,6 @@ def pipeline_choices() -> list[str]:
                 out.append(os.path.relpath(root, base).replace(os.sep, "/"))
                 dirs[:] = []
     return sorted(out)
-
-
-def _first(folder: str, names) -> str | None:
-    for n in names:
-        p = os.path.join(folder, n)
-        if os.path.isfile(p):
-            return p
-    return None
 
 
 class DistilledPipelineLoader(io.ComfyNode):
@@ -138,33 +127,15 @@ class DistilledPipelineLoader(io.ComfyNode):
     @classmethod
     def execute(cls, pipeline: str, weight_dtype: str, prediction: str) -> io.NodeOutput:
         with node_errors("DistilledPipelineLoader", "pipeline"):
-            folder = None
-            for base in folder_paths.get_folder_paths("diffusers"):
-                if os.path.isdir(os.path.join(base, pipeline)):
-                    folder = os.path.join(base, pipeline)
-                    break
+            folder = next((os.path.join(base, pipeline) for base in folder_paths.get_folder_paths("diffusers")
+                           if os.path.isdir(os.path.join(base, pipeline))), None)
             if folder is None:
-                raise WeightFileError(f"'{pipeline}' is not a folder under models/diffusers",
-                                      "refresh the node list (press R) and pick an existing pipeline")
-            parts = {p: os.path.join(folder, p) for p in ("unet", "text_encoder", "text_encoder_2", "vae")}
-            missing = [p for p in ("unet", "text_encoder", "vae") if not os.path.isdir(parts[p])]
-            if missing:
-                raise IncompleteModelError(f"the pipeline folder has no {', '.join(m + '/' for m in missing)}",
-                                           "download the complete pipeline (unet/, text_encoder/, vae/)", path=folder)
-            te = [_first(parts["text_encoder"], TEXT_ENCODER_NAMES)]
-            if os.path.isdir(parts["text_encoder_2"]):
-                te.append(_first(parts["text_encoder_2"], TEXT_ENCODER_NAMES))
-            vae_path = _first(parts["vae"], DIFFUSERS_NAMES)
-            if None in te or vae_path is None:
-                raise IncompleteModelError("a text encoder or the VAE has no weights file",
-                                           "finish downloading text_encoder*/model.safetensors and "
-                                           "vae/diffusion_pytorch_model.safetensors", path=folder)
-            model, text, _ = load_distilled_unet(parts["unet"], weight_dtype, prediction)
-            for p in te + [vae_path]:
-                if p.endswith(".safetensors"):
-                    inspect_safetensors(p)  # a truncated file fails here with its name, not deep in ComfyUI
-            clip = comfy.sd.load_clip(te, embedding_directory=folder_paths.get_folder_paths("embeddings"))
-            vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae_path, safe_load=True))
+                raise missing_file("the pipeline folder", pipeline, "models/diffusers")
+            parts = resolve_pipeline(folder)
+            model, text = load_distilled_unet(parts.unet, weight_dtype, prediction)
+            clip = comfy.sd.load_clip(parts.text_encoders,
+                                      embedding_directory=folder_paths.get_folder_paths("embeddings"))
+            vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(parts.vae, safe_load=True))
         return io.NodeOutput(model, clip, vae, text, ui=ui.PreviewText(text))
 
 

@@ -19,6 +19,7 @@ from comfy_api.latest import io, ui
 from ..models.errors import LoraError
 from ..models.lora_keys import LoraPlan, family_mismatch, plan_lora
 from ..models.multi_unet import stage_patchers
+from ._glue import block_map_of_model, topology_of
 
 log = logging.getLogger("distilled_unets")
 
@@ -62,14 +63,14 @@ def _unet_shapes(patcher) -> dict:
 
 def plan_for(patcher, tensors: dict, metadata: dict, *, apply_uncertain: bool, node: str = NODE_ID,
              adapter_config: dict | None = None) -> LoraPlan:
-    cfg = patcher.model.model_config.unet_config
-    bad = family_mismatch(tensors, cfg)
+    topology = topology_of(patcher)
+    bad = family_mismatch(tensors, topology)
     if bad:
         raise LoraError(bad, "use a LoRA made for this model family (an SDXL LoRA needs an SDXL-family "
                         "UNet such as SSD-1B, Vega or KOALA; an SD1.5 LoRA needs BK-SDM/segmind v1)",
                         node=node, input_name="lora_name")
-    return plan_lora(tensors, cfg, _unet_shapes(patcher), metadata=metadata, adapter_config=adapter_config,
-                     apply_uncertain=apply_uncertain)
+    return plan_lora(tensors, topology, _unet_shapes(patcher), block_map=block_map_of_model(patcher),
+                     metadata=metadata, adapter_config=adapter_config, apply_uncertain=apply_uncertain)
 
 
 def apply_lora(model, clip, tensors: dict, metadata: dict, strength_model: float, strength_clip: float, *,

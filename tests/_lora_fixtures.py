@@ -97,9 +97,11 @@ def lora_for(modules: dict, fmt: str, *, rank: int = 2, alpha: float = 3.0, seed
     return t, metadata, adapter_config, deltas
 
 
-def expected_bk(teacher_path: str, student: dict) -> str | None:
-    """The published BK-SDM/segmind correspondence, written out independently of the implementation."""
-    levels = len(student["channel_mult"])
+def expected_bk(teacher_path: str, student) -> str | None:
+    """The published BK-SDM/segmind correspondence, written out independently of the implementation.
+
+    ``student``: a Topology (BK-Base, -Small or -Tiny structure)."""
+    levels = len(student.channel_mult)
     m = re.match(r"(down_blocks|up_blocks)\.(\d)\.(resnets|attentions|downsamplers|upsamplers)\.(\d)(.*)", teacher_path)
     if m:
         side, b, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
@@ -119,5 +121,5 @@ def expected_bk(teacher_path: str, student: dict) -> str | None:
             return f"up_blocks.{b2}.{kind}.{j2}{rest}"
         return f"up_blocks.{b2}.{kind}.{j}{rest}"
     if teacher_path.startswith("mid_block"):
-        return teacher_path if student["transformer_depth_middle"] >= 0 else None
+        return teacher_path if student.transformer_depth_middle >= 0 else None
     return teacher_path

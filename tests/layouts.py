@@ -16,6 +16,7 @@ import re
 import torch
 
 from distilled_unets.models.registry import REGISTRY
+from distilled_unets.models.topology import diffusers_config
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -23,27 +24,9 @@ BASIC = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0
          "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
          "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
-SD15 = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
-            attention_head_dim=8, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, sample_size=64)
-SD21B = dict(SD15, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
-SDXL = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
-            attention_head_dim=[5, 10, 20], down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
-            up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], transformer_layers_per_block=[1, 2, 10],
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816, sample_size=128)
-TEACHER_CONFIGS = {"sd1": SD15, "sd2": SD21B, "sdxl": SDXL}
-
-
 def cases():
     """(id, registry entry, full-size diffusers config) for every reference topology, teachers included."""
-    out = []
-    for e in REGISTRY:
-        if e.topology is None:
-            continue
-        cfg = TEACHER_CONFIGS[e.family] if e.is_teacher else e.diffusers
-        out.append((e.id, e, copy.deepcopy(cfg)))
-    return out
+    return [(e.id, e, diffusers_config(e.structure)) for e in REGISTRY]
 
 
 def tiny_config(cfg: dict) -> dict:
@@ -80,12 +63,13 @@ def _resnet_rest(rest: str) -> str:
 def to_ldm(sd: dict, cfg: dict, gapped: bool) -> dict:
     """diffusers state dict -> ldm state dict (contiguous like ComfyUI, or gapped like the script)."""
     n = len(cfg["block_out_channels"])
-    lpb = cfg["layers_per_block"]
+    lpbs = cfg["layers_per_block"]
+    lpbs = list(lpbs) if isinstance(lpbs, (list, tuple)) else [lpbs] * n
     out = {}
     # contiguous index tables
     in_idx, idx = {}, 1
     for i in range(n):
-        for j in range(lpb):
+        for j in range(lpbs[i]):
             in_idx[(i, j)] = idx
             idx += 1
         if i < n - 1:
@@ -93,7 +77,7 @@ def to_ldm(sd: dict, cfg: dict, gapped: bool) -> dict:
             idx += 1
     out_idx, idx = {}, 0
     for i in range(n):
-        for j in range(lpb + 1):
+        for j in range(lpbs[n - 1 - i] + 1):
             out_idx[(i, j)] = idx
             idx += 1
     for k, v in sd.items():
@@ -115,8 +99,8 @@ def to_ldm(sd: dict, cfg: dict, gapped: bool) -> dict:
                 if gapped:
                     out[f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.conv.{rest}"] = v
                 else:
-                    b = out_idx[(i, lpb)]
-                    has_attn = any(x.startswith(f"up_blocks.{i}.attentions.{lpb}.") for x in sd)
+                    b = out_idx[(i, lpbs[n - 1 - i])]
+                    has_attn = any(x.startswith(f"up_blocks.{i}.attentions.{lpbs[n - 1 - i]}.") for x in sd)
                     out[f"output_blocks.{b}.{2 if has_attn else 1}.conv.{rest}"] = v
                 continue
             b = 3 * i + j if gapped else out_idx[(i, j)]

@@ -121,14 +121,14 @@ def test_comfyui_built_ldm_keys_detected(model_id, entry, cfg):
 
     from distilled_unets.models.detect import detect
 
-    ucfg = entry.topology.comfy_unet_config()
-    ucfg.update(entry.topology.heads_config)
+    ucfg = entry.structure.comfy_unet_config()
+    ucfg.update(entry.structure.heads_config)
     with torch.device("meta"):
         net = om.UNetModel(**ucfg, operations=comfy.ops.disable_weight_init)
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     det = detect(shapes)
     assert det.layout == "ldm"
-    assert det.topology.signature() == entry.topology.signature()
+    assert det.topology.signature() == entry.structure.signature()
     assert det.key_map == {k: k for k in shapes}
 
 
@@ -147,7 +147,7 @@ def test_same_module_tree_as_comfyui_own_build(model_id, entry, cfg):
     from distilled_unets.nodes._glue import comfy_model
 
     with torch.device("meta"):
-        ours = comfy_model(entry.topology, torch.float32, device="meta")
+        ours = comfy_model(entry.structure, torch.float32, device="meta")
     sd = ours.diffusion_model.state_dict()
     their_cfg = comfy.model_detection.model_config_from_unet(sd, "")
     assert their_cfg is not None, f"ComfyUI detects nothing for {model_id}"
@@ -194,8 +194,9 @@ def test_comfyui_own_loader_fails_where_ours_loads(models_dir):
 
 def registry_cfg(model_id):
     from distilled_unets.models.registry import by_id
+    from distilled_unets.models.topology import diffusers_config
 
-    return by_id(model_id).diffusers
+    return diffusers_config(by_id(model_id).structure)
 
 
 def test_prediction_type(models_dir):
@@ -208,13 +209,13 @@ def test_prediction_type(models_dir):
     pipe = models_dir / "diffusers" / "v2s"
     (pipe / "unet").mkdir(parents=True)
     _save(m.state_dict(), pipe / "unet" / "diffusion_pytorch_model.safetensors")
-    p, text, _ = load_distilled_unet(str(pipe / "unet"))
+    p, text = load_distilled_unet(str(pipe / "unet"))
     assert p.model.model_type == ModelType.EPS and "eps (default" in text
     (pipe / "scheduler").mkdir()
     (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
-    p, text, _ = load_distilled_unet(str(pipe / "unet"))
+    p, text = load_distilled_unet(str(pipe / "unet"))
     assert p.model.model_type == ModelType.V_PREDICTION and "scheduler_config.json" in text
-    p, text, _ = load_distilled_unet(str(pipe / "unet"), prediction="eps")
+    p, text = load_distilled_unet(str(pipe / "unet"), prediction="eps")
     assert p.model.model_type == ModelType.EPS
 
 
@@ -224,7 +225,7 @@ def test_weight_dtype_choice(models_dir):
     m = diffusers_model(tiny_config(registry_cfg("segmind/tiny-sd")))
     path = models_dir / "t.safetensors"
     _save(m.state_dict(), path)
-    p, _, _ = load_distilled_unet(str(path), weight_dtype="bf16")
+    p, _ = load_distilled_unet(str(path), weight_dtype="bf16")
     assert p.model.diffusion_model.input_blocks[1][0].in_layers[2].weight.dtype == torch.bfloat16
 
 
@@ -272,6 +273,7 @@ def test_bad_input_through_the_node(kind, models_dir):
     msg = str(e.value)
     assert msg.startswith("[DistilledUNetLoader, input 'unet_name']"), msg
     assert want in msg and "Fix:" in msg, msg
+    assert f"(file: {d / name.rstrip('/')}" in msg or f"(file: {d / name}" in msg, msg
 
 
 def test_pipeline_loader(models_dir):

@@ -9,11 +9,6 @@ from safetensors.torch import save_file
 
 from tests._lora_fixtures import FORMATS, LDM_FORMATS, expected_bk, lora_for
 
-BK_BASE = dict(channel_mult=[1, 2, 4, 4], num_res_blocks=[1, 1, 1, 1], transformer_depth=[1, 1, 1, 0],
-               transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1)
-BK_SMALL = dict(BK_BASE, transformer_depth_middle=-2)
-BK_TINY = dict(channel_mult=[1, 2, 4], num_res_blocks=[1, 1, 1], transformer_depth=[1, 1, 1],
-               transformer_depth_output=[1] * 6, transformer_depth_middle=-2)
 STRENGTH = 0.7
 
 
@@ -21,10 +16,10 @@ STRENGTH = 0.7
 def host():
     torch.set_num_threads(1)
     from tests.comfy import _tiny_models as tm
-    from distilled_unets.models import lora_keys as lk
+    from distilled_unets.models import names
     from distilled_unets.nodes import lora as node
 
-    return tm, lk, node
+    return tm, names, node
 
 
 _BUILT = {}
@@ -32,9 +27,17 @@ _BUILT = {}
 
 def build(tm, topo_name):
     if topo_name not in _BUILT:
-        topo = {"base": BK_BASE, "small": BK_SMALL, "tiny": BK_TINY, "teacher": tm.SD15_TOPOLOGY}[topo_name]
+        from distilled_unets.models import structures as S
+
+        topo = {"base": S.BK_BASE, "small": S.BK_SMALL, "tiny": S.BK_TINY, "teacher": S.SD1}[topo_name]
         _BUILT[topo_name] = tm.build("sd15", topo, model_channels=32, seed=3)
     return _BUILT[topo_name]
+
+
+def topology(patcher):
+    from distilled_unets.nodes._glue import topology_of
+
+    return topology_of(patcher)
 
 
 def weights(patcher):
@@ -49,24 +52,23 @@ def patched_weights(patcher):
         patcher.unpatch_model()
 
 
-def module_shapes(lk, patcher, layout):
-    cfg = patcher.model.model_config.unet_config
+def module_shapes(names, patcher, layout):
     sd = patcher.model.state_dict()
-    mp = lk.unet_module_map(cfg)
+    mp = names.module_map(topology(patcher))
     return {(v if layout == "ldm" else k): tuple(sd[f"diffusion_model.{v}.weight"].shape) for k, v in mp.items()}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_equals_manual_merge(host, fmt):
-    tm, lk, node = host
+    tm, names, node = host
     model = build(tm, "tiny")
     before = weights(model)
     layout = "ldm" if fmt in LDM_FORMATS else "diffusers"
-    tensors, meta, acfg, deltas = lora_for(module_shapes(lk, model, layout), fmt, seed=11)
+    tensors, meta, acfg, deltas = lora_for(module_shapes(names, model, layout), fmt, seed=11)
     new, _, report = node.apply_lora(model, None, tensors, meta, STRENGTH, 1.0, adapter_config=acfg)
     assert not model.patches, "the input model must not be patched"
     after = patched_weights(new)
-    smap = lk.unet_module_map(model.model.model_config.unet_config)
+    smap = names.module_map(topology(model))
     touched = set()
     for path, d in deltas.items():
         key = f"diffusion_model.{path if layout == 'ldm' else smap[path]}.weight"
@@ -82,18 +84,18 @@ def test_every_format_equals_manual_merge(host, fmt):
 @pytest.mark.parametrize("student", ["base", "small", "tiny"])
 @pytest.mark.parametrize("fmt", ["kohya", "kohya-ldm", "peft"])
 def test_teacher_lora_lands_on_corresponding_student_blocks(host, student, fmt):
-    tm, lk, node = host
+    tm, names, node = host
     teacher, model = build(tm, "teacher"), build(tm, student)
     layout = "ldm" if fmt in LDM_FORMATS else "diffusers"
-    t_shapes = module_shapes(lk, teacher, layout)
+    t_shapes = module_shapes(names, teacher, layout)
     tensors, meta, acfg, deltas = lora_for(t_shapes, fmt, seed=5)  # a distinct delta on every teacher module
     before = weights(model)
     new, _, report = node.apply_lora(model, None, tensors, meta, STRENGTH, 1.0)
     after = patched_weights(new)
 
-    cfg = model.model.model_config.unet_config
-    smap = lk.unet_module_map(cfg)
-    inv = {v: k for k, v in lk.unet_module_map(teacher.model.model_config.unet_config).items()}
+    cfg = topology(model)
+    smap = names.module_map(cfg)
+    inv = names.ldm_module_map(topology(teacher))
     expected = {}
     for path, d in deltas.items():
         s = expected_bk(inv[path] if layout == "ldm" else path, cfg)
@@ -121,9 +123,9 @@ def test_comfyui_own_loader_puts_teacher_pair_2_on_the_wrong_block(host):
     """The bug this node exists for, measured on the same file: ComfyUI matches by name."""
     import comfy.sd
 
-    tm, lk, node = host
+    tm, names, node = host
     teacher, model = build(tm, "teacher"), build(tm, "base")
-    shapes = module_shapes(lk, teacher, "diffusers")
+    shapes = module_shapes(names, teacher, "diffusers")
     attn = {k: v for k, v in shapes.items() if k.endswith("attn1.to_q")}
     tensors, _, _, deltas = lora_for(attn, "kohya", seed=8)
     target = "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_q.weight"  # student up 1 pair 1
@@ -139,14 +141,14 @@ def test_comfyui_own_loader_puts_teacher_pair_2_on_the_wrong_block(host):
 
 
 def test_multi_unet_model_gets_one_mapping_per_unet(host):
-    tm, lk, node = host
+    tm, names, node = host
     from distilled_unets.models.multi_unet import KEY_PREFIX
     from distilled_unets.nodes.sampling import SwitchPoint, make_multi_unet_model
 
     teacher, early, late = build(tm, "teacher"), build(tm, "tiny"), build(tm, "base")
     multi = make_multi_unet_model(early, late, SwitchPoint("sigma", 5.0), node="MultiUNetModel")
     path = "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_v"  # teacher level 2, pair 2
-    tensors, _, _, deltas = lora_for({path: module_shapes(lk, teacher, "diffusers")[path]}, "kohya", seed=2)
+    tensors, _, _, deltas = lora_for({path: module_shapes(names, teacher, "diffusers")[path]}, "kohya", seed=2)
     new, _, report = node.apply_lora(multi, None, tensors, {}, 1.0, 0.0)
     assert not multi.patches
     # base keeps 4 levels: up_blocks.1 pair 1; tiny lost level 3: up_blocks.0 pair 1
@@ -159,7 +161,7 @@ def test_multi_unet_model_gets_one_mapping_per_unet(host):
 
 
 def test_bad_inputs_raise_lora_error(host, tmp_path):
-    tm, lk, node = host
+    tm, names, node = host
     from distilled_unets.models.errors import LoraError
 
     model = build(tm, "tiny")
@@ -179,18 +181,20 @@ def test_bad_inputs_raise_lora_error(host, tmp_path):
     with pytest.raises(LoraError, match="corrupt or truncated") as e:
         node.read_lora_file(str(bad))
     assert "DistilledLoraLoader" in str(e.value) and "lora_name" in str(e.value)
+    assert f"(file: {bad})" in str(e.value)
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"\x80\x04")
-    with pytest.raises(LoraError, match="not a .safetensors"):
+    with pytest.raises(LoraError, match="not a .safetensors") as e:
         node.read_lora_file(str(ckpt))
+    assert f"(file: {ckpt})" in str(e.value)
 
 
 def test_node_execute_through_folder_paths(host, tmp_path):
     import folder_paths
 
-    tm, lk, node = host
+    tm, names, node = host
     model = build(tm, "tiny")
-    tensors, meta, _, deltas = lora_for(module_shapes(lk, model, "diffusers"), "peft", seed=4)
+    tensors, meta, _, deltas = lora_for(module_shapes(names, model, "diffusers"), "peft", seed=4)
     save_file(tensors, str(tmp_path / "student_peft.safetensors"), metadata=meta)
     folder_paths.add_model_folder_path("loras", str(tmp_path))
     out = node.DistilledLoraLoader.execute(model=model, lora_name="student_peft.safetensors",

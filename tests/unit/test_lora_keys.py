@@ -7,53 +7,21 @@ import pytest
 import torch
 
 from distilled_unets.models import lora_keys as lk
+from distilled_unets.models import names
+from distilled_unets.models import structures as S
 from tests._lora_fixtures import FORMATS, LDM_FORMATS, expected_bk, lora_for
 
-BK_BASE = dict(num_res_blocks=[1] * 4, channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 0],
-               transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1, context_dim=768)
-BK_SMALL = dict(BK_BASE, transformer_depth_middle=-2)
-BK_TINY = dict(num_res_blocks=[1] * 3, channel_mult=[1, 2, 4], transformer_depth=[1, 1, 1],
-               transformer_depth_output=[1] * 6, transformer_depth_middle=-2, context_dim=768)
-SSD1B = dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 4, 4],
-             transformer_depth_output=[0, 0, 0, 1, 1, 2, 10, 4, 4], transformer_depth_middle=-1,
-             context_dim=2048, adm_in_channels=2816)
-SD1_TEACHER = dict(lk.SD1_TEACHER, context_dim=768)
+SD1_TEACHER, BK_BASE, BK_SMALL, BK_TINY, SSD1B = S.SD1, S.BK_BASE, S.BK_SMALL, S.BK_TINY, S.SSD_1B
 SHAPE = (8, 8)
 
 
-def shapes_of(cfg):
-    return {f"diffusion_model.{v}.weight": SHAPE for v in lk.unet_module_map(cfg).values()}
-
-
-def test_module_map_matches_diffusers_names():
-    diffusers = pytest.importorskip("diffusers")
-    for cfg, lpb, nlev, mid in ((SD1_TEACHER, 2, 4, True), (BK_BASE, 1, 4, True), (BK_SMALL, 1, 4, False),
-                                (BK_TINY, 1, 3, False)):
-        down = ["CrossAttnDownBlock2D"] * 3 + (["DownBlock2D"] if nlev == 4 else [])
-        up = (["UpBlock2D"] if nlev == 4 else []) + ["CrossAttnUpBlock2D"] * 3
-        with torch.device("meta"):
-            u = diffusers.UNet2DConditionModel(
-                block_out_channels=[32, 64, 128, 128][:nlev], layers_per_block=lpb, down_block_types=down,
-                up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn" if mid else None,
-                cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
-        names = {k[:-len(".weight")] for k in u.state_dict() if k.endswith(".weight")}
-        assert set(lk.unet_module_map(cfg)) == names
-
-
-def test_module_map_non_uniform_blocks():
-    cfg = dict(num_res_blocks=[2, 1, 1], channel_mult=[1, 2, 4], transformer_depth=[1, 1, 1, 1],
-               transformer_depth_output=[1] * 7, transformer_depth_middle=1)
-    mp = lk.unet_module_map(cfg)
-    # level 0: input_blocks 1, 2, then the downsampler at 3; level 1's resnet is input_blocks.4
-    assert mp["down_blocks.0.downsamplers.0.conv"] == "input_blocks.3.0.op"
-    assert mp["down_blocks.1.resnets.0.conv1"] == "input_blocks.4.0.in_layers.2"
-    assert mp["up_blocks.2.resnets.2.conv1"] == "output_blocks.6.0.in_layers.2"
-    assert mp["up_blocks.1.upsamplers.0.conv"] == "output_blocks.3.2.conv"
+def shapes_of(t):
+    return {f"diffusion_model.{v}.weight": SHAPE for v in names.module_map(t).values()}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_each_format_maps_student_names(fmt):
-    smap = lk.unet_module_map(BK_BASE)
+    smap = names.module_map(BK_BASE)
     mods = {(v if fmt in LDM_FORMATS else k): SHAPE for k, v in smap.items()}
     tensors, meta, acfg, deltas = lora_for(mods, fmt)
     plan = lk.plan_lora(tensors, BK_BASE, shapes_of(BK_BASE), metadata=meta, adapter_config=acfg)
@@ -75,7 +43,7 @@ def test_each_format_maps_student_names(fmt):
 @pytest.mark.parametrize("fmt", ["kohya", "peft", "kohya-ldm"])
 def test_teacher_lora_lands_on_corresponding_blocks(student, fmt):
     cfg = {"base": BK_BASE, "small": BK_SMALL, "tiny": BK_TINY}[student]
-    tmap, smap = lk.unet_module_map(SD1_TEACHER), lk.unet_module_map(cfg)
+    tmap, smap = names.module_map(SD1_TEACHER), names.module_map(cfg)
     mods = {(tmap[k] if fmt in LDM_FORMATS else k): SHAPE for k in tmap}
     tensors, meta, acfg, deltas = lora_for(mods, fmt)
     plan = lk.plan_lora(tensors, cfg, shapes_of(cfg), metadata=meta)
@@ -99,7 +67,7 @@ def test_teacher_lora_lands_on_corresponding_blocks(student, fmt):
 
 
 def test_student_ldm_lora_not_mistaken_for_teacher():
-    smap = lk.unet_module_map(BK_BASE)
+    smap = names.module_map(BK_BASE)
     tensors, *_ = lora_for({v: SHAPE for v in smap.values()}, "ldm")
     plan = lk.plan_lora(tensors, BK_BASE, shapes_of(BK_BASE))
     assert plan.origin == "student"
@@ -108,7 +76,7 @@ def test_student_ldm_lora_not_mistaken_for_teacher():
 
 
 def test_ssd1b_certain_uncertain_removed():
-    tmap = lk.unet_module_map(lk.SDXL_TEACHER)
+    tmap = names.module_map(S.SDXL)
     attn = {v: SHAPE for v in tmap.values() if ".transformer_blocks." in v and v.endswith("attn1.to_q")}
     tensors, *_ = lora_for(attn, "kohya-ldm")
     plan = lk.plan_lora(tensors, SSD1B, shapes_of(SSD1B))
@@ -124,7 +92,7 @@ def test_ssd1b_certain_uncertain_removed():
 
 
 def test_family_mismatch_and_unknown_keys():
-    tmap = lk.unet_module_map(lk.SDXL_TEACHER)
+    tmap = names.module_map(S.SDXL)
     mods = {k: (64, 2048) for k in tmap if k.endswith("attn2.to_k")}
     tensors, *_ = lora_for(mods, "kohya")
     assert "SDXL" in lk.family_mismatch(tensors, BK_BASE)
@@ -145,7 +113,7 @@ def test_peft_alpha_pattern_and_rslora():
 
 
 def test_shape_mismatch_is_dropped_not_applied():
-    smap = lk.unet_module_map(BK_BASE)
+    smap = names.module_map(BK_BASE)
     path = next(k for k in smap if k.endswith("attn1.to_q"))
     tensors, *_ = lora_for({path: (8, 16)}, "kohya")
     plan = lk.plan_lora(tensors, BK_BASE, shapes_of(BK_BASE))

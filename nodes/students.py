@@ -1,0 +1,222 @@
+"""Student nodes: build a student UNet from a teacher (BK-SDM / SDXL presets, A-SDM combinations) and save
+any UNet as a file the loader reads back with its recipe.
+
+The recipes and the copy rule live in ``models/builder.py``; this module reads the teacher's weights,
+hands the result to the loader's own build path (``_glue.model_from_state_dict``) and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import comfy.model_sampling
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+from safetensors.torch import save_file
+
+from ..models import builder
+from ..models.errors import IncompatibleModelsError, PackError
+from ..models.loader import META_BLOCK_MAP, META_PREDICTION, META_RECIPE
+from ..models.structures import PRESETS
+from ._glue import (
+    BLOCK_MAP_KEY,
+    RECIPE_KEY,
+    block_map_of_model,
+    comfy_model,
+    model_from_state_dict,
+    node_errors,
+    topology_of,
+    unet_weights,
+)
+
+log = logging.getLogger("distilled_unets")
+
+CATEGORY = "distilled_unets/distill"
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PACK_VERSION = "distilled-unets 0.2.0"
+
+
+def sampling_of(patcher, node: str, input_name: str) -> tuple[str, bool]:
+    """(prediction, zero-terminal-SNR) of a MODEL as it samples (object patches such as ModelSamplingDiscrete
+    included); other prediction types are refused."""
+    ms = patcher.get_model_object("model_sampling")
+    discrete = isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete)
+    ms_types = comfy.model_sampling
+    if discrete and isinstance(ms, ms_types.V_PREDICTION) and not isinstance(ms, ms_types.EDM):
+        pred = "v_prediction"
+    elif discrete and isinstance(ms, ms_types.EPS) and not isinstance(ms, (ms_types.V_PREDICTION, ms_types.X0)):
+        pred = "eps"
+    else:
+        raise IncompatibleModelsError(f"the model samples as {type(ms).__name__}, not epsilon or v-prediction",
+                                      "use an SD 1.x / 2.x / SDXL model with epsilon or v-prediction sampling",
+                                      node=node, input_name=input_name)
+    return pred, bool(getattr(ms, "zsnr", False))
+
+
+def build_student(teacher, preset: str, base_student=None, teacher_name: str = "", *, seed: int = 0):
+    """(student MODEL, info) — the teacher and the base student are only read."""
+    node = builder.NODE
+    p = builder.plan(preset, topology_of(teacher), topology_of(base_student) if base_student is not None else None)
+    pred, zsnr = sampling_of(teacher, node, "teacher")
+    t_sd = unet_weights(teacher)
+    b_sd = unet_weights(base_student) if base_student is not None and p.preset.needs_base else None
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in
+                comfy_model(p.student, torch.float32, device="meta").diffusion_model.state_dict().items()}
+    try:
+        sd, origin = builder.student_state_dict(p, want, t_sd, b_sd, seed=seed)
+    except ValueError as e:  # a source tensor of an unexpected shape: the teacher is not what it claims
+        raise PackError(f"the teacher's weights do not fit its structure ({e})",
+                        "connect an unmodified SD 1.x / 2.x / SDXL checkpoint's MODEL", node=node,
+                        input_name="teacher") from e
+    recipe = {"preset": p.preset.name, "teacher": teacher_name.strip() or None, "family": p.teacher.family,
+              "teacher_sha256": builder.weights_sha256(t_sd), "source": p.preset.source, "made_by": PACK_VERSION}
+    if p.layer_note:
+        recipe["kept_layers"] = p.layer_note
+    student = model_from_state_dict(p.student, sd, prediction=pred, zsnr=zsnr,
+                                    attachments={BLOCK_MAP_KEY: p.block_map, RECIPE_KEY: recipe})
+    if "model_sampling" in teacher.object_patches:  # e.g. a ModelSamplingDiscrete node on the teacher
+        student.add_object_patch("model_sampling", teacher.get_model_object("model_sampling"))
+    return student, builder.build_report(p, origin, teacher_name.strip())
+
+
+class BuildStudentUNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=builder.NODE,
+            display_name="Build Student UNet",
+            category=CATEGORY,
+            description=("Builds a smaller student UNet of your teacher (any SD 1.x, SD 2.x or SDXL model, "
+                         "fine-tunes included) by removing blocks as the published recipes do (BK-SDM, SSD-1B, "
+                         "Segmind-Vega, KOALA) or by A-SDM's combination with a distilled base student, and "
+                         "initialises it from the teacher's weights. The student must be distilled "
+                         "(Distill Student UNet) before it makes good images."),
+            inputs=[
+                io.Model.Input("teacher", tooltip="The full teacher UNet (e.g. from Load Checkpoint); only read."),
+                io.Combo.Input("preset", options=list(PRESETS), default="bk-small",
+                               tooltip="bk-base / bk-small / bk-tiny: BK-SDM for SD 1.x / 2.x teachers; ssd-1b, "
+                                       "vega, koala-700m, koala-1b: SDXL students; asdm-m1 / asdm-m2: A-SDM's "
+                                       "combination of a distilled base student's shallow blocks with the teacher's."),
+                io.Model.Input("base_student", optional=True,
+                               tooltip="For asdm-m1 / asdm-m2 only: a distilled BK-Base-structured student of the "
+                                       "same family (bk-sdm-base, small-sd, or a bk-base student distilled here)."),
+                io.String.Input("teacher_name", default="", optional=True,
+                                tooltip="The teacher's name as the saved student's recipe should record it (e.g. the "
+                                        "checkpoint file name); its weights' sha256 is recorded either way."),
+            ],
+            outputs=[io.Model.Output(tooltip="The student, built as ComfyUI's own UNet (like a loaded one)."),
+                     io.String.Output("info", tooltip="Parameters and per-step cost against the teacher; which "
+                                                      "tensors came from which teacher block; documented choices.")],
+        )
+
+    @classmethod
+    def execute(cls, teacher, preset, base_student=None, teacher_name="") -> io.NodeOutput:
+        with node_errors(builder.NODE, "preset"):
+            student, info = build_student(teacher, preset, base_student, teacher_name or "")
+        return io.NodeOutput(student, info, ui=ui.PreviewText(info))
+
+
+# ------------------------------------------------------------------------------------------------
+# saving
+
+
+def save_metadata(patcher, title: str) -> tuple[dict, dict]:
+    """(metadata, extra top-level tensors) as ComfyUI's ModelSave writes them, plus the pack's own keys."""
+    pred, zsnr = sampling_of(patcher, "SaveStudentUNet", "model")
+    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.implementation": "sgm", "modelspec.title": title,
+            "modelspec.predict_key": "v" if pred == "v_prediction" else "epsilon", META_PREDICTION: pred}
+    extra = {}
+    if pred == "v_prediction":
+        extra["v_pred"] = torch.tensor([])
+        if zsnr:
+            extra["ztsnr"] = torch.tensor([])
+    recipe = patcher.get_attachment(RECIPE_KEY) if hasattr(patcher, "get_attachment") else None
+    if recipe:
+        meta[META_RECIPE] = json.dumps(recipe)
+    bm = block_map_of_model(patcher)
+    if bm is not None:
+        meta[META_BLOCK_MAP] = bm.to_json()
+    return meta, extra
+
+
+def write_new_file(tensors: dict, folder: str, filename: str, counter: int, metadata: dict) -> str:
+    """Write ``<filename>_<counter>_.safetensors`` in ``folder`` without ever replacing a file: written to a
+    temporary name, then linked to the first free number; no half-written file is ever visible under it."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{filename}.{os.getpid()}.writing")
+    save_file(tensors, tmp, metadata=metadata)
+    try:
+        for n in range(counter, counter + 100000):
+            final = os.path.join(folder, f"{filename}_{n:05}_.safetensors")
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links on this filesystem: claim the name exclusively, then move over it
+                try:
+                    fd = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    continue
+                os.close(fd)
+                os.replace(tmp, final)
+                return final
+        raise OSError(f"no free file name for {filename} in {folder}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_unet(model, filename_prefix: str, dtype: str, title: str = "") -> str:
+    """Save a MODEL's UNet under models/diffusion_models in the ldm layout of ComfyUI's ModelSave."""
+    out_dir = folder_paths.get_folder_paths("diffusion_models")[0]
+    try:
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+    except Exception as e:  # ComfyUI refuses prefixes that leave the folder
+        raise PackError(f"the name prefix {filename_prefix!r} would save outside models/diffusion_models",
+                        "use a relative name such as 'students/my-student'", node="SaveStudentUNet",
+                        input_name="filename_prefix") from e
+    meta, extra = save_metadata(model, title.strip() or filename)
+    sd = {f"model.diffusion_model.{k}": v.to(SAVE_DTYPES[dtype]).contiguous()
+          for k, v in unet_weights(model).items()}
+    sd.update(extra)
+    path = write_new_file(sd, folder, filename, counter, meta)
+    log.info("SaveStudentUNet: wrote %s", path)
+    return path
+
+
+class SaveStudentUNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SaveStudentUNet",
+            display_name="Save Student UNet",
+            category=CATEGORY,
+            description=("Saves a MODEL's UNet (a student built or distilled here, or any UNet) as one .safetensors "
+                         "file under models/diffusion_models, in the layout ComfyUI's ModelSave writes, with its "
+                         "prediction type and, for students built here, their recipe and block map. Load Distilled "
+                         "UNet reads it back; numbered files are never overwritten."),
+            inputs=[
+                io.Model.Input("model", tooltip="The UNet to save (e.g. from Build / Distill Student UNet)."),
+                io.String.Input("filename_prefix", default="students/student",
+                                tooltip="File name prefix under models/diffusion_models; a number is appended."),
+                io.Combo.Input("dtype", options=list(SAVE_DTYPES), default="fp16",
+                               tooltip="Storage precision of the saved weights (fp16 halves the file size)."),
+                io.String.Input("title", default="", optional=True, tooltip="modelspec.title of the file."),
+            ],
+            outputs=[io.String.Output("path", tooltip="The file written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename_prefix, dtype, title="") -> io.NodeOutput:
+        with node_errors("SaveStudentUNet", "model"):
+            path = save_unet(model, filename_prefix, dtype, title or "")
+        return io.NodeOutput(path, ui=ui.PreviewText(f"saved {path}"))
+
+
+NODES = [BuildStudentUNet, SaveStudentUNet]

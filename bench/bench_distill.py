@@ -81,15 +81,28 @@ class _RSSPeak:
 
 
 def _configs(a):
+    from distilled_unets.models import structures as S
     from distilled_unets.models.registry import by_id
+    from distilled_unets.models.topology import diffusers_config
 
-    from tests.layouts import TEACHER_CONFIGS, tiny_config
+    from tests.layouts import tiny_config
 
     family, _, student_id = PRESETS[a.preset]
-    t_cfg, s_cfg = dict(TEACHER_CONFIGS[family]), dict(by_id(student_id).diffusers)
+    t_cfg, s_cfg = diffusers_config(S.TEACHERS[family]), diffusers_config(by_id(student_id).structure)
     if a.width == "tiny":
         t_cfg, s_cfg = tiny_config(t_cfg), tiny_config(s_cfg)
     return family, t_cfg, s_cfg
+
+
+def _structure(dm):
+    """(Topology, ldm state dict) of a diffusers UNet, through the pack's own detection."""
+    from distilled_unets.models.detect import detect
+
+    sd = dm.state_dict()
+    det = detect({k: tuple(v.shape) for k, v in sd.items()})
+    n = len(det.prefix)
+    return det.topology, {det.key_map[k[n:]]: v for k, v in sd.items()
+                          if k.startswith(det.prefix) and k[n:] in det.key_map}
 
 
 def run_variant(a, impl: str, ckpt: bool, batch: int) -> dict:
@@ -102,7 +115,6 @@ def run_variant(a, impl: str, ckpt: bool, batch: int) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
     from distilled_unets.models import distill as D
-    from distilled_unets.models.detect import detect
     from distilled_unets.nodes._glue import build_model
 
     from tests.layouts import diffusers_model
@@ -131,15 +143,11 @@ def run_variant(a, impl: str, ckpt: bool, batch: int) -> dict:
     t_labels = []
     out: dict = {"impl": impl, "ckpt": ckpt, "batch": batch}
     if impl.startswith("pack"):
-        sd_t, sd_s = teacher_d.state_dict(), student_d.state_dict()
-        teacher = build_model(detect({k: tuple(v.shape) for k, v in sd_t.items()}), sd_t,
-                              weight_dtype="bf16" if cuda else "fp32")
-        student = build_model(detect({k: tuple(v.shape) for k, v in sd_s.items()}), sd_s, weight_dtype="fp32")
+        tt, sd_t = _structure(teacher_d)
+        st, sd_s = _structure(student_d)
+        teacher = build_model(tt, sd_t, weight_dtype="bf16" if cuda else "fp32")
+        student = build_model(st, sd_s, weight_dtype="fp32")
         del teacher_d, student_d, sd_t, sd_s
-        from distilled_unets.models.topology import from_comfy_config
-
-        tt = from_comfy_config(teacher.model.model_config.unet_config, family)
-        st = from_comfy_config(student.model.model_config.unet_config, family)
         if cuda:
             mm.load_models_gpu([teacher])
         data = D.KDData(lat, ctx, y)
@@ -170,11 +178,9 @@ def run_variant(a, impl: str, ckpt: bool, batch: int) -> dict:
         losses = res.losses
         t_labels = [p.label for p in d.plan.points]
     else:
-        from distilled_unets.models.detect import from_diffusers
         from distilled_unets.models.distill import feature_plan
 
-        tt, _ = from_diffusers({k: tuple(v.shape) for k, v in teacher_d.state_dict().items()})
-        st, _ = from_diffusers({k: tuple(v.shape) for k, v in student_d.state_dict().items()})
+        tt, st = _structure(teacher_d)[0], _structure(student_d)[0]
         t_labels = [p.label for p in feature_plan(tt, st).points]
         if any("↔" in lbl or "proj_out" in lbl for lbl in t_labels):
             raise SystemExit("this preset needs a non-stage feature pairing; the diffusers side does stages only")

@@ -147,11 +147,11 @@ def _layout(t: Topology) -> _Layout:
             down.append(None)
     out, out_depth = [None] * t.levels, [None] * t.levels
     k = 0
-    by_level = t.output_depths_by_level()  # deepest first
-    for j, level in enumerate(reversed(range(t.levels))):
+    depths_out = t.output_depths()  # output_blocks order: deepest level first
+    for level in reversed(range(t.levels)):
         n = t.num_res_blocks[level] + 1
         out[level] = tuple(range(k, k + n))
-        out_depth[level] = tuple(by_level[j])
+        out_depth[level] = tuple(depths_out[k:k + n])
         k += n
     mid = {-2: 0, -1: 1}.get(t.transformer_depth_middle, 3)
     return _Layout(tuple(res), tuple(res_depth), tuple(down), tuple(out), tuple(out_depth), mid)
@@ -389,6 +389,15 @@ class KDData:
         if self._y is not None:
             y = (self._y[idx] if self._y.shape[0] > 1 else self._y.expand(len(idx), -1)).float().clone()
         return x0, ctx, y
+
+    def split_tail(self, k: int) -> tuple[KDData, KDData]:
+        """(the first ``len - k`` samples, the last ``k``): held-out samples taken from the data."""
+        n = len(self)
+        ctx = self._ctx if len(self._ctx) == n else self._ctx * n
+        y = None if self._y is None else (self._y if self._y.shape[0] == n else self._y.expand(n, -1))
+        head = KDData(self.latents[:n - k], ctx[:n - k], None if y is None else y[:n - k])
+        tail = KDData(self.latents[n - k:], ctx[n - k:], None if y is None else y[n - k:])
+        return head, tail
 
     def fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=8)
@@ -853,7 +862,7 @@ class Distiller:
                  schedule: NoiseSchedule, data: KDData, config: DistillConfig, heldout: KDData | None = None,
                  trainable: Callable[[str], bool] | None = None, semantic=None,
                  device: torch.device | str | None = None, teacher_transformer_options: dict | None = None,
-                 node: str = "DistillStudentUNet"):
+                 teacher_dtype: torch.dtype | None = None, node: str = "DistillStudentUNet"):
         config.validate()
         self.teacher, self.student = teacher, student
         self.tt, self.st = teacher_topology, student_topology
@@ -862,6 +871,7 @@ class Distiller:
         self.node = node
         self.device = torch.device(device) if device is not None else next(teacher.parameters()).device
         self.teacher_opts = dict(teacher_transformer_options or {})
+        self._t_dtype = teacher_dtype
         self.trainable = trainable or (lambda name: True)
         self.autocast = _autocast_dtype(config.precision, self.device)
         if self.autocast is not None and self.device.type == "cpu" and self.autocast == torch.float16:
@@ -988,7 +998,13 @@ class Distiller:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def _teacher_dtype(self) -> torch.dtype:
-        return next(self.teacher.parameters()).dtype
+        """The dtype the teacher computes in (its inputs are cast to it, as ComfyUI's apply_model does)."""
+        if self._t_dtype is not None:
+            return self._t_dtype
+        for p in self.teacher.parameters():
+            if p.is_floating_point() and p.element_size() >= 2:
+                return p.dtype
+        return torch.float32
 
     def _run_teacher(self, nb: NoisedBatch, ctx, y):
         dt = self._teacher_dtype()

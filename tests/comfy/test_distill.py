@@ -16,19 +16,17 @@ import os
 
 import pytest
 import torch
+from distilled_unets.models import structures as S
+from distilled_unets.models.topology import Topology
 
 # teacher: two res blocks per level and a mid block; student: BK-SDM-Base-like (one res block per level,
-# up levels keep blocks 0 and 2 of three, mid block kept)
-TEACHER = dict(channel_mult=[1, 2], num_res_blocks=[2, 2], transformer_depth=[1, 1, 1, 1],
-               transformer_depth_output=[1, 1, 1, 1, 1, 1], transformer_depth_middle=1)
-STUDENT = dict(channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
-               transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1)
+# up levels keep blocks 0 and 2 of three, mid block kept). Widths are set by _tiny_models.build.
+TEACHER = Topology("sd1", 320, (1, 2), (2, 2), (1, 1, 1, 1), (1, 1, 1, 1, 1, 1), 1, 768, False)
+STUDENT = Topology("sd1", 320, (1, 2), (1, 1), (1, 1), (1, 1, 1, 1), 1, 768, False)
 # BK-SDM-Tiny's situation at two levels: the student drops the deepest level, its last level loses the
 # downsampler, so the tiny rule (last attention's proj_out) pairs that level
-TEACHER3 = dict(channel_mult=[1, 2, 2], num_res_blocks=[2, 2, 2], transformer_depth=[1, 1, 1, 1, 0, 0],
-                transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=-1)
-TINY = dict(channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
-            transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=-2)
+TEACHER3 = Topology("sd1", 320, (1, 2, 2), (2, 2, 2), (1, 1, 1, 1, 0, 0), (1, 1, 1, 1, 1, 1, 0, 0, 0), -1, 768, False)
+TINY = Topology("sd1", 320, (1, 2), (1, 1), (1, 1), (1, 1, 1, 1), -2, 768, False)
 LR = 1e-3
 
 
@@ -334,3 +332,152 @@ def test_semantic_aware_supervision_with_a_vgg(env, models):
     res = distiller(env, teacher, student, data, held, steps=2, features="stages+mid", semantic=sas).run()
     assert set(res.parts) == {"task", "out", "feat", "mid", "vgg"}
     assert all(math.isfinite(v) and v > 0 for v in res.parts["vgg"])
+
+
+# ---- the node ----------------------------------------------------------------------------------
+
+BK_BASE = S.bk(S.SD1, "base")
+NODE_KW = dict(steps=3, batch_size=2, gradient_accumulation=1, learning_rate=1e-3, loss_weights="bk-sdm",
+               feature_points="stages+mid", train="all", seed=1, ema_decay=0.0, gradient_checkpointing=False,
+               precision="auto", checkpoint_every=0)
+
+
+@pytest.fixture(scope="module")
+def node_env(env):
+    tm, D, _ = env
+    from distilled_unets.nodes import distill as N
+    from distilled_unets.nodes import students
+
+    with torch.inference_mode():  # models made as the executor makes them
+        teacher = tm.build("sd15", tm.SD15_TOPOLOGY, model_channels=32, seed=11)
+        base = tm.build("sd15", BK_BASE, model_channels=32, seed=12)
+        asdm, _ = students.build_student(teacher, "asdm-m1", base)  # A-SDM: base student's level 0 + teacher
+        bk_small, _ = students.build_student(teacher, "bk-small")
+        g = torch.Generator().manual_seed(5)
+        latents = {"samples": torch.randn(6, 4, 8, 8, generator=g)}
+        pos, _ = tm.conditioning("sd15", tokens=8)
+    return N, teacher, asdm, bk_small, latents, pos
+
+
+def run_node(N, student, teacher, latents, cond, **kw):
+    args = dict(NODE_KW, **kw)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        out = N.DistillStudentUNet.execute(student=student, teacher=teacher, latents=latents, conditioning=cond,
+                                           **args)
+    return out.args
+
+
+def test_node_incubates_the_student_blocks_and_leaves_inputs_alone(env, node_env, tmp_path):
+    import comfy.sample
+    import folder_paths
+
+    tm = env[0]
+    N, teacher, asdm, _, latents, pos = node_env
+    t_before, s_before = snapshot(teacher.model.diffusion_model), snapshot(asdm.model.diffusion_model)
+    lat_before = latents["samples"].clone()
+    model, loss_map, report = run_node(N, asdm, teacher, latents, pos, train="student blocks only")
+    print(f"\nnode (A-SDM incubation): loss {fmt(loss_map['loss'])}\n{report}")
+    assert model is not asdm and len(loss_map["loss"]) == 3 and "held-out output-KD error" in report
+    assert "the last 1 of 6 samples" in report and "% of a BK-SDM run" in report
+    bm = model.get_attachment("distilled_unets.block_map")
+    own = set(bm.trainable_units("student blocks only"))
+    got = snapshot(model.model.diffusion_model)
+    frozen = [k for k in got if bm.unit_of(k) not in own]
+    trained = [k for k in got if bm.unit_of(k) in own]
+    assert frozen and trained
+    assert all(torch.equal(got[k], s_before[k]) for k in frozen)  # the teacher's blocks stay bit-identical
+    assert any(not torch.equal(got[k], s_before[k]) for k in trained)
+    assert model.get_attachment("distilled_unets.recipe")["distilled"][-1]["steps"] == 3
+    # inputs unchanged
+    assert same(snapshot(teacher.model.diffusion_model), t_before)
+    assert same(snapshot(asdm.model.diffusion_model), s_before)
+    assert torch.equal(latents["samples"], lat_before)
+    # the trained MODEL samples, and ComfyUI's own loss graph node plots the LOSS_MAP
+    noise = comfy.sample.prepare_noise(tm.latent(8), 0)
+    out = comfy.sample.sample(model, noise, 2, 5.0, "euler", "normal", pos, tm.conditioning("sd15")[1],
+                              tm.latent(8), seed=0, disable_pbar=True)
+    assert torch.isfinite(out).all()
+    from comfy_extras import nodes_train
+
+    saved = folder_paths.get_temp_directory()
+    folder_paths.set_temp_directory(str(tmp_path))
+    try:
+        graph = nodes_train.LossGraphNode
+        if hasattr(graph, "plot_loss"):  # ComfyUI 0.3.x: V1 node
+            graph().plot_loss(loss_map, "loss_graph")
+        else:  # later: V3 node
+            graph.execute(loss_map, "loss_graph")
+    finally:
+        folder_paths.set_temp_directory(saved)
+
+
+def test_node_refuses_a_mode_with_nothing_to_train(node_env):
+    N, teacher, _, bk_small, latents, pos = node_env
+    from distilled_unets.models.distill import DistillError
+
+    with pytest.raises(DistillError, match="nothing to train") as e:
+        run_node(N, bk_small, teacher, latents, pos, train="student blocks only")
+    assert "DistillStudentUNet" in str(e.value) and "input 'train'" in str(e.value)
+
+
+def test_node_memory_refusal_before_any_step(node_env, monkeypatch):
+    N, teacher, _, bk_small, latents, pos = node_env
+    from distilled_unets.models.distill import TrainingMemoryError
+
+    calls = []
+    monkeypatch.setattr(N.mm, "get_free_memory", lambda *a, **k: 1 << 20)
+    monkeypatch.setattr(N.comfy.utils, "ProgressBar", lambda *a, **k: calls.append(a))
+    with pytest.raises(TrainingMemoryError) as e:
+        run_node(N, bk_small, teacher, latents, pos)
+    msg = str(e.value)
+    assert msg.startswith("[DistillStudentUNet, input 'batch_size'] distillation needs ~") and "Fix:" in msg
+    assert not calls  # refused before the first step
+
+
+def test_node_cancel_then_resume_reproduces_the_run(node_env, tmp_path, monkeypatch):
+    import comfy.model_management as mm
+    import folder_paths
+
+    N, teacher, _, bk_small, latents, pos = node_env
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    kw = dict(steps=4, checkpoint_every=2, ema_decay=0.9)
+    _, full, _ = run_node(N, bk_small, teacher, latents, pos, run_name="full", **kw)
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 4:  # Cancel pressed while step 3 ran: stop before step 4
+            raise mm.InterruptProcessingException()
+
+    class OnlyThisNode:  # ComfyUI's own code may check for interrupts too; count only the node's checks
+        def __getattr__(self, name):
+            return interrupt if name == "throw_exception_if_processing_interrupted" else getattr(mm, name)
+
+    monkeypatch.setattr(N, "mm", OnlyThisNode())
+    with pytest.raises(mm.InterruptProcessingException):
+        run_node(N, bk_small, teacher, latents, pos, run_name="cut", **kw)
+    monkeypatch.setattr(N, "mm", mm)
+    written = sorted(os.listdir(tmp_path / "distilled_unets" / "distill_checkpoints" / "cut"))
+    assert written == ["cut_0000002.safetensors", "cut_0000003.safetensors"]
+    assert "cut/cut_0000003.safetensors" in N.checkpoint_choices()
+    _, resumed, report = run_node(N, bk_small, teacher, latents, pos, run_name="cut",
+                                  resume_from="cut/cut_0000003.safetensors", **kw)
+    print(f"\nnode resume: uninterrupted {fmt(full['loss'])}\n             resumed       {fmt(resumed['loss'])}")
+    assert resumed["loss"] == full["loss"] and "resumed at step 3" in report
+
+
+def test_node_sdxl_conditioning_goes_through_the_models_own_adm(env, node_env):
+    tm = env[0]
+    N = node_env[0]
+    with torch.inference_mode():
+        teacher = tm.build("sdxl", tm.SDXL_MINI_TOPOLOGY, seed=21)
+        student = tm.build("sdxl", tm.SDXL_MINI_TOPOLOGY, seed=22)
+        pos, _ = tm.conditioning("sdxl", tokens=8)
+        latents = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    with torch.inference_mode(False):
+        data = N.make_data(teacher, latents, pos, which="train")
+        c, d = pos[0]
+        want = teacher.model.encode_adm(**dict(d, device=torch.device("cpu"), noise=latents["samples"][:1]))
+    assert data._y.shape == (1, 2816) and torch.allclose(data._y, want.float())
+    model, loss_map, report = run_node(N, student, teacher, latents, pos, steps=2, feature_points="stages")
+    assert len(loss_map["loss"]) == 2 and all(math.isfinite(x) for x in loss_map["loss"])

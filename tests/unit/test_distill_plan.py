@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from distilled_unets.models import distill as D
 from distilled_unets.models import vgg as V
 from distilled_unets.models.errors import WeightFileError
-from distilled_unets.models.lora_keys import unet_module_map
+from distilled_unets.models.names import ldm_module_map
 from distilled_unets.models.registry import REGISTRY, TEACHERS, by_id
+from distilled_unets.models.topology import diffusers_config
 
 # kd_train_text_to_image.py (Nota-NetsPresso/BK-SDM): the hooked modules of teacher and student
 BK_BASE_SMALL = (["up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3",
@@ -23,13 +24,9 @@ BK_TINY = (["down_blocks.0", "down_blocks.1", "down_blocks.2.attentions.1.proj_o
             "up_blocks.0", "up_blocks.1", "up_blocks.2"])
 
 
-def _config(t):
-    return t.comfy_unet_config()
-
-
 def diffusers_module(ldm_path: str, topo) -> str:
     """The diffusers module (resnet / attention / sampler, or a named leaf) at an ldm module path."""
-    inverse = {v: k for k, v in unet_module_map(_config(topo)).items()}
+    inverse = ldm_module_map(topo)
     if ldm_path in inverse:
         return inverse[ldm_path]
     hits = [d for ld, d in inverse.items() if ld.startswith(ldm_path + ".")]
@@ -70,37 +67,37 @@ SD15_DIFFUSERS = dict(layers_per_block=2, down_block_types=["CrossAttnDownBlock2
 def test_feature_points_are_bk_sdms(student_id, bk):
     student = by_id(student_id)
     teacher = TEACHERS[student.family]
-    plan = D.feature_plan(teacher.topology, student.topology)
-    got_t = sorted(diffusers_module(p.teacher, teacher.topology) for p in plan.points)
-    got_s = sorted(diffusers_module(p.student, student.topology) for p in plan.points)
+    plan = D.feature_plan(teacher.structure, student.structure)
+    s_cfg = diffusers_config(student.structure)
+    got_t = sorted(diffusers_module(p.teacher, teacher.structure) for p in plan.points)
+    got_s = sorted(diffusers_module(p.student, student.structure) for p in plan.points)
     assert got_t == sorted(bk_reference(bk[0], SD15_DIFFUSERS))
-    assert got_s == sorted(bk_reference(bk[1], student.diffusers))
+    assert got_s == sorted(bk_reference(bk[1], s_cfg))
     # pairs line up by position too (teacher i <-> student i in BK-SDM's lists)
-    pairs = {(diffusers_module(p.teacher, teacher.topology), diffusers_module(p.student, student.topology))
+    pairs = {(diffusers_module(p.teacher, teacher.structure), diffusers_module(p.student, student.structure))
              for p in plan.points}
-    assert pairs == set(zip(bk_reference(bk[0], SD15_DIFFUSERS), bk_reference(bk[1], student.diffusers)))
+    assert pairs == set(zip(bk_reference(bk[0], SD15_DIFFUSERS), bk_reference(bk[1], s_cfg)))
 
 
 def test_mid_block_term_only_where_both_have_one():
-    sd15 = TEACHERS["sd1"].topology
-    base = D.feature_plan(sd15, by_id("nota-ai/bk-sdm-base").topology, mid=True)
+    sd15 = TEACHERS["sd1"].structure
+    base = D.feature_plan(sd15, by_id("nota-ai/bk-sdm-base").structure, mid=True)
     mid = [p for p in base.points if p.kind == "mid"]
     assert [(p.teacher, p.student) for p in mid] == [("middle_block.2", "middle_block.2")]
-    small = D.feature_plan(sd15, by_id("nota-ai/bk-sdm-small").topology, mid=True)
+    small = D.feature_plan(sd15, by_id("nota-ai/bk-sdm-small").structure, mid=True)
     assert not [p for p in small.points if p.kind == "mid"]
     assert any("student has no mid block" in s for s in small.skipped)
     assert any("mid_block" in line for line in base.report_lines())
 
 
-@pytest.mark.parametrize("entry", [e for e in REGISTRY if e.topology is not None and not e.is_teacher],
-                         ids=lambda e: e.id)
+@pytest.mark.parametrize("entry", [e for e in REGISTRY if not e.is_teacher], ids=lambda e: e.id)
 def test_every_public_student_pairs_with_its_teacher(entry):
-    teacher = TEACHERS[entry.family].topology
-    plan = D.feature_plan(teacher, entry.topology, mid=True)
+    teacher = TEACHERS[entry.family].structure
+    plan = D.feature_plan(teacher, entry.structure, mid=True)
     assert plan.points, plan.skipped
     for p in plan.points:  # every hooked path is a module of its UNet
         diffusers_module(p.teacher, teacher)
-        diffusers_module(p.student, entry.topology)
+        diffusers_module(p.student, entry.structure)
 
 
 @pytest.mark.parametrize("skip_reshape", [False, True])

@@ -10,7 +10,8 @@ output KD + feature KD over BK-SDM's 8 stage outputs, backward, grad-norm clip 1
 attention; the pack runs with its SDPA override (``pack``) and with ComfyUI's own attention backend
 (``pack-host``: the sub-quadratic one on CPU) to show why the override exists.
 
-Reported per variant: median s/step after warm-up, peak memory (CUDA: ``torch.cuda.max_memory_allocated``
+Reported per variant: best and median s/step after warm-up (ratios on the best: the least disturbed
+measurement on a shared machine), peak memory (CUDA: ``torch.cuda.max_memory_allocated``
 over the run; CPU: peak RSS over the steps minus the RSS before them, sampled every millisecond, each
 variant in a fresh process), the ratios pack / diffusers, and how far the two implementations' losses are
 apart (same weights and draws: they compute the same thing).
@@ -309,16 +310,17 @@ def main(argv=None):
     print(f"KD step, preset {a.preset} ({a.width} width), latent {a.size}x{a.size}, device {device}, "
           f"{'bf16 autocast' if cuda else 'fp32'}, threads {a.threads}, {a.steps} steps x {a.reps} rounds, "
           f"feature points: {', '.join(results[variants[0]][0]['labels'])}")
-    print(f"{'batch':>5} {'ckpt':>4} {'impl':>10} {'s/step':>9} {'peak MiB':>9} {'vs diffusers: time':>19} "
-          f"{'memory':>7} {'max |loss diff|':>16}")
+    print(f"{'batch':>5} {'ckpt':>4} {'impl':>10} {'best s/step':>12} {'median':>8} {'peak MiB':>9} "
+          f"{'time vs diffusers':>18} {'memory':>7} {'max rel loss diff':>18}")
     for b in batches:
         for c in ckpts:
             ref = results.get(("diffusers", c, b))
-            ref_t = statistics.median([x for r in ref for x in r["times"]]) if ref else None
+            ref_t = min(x for r in ref for x in r["times"]) if ref else None
             ref_m = statistics.median([r["peak"] for r in ref]) if ref else None
             for i in impls:
                 rs = results[(i, c, b)]
-                t = statistics.median([x for r in rs for x in r["times"]])
+                times = [x for r in rs for x in r["times"]]
+                t, med = min(times), statistics.median(times)
                 m = statistics.median([r["peak"] for r in rs])
                 diff = ""
                 if ref and i != "diffusers":
@@ -326,11 +328,10 @@ def main(argv=None):
                     diff = f"{max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la, lb)):.2e}"
                 ratio_t = f"{t / ref_t:.3f}" if ref_t else ""
                 ratio_m = f"{m / ref_m:.3f}" if ref_m else ""
-                print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {t:>9.4f} {m / 2**20:>9.1f} {ratio_t:>19} "
-                      f"{ratio_m:>7} {diff:>16}")
-            est = [r for r in results[("pack", c, b)]] if ("pack", c, b) in results else []
-            if est:
-                e = est[0]
+                print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {t:>12.4f} {med:>8.4f} {m / 2**20:>9.1f} "
+                      f"{ratio_t:>18} {ratio_m:>7} {diff:>18}")
+            if ("pack", c, b) in results:
+                e = results[("pack", c, b)][0]
                 note = f"; input student weights {e['student_weight_bytes'] / 2**20:.1f} MiB" if not cuda else ""
                 print(f"{'':>16} pack's up-front estimate {e['estimate'] / gib:.3f} GiB{note}")
     return 0

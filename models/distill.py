@@ -1008,7 +1008,11 @@ class Distiller:
 
     def _run_teacher(self, nb: NoisedBatch, ctx, y):
         dt = self._teacher_dtype()
-        with torch.no_grad(), self._autocast():
+        if self.autocast is not None and dt in (torch.float16, torch.bfloat16):  # compute in its own half dtype
+            amp = torch.autocast(self.device.type, dtype=dt)
+        else:
+            amp = self._autocast()
+        with torch.no_grad(), amp:
             out = self.teacher(nb.x_in.to(dt), nb.timesteps, context=ctx.to(dt),
                                y=None if y is None else y.to(dt), transformer_options=self._opts(True))
         return out.float()

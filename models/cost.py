@@ -19,12 +19,10 @@ TEXT_TOKENS = 77
 class Cost:
     params: int = 0
     macs: int = 0
-    attn_macs: int = 0  # the share spent in self-attention QK^T and AV (grows with tokens squared)
 
-    def add(self, params: int = 0, macs: int = 0, attn: int = 0):
+    def add(self, params: int = 0, macs: int = 0):
         self.params += params
         self.macs += macs
-        self.attn_macs += attn
 
 
 def _conv(c: Cost, cin: int, cout: int, k: int, hw: int):
@@ -56,7 +54,7 @@ def _transformer(c: Cost, ch: int, depth: int, ctx: int, hw: int, self_ctx: bool
         _linear(c, kv_in, ch, kv_tokens, bias=False)
         _linear(c, kv_in, ch, kv_tokens, bias=False)
         _linear(c, ch, ch, hw)
-        c.add(0, 2 * hw * kv_tokens * ch, 0 if self_ctx else 2 * hw * kv_tokens * ch)
+        c.add(0, 2 * hw * kv_tokens * ch)
         # attn2: cross-attention to the text
         _linear(c, ch, ch, hw, bias=False)
         _linear(c, ctx, ch, TEXT_TOKENS, bias=False)

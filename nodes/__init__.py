@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention, loaders, lora, sampling, students
+from . import attention, distill, loaders, lora, sampling, students
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     *loaders.NODES,
@@ -10,6 +10,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     *attention.NODES,
     *lora.NODES,
     *students.NODES,
+    *distill.NODES,
 ]
 
 

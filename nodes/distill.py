@@ -1,0 +1,468 @@
+"""DistillStudentUNet: knowledge distillation of a student UNet from its teacher, inside ComfyUI.
+
+The training engine is host-free (``models/distill.py``); this module turns ComfyUI values into its inputs
+(LATENT + CONDITIONING through the model's own ``process_latent_in`` and ``extra_conds``, the block map into
+the set of trained parameters, the teacher loaded by ComfyUI's model management), shows progress, honours
+Cancel between steps, and hands the trained weights to the loader's own build path as a new MODEL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..models import blockmap as bmod
+from ..models import distill as D
+from ..models import vgg as V
+from ..models.errors import IncompatibleModelsError, WeightFileError
+from ._glue import (
+    BLOCK_MAP_KEY,
+    RECIPE_KEY,
+    block_map_of_model,
+    comfy_model,
+    model_from_state_dict,
+    node_errors,
+    topology_of,
+    unet_weights,
+)
+from .students import CATEGORY, sampling_of
+
+log = logging.getLogger("distilled_unets")
+
+NODE = "DistillStudentUNet"
+TRAIN_MODES = ["all", "student blocks only", "changed blocks only"]
+LOSS_CHOICES = ["bk-sdm", "segmind", "custom"]
+FEATURE_CHOICES = list(D.FEATURE_MODES[1:]) + ["none"]  # stages, stages+mid, none
+PRECISIONS = list(D.PRECISIONS)
+VGG_FOLDER = "vgg"
+NONE = "none"
+#: BK-SDM's released checkpoints: batch 256 x 50K steps (kd_train_text_to_image.py, README)
+BK_SDM_SAMPLES = 256 * 50_000
+
+
+def _register_vgg_folder() -> None:
+    """models/vgg for the user's VGG16 weights (merged into an existing entry, never replacing one)."""
+    path = os.path.join(folder_paths.models_dir, VGG_FOLDER)
+    if VGG_FOLDER in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(VGG_FOLDER, path)
+    else:
+        folder_paths.folder_names_and_paths[VGG_FOLDER] = ([path], set(folder_paths.supported_pt_extensions))
+
+
+_register_vgg_folder()
+
+
+def vgg_choices() -> list[str]:
+    return [NONE] + folder_paths.get_filename_list(VGG_FOLDER)
+
+
+def checkpoint_root() -> str:
+    return os.path.join(folder_paths.get_output_directory(), "distilled_unets", "distill_checkpoints")
+
+
+def checkpoint_choices() -> list[str]:
+    root = checkpoint_root()
+    out = []
+    if os.path.isdir(root):
+        for base, dirs, files in os.walk(root):
+            dirs.sort()
+            out += [os.path.relpath(os.path.join(base, f), root).replace(os.sep, "/") for f in sorted(files)
+                    if f.endswith(".safetensors") and not f.startswith(".")]
+    return [NONE] + out
+
+
+def _resolve_checkpoint(name: str) -> str | None:
+    if not name or name == NONE:
+        return None
+    root = os.path.abspath(checkpoint_root())
+    path = os.path.abspath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
+        raise D.CheckpointError(f"the checkpoint '{name}' is not under {root}",
+                                "refresh the node list (press R) and pick an existing checkpoint", path=name,
+                                node=NODE, input_name="resume_from")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI values -> engine inputs
+
+
+def _split_batched(conditioning: list, n: int) -> list:
+    """One CONDITIONING entry holding a batch of ``n`` prompts -> ``n`` entries (dict tensors split alike)."""
+    c, d = conditioning[0]
+    out = []
+    for i in range(n):
+        di = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v)
+              for k, v in d.items()}
+        out.append([c[i:i + 1], di])
+    return out
+
+
+def make_data(teacher, latent: dict, conditioning: list, *, which: str) -> D.KDData:
+    """KDData from a LATENT and a CONDITIONING (one per latent, or one for all), through the teacher's own
+    ``process_latent_in`` and ``extra_conds`` (SDXL's pooled and size conditioning included)."""
+    inp_l, inp_c = ("latents", "conditioning") if which == "train" else ("heldout_latents", "heldout_conditioning")
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[0] == 0:
+        raise D.DistillError("this is not a batch of image latents", "connect a LATENT from VAE Encode or a "
+                             "sampler", node=NODE, input_name=inp_l)
+    n = samples.shape[0]
+    if not conditioning:
+        raise D.DistillError("the conditioning is empty", "connect a CLIP Text Encode output", node=NODE,
+                             input_name=inp_c)
+    entries = list(conditioning)
+    if len(entries) == 1 and n > 1 and entries[0][0].shape[0] == n:
+        entries = _split_batched(entries, n)
+    if len(entries) not in (1, n):
+        raise D.DistillError(f"{len(entries)} conditionings for {n} latents",
+                             "give one conditioning per latent (in the latents' order) or one for all",
+                             node=NODE, input_name=inp_c)
+    model = teacher.model
+    x0 = model.process_latent_in(samples.float().cpu())
+    h, w = samples.shape[-2:]
+    contexts, ys = [], []
+    for i, (c, d) in enumerate(entries):
+        params = dict(d)
+        params.update(cross_attn=c, device=torch.device("cpu"), noise=x0[i:i + 1] if len(entries) == n else x0[:1])
+        params["width"] = params.get("width", w * 8)
+        params["height"] = params.get("height", h * 8)
+        params.setdefault("prompt_type", "positive")
+        try:
+            out = model.extra_conds(**params)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise D.DistillError(f"the teacher cannot use this conditioning ({type(e).__name__}: {e})",
+                                 "encode the captions with the teacher family's CLIP (SDXL needs its pooled "
+                                 "output: CLIP Text Encode with an SDXL CLIP)", node=NODE, input_name=inp_c) from e
+        if "c_concat" in out:
+            raise D.DistillError("inpainting / instruct models (extra input channels) cannot be distilled here",
+                                 "use a text-to-image teacher", node=NODE, input_name="teacher")
+        ctx = out["c_crossattn"].cond
+        contexts.append(ctx.reshape(-1, ctx.shape[-1]).float().cpu())
+        if "y" in out:
+            ys.append(out["y"].cond.reshape(1, -1).float().cpu())
+    y = torch.cat(ys) if ys else None
+    return D.KDData(x0, contexts, y)
+
+
+def _student_unet(student, topology):
+    """The student's UNet with the weights it samples with (patches merged), without changing the MODEL."""
+    patched = bool(student.patches) or bool(getattr(student, "weight_wrapper_patches", None))
+    if not patched:
+        return student.model.diffusion_model
+    sd = unet_weights(student)
+    module = comfy_model(topology, torch.float32, device="meta").diffusion_model
+    module.load_state_dict(sd, assign=True)
+    return module
+
+
+def _block_map(student, tt, st):
+    bm = block_map_of_model(student)
+    if bm is not None and bm.student.signature() == st.signature() and \
+            bm.teacher.signature()[1:] == tt.signature()[1:]:
+        return bm, "the student's block map"
+    return bmod.derive(tt, st), "derived from the two structures"
+
+
+def _trainable(bm, mode: str):
+    units = set(bm.trainable_units(mode))
+    return lambda name: bm.unit_of(name) in units, units
+
+
+def _weights(preset: str, task: float, out: float, feat: float, mid: float, vgg: float) -> D.LossWeights:
+    if preset == "custom":
+        return D.LossWeights(task, out, feat, mid, vgg)
+    base = D.PRESETS[preset]
+    return D.LossWeights(base.task, base.out, base.feat)
+
+
+def _run_name(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", (name or "").strip()).strip("._") or "distill"
+    return name[:80]
+
+
+def _send_text(node_id, text: str) -> None:
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+
+        if PromptServer.instance is not None and hasattr(PromptServer.instance, "send_progress_text"):
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # no server (tests, scripts): the progress bar is enough
+        pass
+
+
+def distill(student, teacher, latents, conditioning, *, steps: int, batch_size: int, gradient_accumulation: int,
+            learning_rate: float, loss_weights: str, feature_points: str, train: str, seed: int, ema_decay: float,
+            gradient_checkpointing: bool, checkpoint_every: int = 0, precision: str = "auto",
+            heldout_latents=None, heldout_conditioning=None, resume_from: str = NONE, run_name: str = "distill",
+            vgg16: str = NONE, task_weight: float = 1.0, output_weight: float = 1.0, feature_weight: float = 1.0,
+            mid_weight: float = 1.0, vgg_weight: float = 1.0, node_id=None):
+    """(trained student MODEL, LOSS_MAP, report). The inputs are only read."""
+    with torch.inference_mode(False):
+        return _distill(**locals())
+
+
+def _distill(student, teacher, latents, conditioning, *, steps, batch_size, gradient_accumulation, learning_rate,
+             loss_weights, feature_points, train, seed, ema_decay, gradient_checkpointing, checkpoint_every,
+             precision, heldout_latents, heldout_conditioning, resume_from, run_name, vgg16, task_weight,
+             output_weight, feature_weight, mid_weight, vgg_weight, node_id):
+    t_start = time.perf_counter()
+    tt, st = topology_of(teacher), topology_of(student)
+    with node_errors(NODE, "teacher"):
+        pred_t, zsnr_t = sampling_of(teacher, NODE, "teacher")
+    with node_errors(NODE, "student"):
+        pred_s, zsnr_s = sampling_of(student, NODE, "student")
+    if (pred_t, zsnr_t) != (pred_s, zsnr_s):
+        raise IncompatibleModelsError(f"the teacher predicts {pred_t}{' (zero terminal SNR)' if zsnr_t else ''}, "
+                                      f"the student {pred_s}{' (zero terminal SNR)' if zsnr_s else ''}",
+                                      "distil a student of the same prediction type as its teacher (set the "
+                                      "loader's prediction input, or a ModelSamplingDiscrete node on both)",
+                                      node=NODE, input_name="student")
+    if (heldout_latents is None) != (heldout_conditioning is None):
+        raise D.DistillError("held-out latents and held-out conditioning must be given together",
+                             "connect both, or neither (then the last ~10 % of the data are held out)", node=NODE,
+                             input_name="heldout_latents" if heldout_latents is None else "heldout_conditioning")
+    data = make_data(teacher, latents, conditioning, which="train")
+    held_note = "the held-out inputs"
+    if heldout_latents is not None:
+        held = make_data(teacher, heldout_latents, heldout_conditioning, which="heldout")
+    else:
+        n = len(data)
+        k = max(1, n // 10) if n >= 2 else 0
+        if k:
+            data, held = data.split_tail(k)
+            held_note = f"the last {k} of {n} samples (held out, not trained on)"
+        else:
+            held, held_note = None, "none (one sample only: connect held-out latents to measure progress)"
+    bm, bm_note = _block_map(student, tt, st)
+    trainable, units = _trainable(bm, train)
+    weights = _weights(loss_weights, task_weight, output_weight, feature_weight, mid_weight, vgg_weight)
+    semantic, vgg_note = None, None
+    if vgg16 and vgg16 != NONE:
+        path = folder_paths.get_full_path(VGG_FOLDER, vgg16)
+        if path is None:
+            raise WeightFileError(f"the VGG16 file '{vgg16}' is not under models/{VGG_FOLDER}",
+                                  "refresh the node list (press R) and pick an existing file", path=vgg16,
+                                  node=NODE, input_name="vgg16")
+        try:
+            tensors = comfy.utils.load_torch_file(path, safe_load=True)
+        except Exception as e:
+            raise WeightFileError(f"the VGG16 file cannot be read ({type(e).__name__}: {str(e)[:160]})",
+                                  "use a .safetensors (or weights-only .pth) torchvision VGG16 file", path=path,
+                                  node=NODE, input_name="vgg16") from e
+        with node_errors(NODE, "vgg16"):
+            vgg = V.load_vgg16(tensors, path=path)
+        fmt = teacher.model.latent_format
+        if getattr(fmt, "latent_rgb_factors", None) is None:
+            raise D.DistillError("this model family has no latent->RGB preview factors for the VGG input",
+                                 "set vgg16 to none", node=NODE, input_name="vgg16")
+        semantic = V.SemanticVGGLoss(vgg, fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
+        vgg_note = (f"VGG term ({os.path.basename(path)}): relu1_2/2_2/3_3 of VGG16 on the student's and the "
+                    "teacher's predicted x0, mapped to RGB with the family's latent preview factors, "
+                    f"ImageNet-normalised; relative feature error, weighted by alpha_bar_t; weight "
+                    f"{weights.vgg_weight:g}")
+    ckpt_dir = os.path.join(checkpoint_root(), _run_name(run_name)) if checkpoint_every else None
+    resume = _resolve_checkpoint(resume_from)
+    if resume and not ckpt_dir:  # keep checkpointing beside the one resumed from
+        ckpt_dir = os.path.dirname(resume)
+    cfg = D.DistillConfig(steps=steps, batch_size=batch_size, grad_accum=gradient_accumulation,
+                          learning_rate=learning_rate, weights=weights, features=feature_points, seed=seed,
+                          ema_decay=ema_decay, gradient_checkpointing=gradient_checkpointing, precision=precision,
+                          checkpoint_every=checkpoint_every, checkpoint_dir=ckpt_dir,
+                          checkpoint_prefix=_run_name(run_name))
+    with node_errors(NODE, "steps"):
+        cfg.validate()
+    device = mm.get_torch_device()
+    ms = teacher.get_model_object("model_sampling")
+    student_unet = _student_unet(student, st)
+    tmodel = teacher.model
+    t_dtype = tmodel.manual_cast_dtype or tmodel.get_dtype()
+    with node_errors(NODE, "train"):
+        d = D.Distiller(teacher=tmodel.diffusion_model, student=student_unet, teacher_topology=tt,
+                        student_topology=st, schedule=D.NoiseSchedule(ms, prediction=pred_t), data=data,
+                        heldout=held, config=cfg, trainable=trainable, semantic=semantic, device=device,
+                        teacher_dtype=t_dtype, node=NODE)
+    # memory before the first step: the teacher through ComfyUI's loader (it frees what the run needs), then the
+    # engine's estimate against what is left
+    est = d.estimate_memory(teacher_resident=True)
+    mm.load_models_gpu([teacher], memory_required=est.total)
+    free = mm.get_free_memory(device)
+    extra = []
+    if train == "all":
+        n_own = sum(p.numel() for n_, p in student_unet.named_parameters()
+                    if bm.unit_of(n_) in set(bm.trainable_units("student blocks only")))
+        if n_own:
+            extra.append(f"train 'student blocks only' ({n_own:,} parameters instead of {d.trainable_params:,})")
+    d.check_memory(free, teacher_resident=True, extra_fixes=extra)
+    partial = hasattr(teacher, "loaded_size") and teacher.loaded_size() < teacher.model_size()
+
+    pbar = comfy.utils.ProgressBar(steps)
+    last_text = [0.0]
+
+    def progress(step, total, loss):
+        pbar.update_absolute(step, total)
+        now = time.perf_counter()
+        if now - last_text[0] > 1.0 or step == total:
+            last_text[0] = now
+            _send_text(node_id, f"step {step}/{total}  loss {loss:.5f}")
+
+    def cancel():
+        mm.throw_exception_if_processing_interrupted()
+        return False
+
+    res = d.run(progress=progress, cancel=cancel, resume=resume)
+    recipe = dict(student.get_attachment(RECIPE_KEY) or {}) if hasattr(student, "get_attachment") else {}
+    recipe["distilled"] = list(recipe.get("distilled", [])) + [{
+        "steps": res.steps_done, "samples_seen": res.samples_seen, "batch_size": batch_size,
+        "gradient_accumulation": gradient_accumulation, "learning_rate": learning_rate,
+        "loss_weights": weights.describe(), "feature_points": feature_points, "train": train, "seed": seed,
+        "ema_decay": ema_decay, "heldout_before": res.heldout_before, "heldout_after": res.heldout_after}]
+    trained = model_from_state_dict(st, res.state_dict, prediction=pred_s, zsnr=zsnr_s,
+                                    attachments={BLOCK_MAP_KEY: bm, RECIPE_KEY: recipe})
+    if "model_sampling" in student.object_patches:
+        trained.add_object_patch("model_sampling", student.get_model_object("model_sampling"))
+    loss_map = {"loss": list(res.losses)}
+    for k, v in res.parts.items():
+        loss_map[f"loss_{k}"] = list(v)
+    if res.heldout_curve:
+        loss_map["heldout"] = [e for _, e in res.heldout_curve]
+    seen = res.samples_seen + res.resumed_from * batch_size * gradient_accumulation
+    lines = [
+        f"Distilled {st.describe()}",
+        f"teacher: {tt.describe()}",
+        f"what trains: {train} ({len(units)} of {len(bm.units)} units; block map {bm_note})",
+        *res.report,
+        f"held-out samples: {held_note}",
+        f"memory estimate before the first step: {est.describe()}; {free / D.GIB:.2f} GiB was free on {device}",
+        f"samples seen in total: {seen:,} = {100 * seen / BK_SDM_SAMPLES:.3g} % of a BK-SDM run "
+        "(batch 256 x 50K steps); a few thousand steps retarget a released student toward a fine-tune, a "
+        "general-purpose student needs the published budgets",
+    ]
+    if vgg_note:
+        lines.append(vgg_note)
+    if partial:
+        lines.append("the teacher did not fit the GPU whole and ran partly from system memory (slow)")
+    if teacher.model_options.get("transformer_options", {}).get("patches") or \
+            teacher.model_options.get("transformer_options", {}).get("patches_replace"):
+        lines.append("the teacher's attention/block patches are not applied while distilling (its weights, "
+                     "LoRAs included, are)")
+    lines.append(f"total time {time.perf_counter() - t_start:.1f} s")
+    return trained, loss_map, "\n".join(lines)
+
+
+class DistillStudentUNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="Distill Student UNet",
+            category=CATEGORY,
+            description=("Trains a student UNet toward its teacher by knowledge distillation (BK-SDM: denoising "
+                         "loss + output KD + feature KD at every stage; A-SDM: incubation of the student's own "
+                         "blocks, mid-block and VGG supervision) on latents and captions you give as ComfyUI "
+                         "values. Returns a new trained MODEL (the inputs are not changed), the loss curve for "
+                         "Plot Loss Graph, and a report. Realistic inside ComfyUI: retargeting a released student "
+                         "(e.g. bk-sdm-small) toward your fine-tune for a few thousand steps."),
+            inputs=[
+                io.Model.Input("student", tooltip="The student: from Build Student UNet, or any loaded student of "
+                                                  "the teacher's family (retargeting). Only read."),
+                io.Model.Input("teacher", tooltip="The teacher (e.g. your fine-tune from Load Checkpoint). Only read."),
+                io.Latent.Input("latents", tooltip="Training latents: VAE Encode of your images, or latents the "
+                                                   "teacher generated with a KSampler."),
+                io.Conditioning.Input("conditioning", tooltip="Their captions (CLIP Text Encode): one per latent, in "
+                                                              "order, or one for all."),
+                io.Int.Input("steps", default=1000, min=1, max=10_000_000,
+                             tooltip="Optimizer steps (BK-SDM: 50,000 at batch 256)."),
+                io.Int.Input("batch_size", default=2, min=1, max=1024, tooltip="Samples per forward pass."),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=1024,
+                             tooltip="Forward passes per optimizer step (effective batch = batch_size x this)."),
+                io.Float.Input("learning_rate", default=5e-5, min=1e-8, max=1.0, step=1e-6, round=1e-8,
+                               tooltip="AdamW learning rate (BK-SDM 5e-5, segmind 1e-5), constant."),
+                io.Combo.Input("loss_weights", options=LOSS_CHOICES, default="bk-sdm",
+                               tooltip="bk-sdm: task 1, output KD 1, feature KD 1; segmind: 1 / 0.5 / 0.5; custom: "
+                                       "the weight inputs below."),
+                io.Combo.Input("feature_points", options=FEATURE_CHOICES, default="stages",
+                               tooltip="stages: BK-SDM's stage outputs (down and up blocks of every level both "
+                                       "models have); stages+mid: also A-SDM's mid-block output where both have "
+                                       "one; none: output KD and the task loss only."),
+                io.Combo.Input("train", options=TRAIN_MODES, default="all",
+                               tooltip="all: every student weight; student blocks only: A-SDM's incubation, the "
+                                       "blocks that come from the teacher stay frozen; changed blocks only: the "
+                                       "blocks that are not the teacher's own block at the same place."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Seeds the sample order, timesteps and noise of every step (a resumed run "
+                                     "reproduces the uninterrupted one)."),
+                io.Float.Input("ema_decay", default=0.9999, min=0.0, max=0.99999, step=0.0001, round=0.00001,
+                               tooltip="EMA of the trained weights, returned instead of the raw ones (BK-SDM "
+                                       "0.9999, warmed up as diffusers' EMAModel); 0 = off."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in the backward pass: much less memory, ~30 % "
+                                         "more time."),
+                io.Combo.Input("precision", options=PRECISIONS, default="auto",
+                               tooltip="auto: bf16 autocast on a GPU (fp16 where bf16 is missing), fp32 on CPU; "
+                                       "master weights are always fp32."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=10_000_000,
+                             tooltip="Write a resumable checkpoint every N steps (0 = never) under "
+                                     "output/distilled_unets/distill_checkpoints/<run_name>; also on Cancel."),
+                io.Latent.Input("heldout_latents", optional=True,
+                                tooltip="Held-out latents to measure progress on (else the last ~10 % of the "
+                                        "training latents are held out)."),
+                io.Conditioning.Input("heldout_conditioning", optional=True,
+                                      tooltip="Captions of the held-out latents."),
+                io.Combo.Input("resume_from", options=checkpoint_choices(), default=NONE, optional=True,
+                               tooltip="A checkpoint to continue from (same student, data and settings reproduce "
+                                       "the uninterrupted run exactly)."),
+                io.String.Input("run_name", default="distill", optional=True,
+                                tooltip="Folder and file name of this run's checkpoints."),
+                io.Combo.Input("vgg16", options=vgg_choices(), default=NONE, optional=True,
+                               tooltip="A-SDM's VGG term: torchvision VGG16 weights you put in models/vgg (none "
+                                       "ship). It compares the two models' predicted images (latent preview "
+                                       "colours) at relu1_2/2_2/3_3."),
+                io.Float.Input("task_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
+                               tooltip="custom loss_weights: the denoising (task) loss."),
+                io.Float.Input("output_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
+                               tooltip="custom loss_weights: output KD."),
+                io.Float.Input("feature_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
+                               tooltip="custom loss_weights: feature KD (sum over the stage outputs)."),
+                io.Float.Input("mid_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
+                               tooltip="custom loss_weights: mid-block term (presets use the feature weight)."),
+                io.Float.Input("vgg_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
+                               tooltip="custom loss_weights: VGG term (presets use the output weight)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The trained student (a new MODEL; the inputs are unchanged)."),
+                     io.Custom("LOSS_MAP").Output("loss_map", tooltip="Loss per step, for Plot Loss Graph."),
+                     io.String.Output("report", tooltip="Held-out output-KD error before/after, steps, samples "
+                                                        "seen, time, feature points, memory.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, student, teacher, latents, conditioning, steps, batch_size, gradient_accumulation,
+                learning_rate, loss_weights, feature_points, train, seed, ema_decay, gradient_checkpointing,
+                precision, checkpoint_every, heldout_latents=None, heldout_conditioning=None, resume_from=NONE,
+                run_name="distill", vgg16=NONE, task_weight=1.0, output_weight=1.0, feature_weight=1.0,
+                mid_weight=1.0, vgg_weight=1.0) -> io.NodeOutput:
+        node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
+        with node_errors(NODE, "student"):
+            model, loss_map, report = distill(
+                student, teacher, latents, conditioning, steps=steps, batch_size=batch_size,
+                gradient_accumulation=gradient_accumulation, learning_rate=learning_rate, loss_weights=loss_weights,
+                feature_points=feature_points, train=train, seed=seed, ema_decay=ema_decay,
+                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
+                precision=precision, heldout_latents=heldout_latents, heldout_conditioning=heldout_conditioning,
+                resume_from=resume_from or NONE, run_name=run_name or "distill", vgg16=vgg16 or NONE,
+                task_weight=task_weight, output_weight=output_weight, feature_weight=feature_weight,
+                mid_weight=mid_weight, vgg_weight=vgg_weight, node_id=node_id)
+        return io.NodeOutput(model, loss_map, report, ui=ui.PreviewText(report))
+
+
+NODES = [DistillStudentUNet]

@@ -24,8 +24,11 @@ Written under ``<models dir>`` (laid out like ``ComfyUI/models``):
   ComfyUI detects as KOALA-700M (width 320, transformer depths 0/2/5), with full-size random
   CLIP-L and OpenCLIP-bigG (ComfyUI's configs are fixed; bigG is 695 M parameters, about 1.4 GB in
   fp16) and a TAESD-layout VAE.
+* with ``teacher=True``: ``checkpoints/demo-sd15-teacher.safetensors``, an SD1.5 checkpoint with the FULL
+  SD1.5 UNet structure (860 M random fp16 parameters, 1.7 GB): the teacher the student workflows build
+  and distil from (block removal needs every block of the real UNet).
 
-``python tools/demo_weights.py DIR [--sdxl]``. Re-running is cheap: files already written by the
+``python tools/demo_weights.py DIR [--sdxl] [--teacher]``. Re-running is cheap: files already written by the
 same version are kept (``DEMO_WEIGHTS.json`` records what is there).
 """
 
@@ -53,6 +56,9 @@ STUDENT_FILE = "demo-tiny-sd.safetensors"
 SDXL_STUDENT_FILE = "demo-koala-tiny.safetensors"
 SD15_CKPT = "demo-sd15.safetensors"
 SDXL_CKPT = "demo-sdxl.safetensors"
+#: a full-structure SD1.5 checkpoint (the teacher for BuildStudentUNet / DistillStudentUNet: block removal needs
+#: every block of the real UNet; ComfyUI detects SD1.5 only at width 320): 860 M random fp16 parameters, 1.7 GB
+SD15_TEACHER_CKPT = "demo-sd15-teacher.safetensors"
 LORA = "demo-sd15-lora.safetensors"
 VAE = "demo-vae.safetensors"
 
@@ -249,6 +255,38 @@ def write_sd15(root: Path) -> None:
     _save(vae.state_dict(), root / "vae" / VAE)
 
 
+def full_size_random(structure, seed: int, dtype=torch.float16) -> dict:
+    """Random ldm-named weights of a full-size structure of the pack's structure table, drawn directly in
+    ``dtype`` (no model is built: shapes from diffusers on the meta device)."""
+    import_pack()
+    from distilled_unets.models.topology import diffusers_config
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**diffusers_config(structure))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    det = _pack_detect().detect(shapes)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in sorted(shapes):
+        name = det.key_map[k]
+        if len(shapes[k]) == 1:
+            out[name] = (torch.ones if ("norm" in k and k.endswith("weight")) else torch.zeros)(shapes[k], dtype=dtype)
+        else:
+            out[name] = (torch.randn(shapes[k], generator=g) * 0.02).to(dtype)
+    return out
+
+
+def write_teacher(root: Path) -> None:
+    import_pack()
+    from distilled_unets.models.structures import SD1
+
+    ck = {"model.diffusion_model." + k: v for k, v in full_size_random(SD1, seed=21).items()}
+    ck.update(clip_hf("cond_stage_model.transformer.", CLIP_L, seed=22))
+    ck.update(taesd("first_stage_model.", seed=24))
+    _save(ck, root / "checkpoints" / SD15_TEACHER_CKPT)
+
+
 def write_sdxl(root: Path) -> None:
     _save(unet(KOALA_TINY, seed=10).state_dict(), root / "diffusion_models" / SDXL_STUDENT_FILE)
     ck = {"model.diffusion_model." + k: v for k, v in to_ldm(unet(SDXL_CKPT_UNET, seed=11).state_dict()).items()}
@@ -258,7 +296,7 @@ def write_sdxl(root: Path) -> None:
     _save(_fp16(ck), root / "checkpoints" / SDXL_CKPT)
 
 
-def ensure(root: str | Path, sdxl: bool = False) -> Path:
+def ensure(root: str | Path, sdxl: bool = False, teacher: bool = False) -> Path:
     """Write the demo models under ``root`` unless this version already wrote them; returns ``root``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -268,8 +306,8 @@ def ensure(root: str | Path, sdxl: bool = False) -> Path:
         have = {"version": VERSION, "note": NOISE_NOTE, "parts": []}
     torch_threads = torch.get_num_threads()
     try:
-        for part, fn in (("sd15", write_sd15), ("sdxl", write_sdxl)):
-            if part in have["parts"] or (part == "sdxl" and not sdxl):
+        for part, fn in (("sd15", write_sd15), ("sdxl", write_sdxl), ("teacher", write_teacher)):
+            if part in have["parts"] or (part == "sdxl" and not sdxl) or (part == "teacher" and not teacher):
                 continue
             t = time.perf_counter()
             log.info("writing %s demo weights (%s) under %s", part, NOISE_NOTE, root)
@@ -286,9 +324,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models_dir", help="folder laid out like ComfyUI/models to write into")
     ap.add_argument("--sdxl", action="store_true", help="also write the SDXL-class demo models (~1.6 GB)")
+    ap.add_argument("--teacher", action="store_true",
+                    help="also write the full-structure SD1.5 teacher for the student workflows (~2 GB)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ensure(args.models_dir, sdxl=args.sdxl)
+    ensure(args.models_dir, sdxl=args.sdxl, teacher=args.teacher)
     return 0
 
 

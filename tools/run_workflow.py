@@ -44,9 +44,15 @@ def _demo_unet(value: str, sdxl: bool) -> str:
     return dw.STUDENT_FOLDER if value.endswith("/") else dw.STUDENT_FILE
 
 
-def _demo_ckpt(value: str, sdxl: bool) -> str:
+#: nodes that need a full-structure teacher (block removal reads every block of the real UNet)
+TEACHER_NODES = ("BuildStudentUNet", "DistillStudentUNet")
+
+
+def _demo_ckpt(value: str, sdxl: bool, teacher: bool = False) -> str:
     import demo_weights as dw
 
+    if teacher and not sdxl:
+        return dw.SD15_TEACHER_CKPT
     return dw.SDXL_CKPT if sdxl else dw.SD15_CKPT
 
 
@@ -101,14 +107,20 @@ def is_sdxl(prompt: dict) -> bool:
                if node["class_type"] == ctype and isinstance(node["inputs"].get(inp), str))
 
 
+def needs_teacher(prompt: dict) -> bool:
+    """Whether the workflow builds or distils a student (its checkpoint must then be a full-structure teacher)."""
+    return any(node["class_type"] in TEACHER_NODES for node in prompt.values())
+
+
 def substitute_demo(prompt: dict, sdxl: bool) -> list[tuple[str, str, str, str]]:
     """Swap every model file in ``prompt`` for its demo counterpart (in place); returns the swaps."""
     swaps = []
+    teacher = needs_teacher(prompt)
     for nid, node in prompt.items():
         for (ctype, inp), pick in DEMO_SUBSTITUTES.items():
             if node["class_type"] == ctype and inp in node["inputs"]:
                 old = node["inputs"][inp]
-                node["inputs"][inp] = pick(old, sdxl)
+                node["inputs"][inp] = pick(old, sdxl, teacher) if pick is _demo_ckpt else pick(old, sdxl)
                 swaps.append((nid, inp, old, node["inputs"][inp]))
     return swaps
 
@@ -148,7 +160,7 @@ def prepare(server: ComfyServer, workflow: dict, demo_dir: Path | None, *, steps
         import demo_weights
 
         sdxl = is_sdxl(prompt)
-        demo_weights.ensure(demo_dir, sdxl=sdxl)
+        demo_weights.ensure(demo_dir, sdxl=sdxl, teacher=needs_teacher(prompt))
         swaps = substitute_demo(prompt, sdxl)
         object_info = server.object_info()
         still = missing_models(prompt, object_info)

@@ -59,7 +59,7 @@ def comfyui_root() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_models() -> Path:
-    return demo_weights.ensure(DEMO_DIR, sdxl=True)
+    return demo_weights.ensure(DEMO_DIR, sdxl=True, teacher=True)
 
 
 @pytest.fixture(scope="session")

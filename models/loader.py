@@ -179,8 +179,14 @@ def recipe_lines(recipe: dict, bm: BlockMap | None) -> list[str]:
     """What a saved student's recipe says, for the loader's info."""
     lines = [f"Built by this pack: preset {recipe.get('preset', '?')} from teacher "
              f"{recipe.get('teacher') or 'unnamed'} (sha256 {str(recipe.get('teacher_sha256', '?'))[:16]}...)"]
-    if recipe.get("distilled"):
-        lines.append(f"Distilled: {recipe['distilled']}")
+    runs = recipe.get("distilled") or []
+    for run in runs if isinstance(runs, list) else []:
+        if isinstance(run, dict):
+            before, after = run.get("heldout_before"), run.get("heldout_after")
+            held = (f"; held-out output-KD error {before:.4g} -> {after:.4g}"
+                    if isinstance(before, (int, float)) and isinstance(after, (int, float)) else "")
+            lines.append(f"Distilled here: {run.get('steps', '?')} steps, {run.get('samples_seen', '?')} samples, "
+                         f"train {run.get('train', '?')}, loss {run.get('loss_weights', '?')}{held}")
     if bm is not None:
         c = bm.counts()
         lines.append(f"Block map: {c.get('teacher', 0)} tensors from the teacher, {c.get('base', 0)} from the base "

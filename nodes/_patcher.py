@@ -68,3 +68,21 @@ def set_reload(patcher, factory: Callable, args: tuple, index: int | None = None
     and accept ``disable_dynamic=True``. A no-op on hosts without the attribute."""
     if hasattr(patcher, "cached_patcher_init"):
         patcher.cached_patcher_init = (factory, tuple(args)) if index is None else (factory, tuple(args), index)
+
+
+def expected_shapes(module) -> dict[str, tuple]:
+    """``{name: shape}`` of every tensor ``module`` takes from a state dict, including the weights of the
+    layers ComfyUI builds lazily while dynamic VRAM is on (``comfy.ops`` Linear / Embedding keep
+    ``weight = None`` until loaded, so ``module.state_dict()`` alone misses them)."""
+    out = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for name, m in module.named_modules():
+        if getattr(m, "weight", 0) is not None:
+            continue
+        prefix = f"{name}." if name else ""
+        if hasattr(m, "in_features") and hasattr(m, "out_features"):
+            out[prefix + "weight"] = (m.out_features, m.in_features)
+            if getattr(m, "bias", None) is None and getattr(m, "comfy_need_lazy_init_bias", False):
+                out[prefix + "bias"] = (m.out_features,)
+        elif hasattr(m, "num_embeddings") and hasattr(m, "embedding_dim"):
+            out[prefix + "weight"] = (m.num_embeddings, m.embedding_dim)
+    return out

@@ -59,23 +59,28 @@ BENCHES = [
         "cuda": ["--channels", "320", "--size", "64", "--steps", "20", "--reps", "5"],
         "cpu": ["--channels", "320", "--size", "32", "--steps", "10", "--reps", "4", "--threads", "2"],
         "quick": ["--channels", "32", "--size", "8", "--steps", "4", "--reps", "1"],
-    }, gpu_limit_s=75),
+    }, gpu_limit_s=60),
     Bench("gri", "GRI attention vs exact attention vs ComfyUI's HyperTile at equal window", "bench_gri.py", {
         "cuda": ["--reps", "5", "--sizes", "512,1024,2048", "--unet-sizes", "512,1024"],
         "cpu": ["--threads", "2", "--reps", "3", "--unet-sizes", "512,1024", "--cpu-default-exact"],
         "quick": ["--sizes", "256", "--unet-sizes", "256", "--reps", "1", "--unet-models", "tiny-sd"],
-    }, gpu_limit_s=100),
+    }, gpu_limit_s=90),
     Bench("dynamic_vram", "Dynamic VRAM (ComfyUI's ModelPatcherDynamic): pack student + ComfyUI teacher",
           "run_all.py", {
               "cuda": ["--check", "dynamic_vram"],
               "cpu": ["--check", "dynamic_vram"],
               "quick": ["--check", "dynamic_vram", "--quick"],
-          }, gpu_limit_s=75),
+          }, gpu_limit_s=60),
+    Bench("builder", "Student builder: every preset vs its teacher", "bench_builder.py", {
+        "cuda": ["--families", "sd1,sd2,sdxl", "--rounds", "3"],
+        "cpu": ["--px-sd", "256", "--px-sdxl", "512", "--rounds", "3", "--threads", "2"],
+        "quick": ["--families", "sd1", "--px-sd", "64", "--rounds", "1"],
+    }, gpu_limit_s=90),
     Bench("loader", "Loading: our build vs ComfyUI's own build vs the teacher", "bench_loader.py", {
         "cuda": ["--families", "sd1,sd2,sdxl", "--px", "512", "--sdxl-px", "1024", "--rounds", "3"],
         "cpu": ["--families", "sd1,sd2", "--px", "256", "--rounds", "5", "--threads", "2"],
         "quick": ["--families", "sd1", "--px", "64", "--rounds", "1"],
-    }, gpu_limit_s=200),
+    }, gpu_limit_s=150),
     Bench("lora_coverage", "LoRA coverage: our DistilledLoraLoader vs ComfyUI's LoraLoader on the same files",
           "lora_coverage.py", {
               "cpu": [],
@@ -280,8 +285,8 @@ def check_dynamic_vram(quick: bool) -> int:
     steps, px = (6, 256) if quick else (20, 512)
     tmp = Path(tempfile.mkdtemp(prefix="dynamic_vram_"))
     student_file = tmp / "tiny-sd.safetensors"  # an ldm-layout single file, as users have them
-    save_file(random_ldm(registry.by_id("segmind/tiny-sd").topology, 1), str(student_file))
-    teacher_sd = random_ldm(registry.TEACHERS["sd1"].topology, 2)
+    save_file(random_ldm(registry.by_id("segmind/tiny-sd").structure, 1), str(student_file))
+    teacher_sd = random_ldm(registry.TEACHERS["sd1"].structure, 2)
 
     def student(dynamic: bool):
         saved = getattr(comfy.model_patcher, "CoreModelPatcher", None)

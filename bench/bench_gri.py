@@ -21,6 +21,10 @@ level-2 depth 2 instead of 10, so that a step fits on a CPU). Best of --reps.
 
     ~/venv/bin/python bench/bench_gri.py [--window 16] [--pool 4] [--sizes 512,1024,2048]
         [--unet-sizes 512,1024] [--reps 2] [--threads 1] [--skip-unet]
+
+Device: CUDA in fp16 when a GPU is there (peak memory: torch.cuda.max_memory_allocated; exact attention
+is then timed in full at every size), else the CPU in fp32 (bench/_device.py; BENCH_DEVICE / BENCH_DTYPE
+override).
 """
 
 from __future__ import annotations
@@ -32,10 +36,15 @@ import sys
 import time
 import warnings
 
+import _device
 from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
+
+DEVICE, DTYPE = None, None  # set by _setup()
 
 
 def _setup():
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = _device.setup()
     setup_comfy()
     import comfy.ldm.modules.attention as attn
 
@@ -51,36 +60,18 @@ ATTN_MODELS = [("sd15", 1, 320, 8, 5), ("tiny-sd", 1, 320, 8, 3), ("sdxl", 2, 64
 def _time(fn, reps):
     best = math.inf
     for _ in range(reps):
+        _device.sync(DEVICE)
         t = time.perf_counter()
         fn()
+        _device.sync(DEVICE)
         best = min(best, time.perf_counter() - t)
     return best
 
 
 def _peak_mem(fn) -> float:
-    """MiB: peak process RSS above the RSS before the call, sampled every 1 ms by a thread (psutil)."""
-    import threading
-
-    import psutil
-
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = [base]
-    done = threading.Event()
-
-    def poll():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        th.join()
-    return max(0, peak[0] - base) / 2 ** 20
+    """MiB above the level before the call: torch.cuda.max_memory_allocated on a GPU, else the process RSS
+    sampled every 1 ms by a thread (psutil; tracemalloc does not see torch's allocator)."""
+    return _device.peak_mib(fn, DEVICE)
 
 
 def hypertile_attention(q, k, v, heads, h, w, tile, attn):
@@ -112,9 +103,10 @@ def attention_part(args):
             side = px // 8 // down
             L = side * side
             p = gri.auto_pool(side, side, args.window) if pool is None else pool
-            q, k, v = (torch.randn(2, L, ch, generator=g) for _ in range(3))
+            q, k, v = (torch.randn(2, L, ch, generator=g).to(DEVICE, DTYPE) for _ in range(3))
             sub = 1
-            while L * L // sub > 128 ** 4 // 4:  # exact: at most ~1/4 of the 1024-px SD1.5 work, then extrapolate
+            # exact on a CPU: at most ~1/4 of the 1024-px SD1.5 work, then extrapolate (a GPU runs it all)
+            while DEVICE.type == "cpu" and L * L // sub > 128 ** 4 // 4:
                 sub *= 2
 
             def exact(q=q, k=k, v=v, heads=heads, sub=sub):
@@ -145,14 +137,14 @@ def attention_part(args):
 
 def _unet(name):
     import _tiny_models as tm
+    from distilled_unets.models import registry
 
-    vega = dict(channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
-                transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], transformer_depth_middle=-1)
+    vega = registry.by_id("segmind/Segmind-Vega").structure  # a real SDXL student: level-2 depth 2, not 10
     if name == "sd15":
-        return tm.build("sd15", tm.SD15_TOPOLOGY, model_channels=320), "sd15"
+        return _device.cast_unet(tm.build("sd15", tm.SD15_TOPOLOGY, model_channels=320), DTYPE), "sd15"
     if name == "tiny-sd":
-        return tm.build("sd15", tm.TINY_SD_TOPOLOGY, model_channels=320), "sd15"
-    return tm.build("sdxl", vega, model_channels=320), "sdxl"
+        return _device.cast_unet(tm.build("sd15", tm.TINY_SD_TOPOLOGY, model_channels=320), DTYPE), "sd15"
+    return _device.cast_unet(tm.build("sdxl", vega, model_channels=320), DTYPE), "sdxl"
 
 
 def _drop_attention(base):
@@ -167,6 +159,7 @@ def _drop_attention(base):
 
 def unet_part(args):
     import comfy.ldm.modules.attention as attn
+    import comfy.model_management as mm
     import torch
     from comfy_extras.nodes_hypertile import HyperTile
     from distilled_unets.models import gri
@@ -176,9 +169,11 @@ def unet_part(args):
           f"pool {args.pool or 'auto'}; median of {args.reps} interleaved rounds")
     print("   bound = the same UNet with the patched level's self-attention removed (no attention work): no "
           "attention patch can beat it")
+    cpu_default = args.cpu_default_exact and DEVICE.type == "cpu"
     print(f"{'model':11} {'px':>5} | {'exact s':>8} {'ht s':>7} {'gri s':>7} {'bound s':>8} | {'gri/exact':>9} "
           f"{'gri/ht':>7} {'ht/exact':>8} {'bound/exact':>11}" + (f" | {'cpu-default exact s':>19} {'gri vs it':>9}"
-                                                                  if args.cpu_default_exact else ""))
+                                                                  if cpu_default else "")
+          + (f" | {'peak MiB exact':>14} {'ht':>6} {'gri':>6}" if DEVICE.type == "cuda" else ""))
     for name in args.unet_models:
         base, family = _unet(name)
         sites = gri.attention_sites(base.model.diffusion_model)
@@ -190,18 +185,21 @@ def unet_part(args):
         for px in args.unet_sizes:
             side = px // 8
             g = torch.Generator().manual_seed(1)
-            x = torch.randn(1, 4, side, side, generator=g)
+            x = torch.randn(1, 4, side, side, generator=g).to(DEVICE)
             ctx_w = 768 if family == "sd15" else 2048
-            ctx = torch.randn(1, 77, ctx_w, generator=g)
-            sigma = torch.tensor([5.0])
-            extra = {"y": torch.randn(1, 2816, generator=g)} if family == "sdxl" else {}
+            ctx = torch.randn(1, 77, ctx_w, generator=g).to(DEVICE)
+            sigma = torch.tensor([5.0], device=DEVICE)
+            extra = {"y": torch.randn(1, 2816, generator=g).to(DEVICE)} if family == "sdxl" else {}
 
             def step(p, x=x, ctx=ctx, sigma=sigma, extra=extra):
+                mm.load_models_gpu([p])  # on a GPU: the weights on the device before the clock starts
                 to = dict(p.model_options["transformer_options"])
                 to["sigmas"] = sigma
+                _device.sync(DEVICE)
                 t = time.perf_counter()
                 with torch.no_grad():
                     p.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to, **extra)
+                _device.sync(DEVICE)
                 return time.perf_counter() - t
 
             runs = {"gri": fast, "ht": ht, "exact": base, "bound": bound}
@@ -214,7 +212,10 @@ def unet_part(args):
             line = (f"{label:11} {px:5d} | {t['exact']:8.2f} {t['ht']:7.2f} {t['gri']:7.2f} {t['bound']:8.2f} | "
                     f"{t['exact'] / t['gri']:8.2f}x {t['ht'] / t['gri']:6.2f}x {t['exact'] / t['ht']:7.2f}x "
                     f"{t['exact'] / t['bound']:10.2f}x")
-            if args.cpu_default_exact:
+            if DEVICE.type == "cuda":
+                peaks = [_peak_mem(lambda p=p: step(p)) for p in (base, ht, fast)]
+                line += " | " + f"{peaks[0]:14.0f} {peaks[1]:6.0f} {peaks[2]:6.0f}"
+            if cpu_default:
                 # exact attention as ComfyUI runs it on a CPU by default (no --use-pytorch-cross-attention)
                 saved = attn.optimized_attention
                 attn.optimized_attention = attn.attention_sub_quad
@@ -247,16 +248,18 @@ def main():
     _setup()
     import torch
 
-    torch.set_num_threads(args.threads)
+    if DEVICE.type == "cpu":
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging
 
     logging.getLogger("distilled_unets").setLevel(logging.WARNING)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu")
+    print(_device.describe(DEVICE, DTYPE))
     if not args.skip_attention:
         attention_part(args)
     if not args.skip_unet:
         unet_part(args)
+    print(_device.peak_line(DEVICE))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,11 @@ time difference between them is machine noise.
 
     python bench/bench_loader.py --comfyui ~/ComfyUI                     # SD1 + SD2 at 512 px
     python bench/bench_loader.py --families sdxl --sdxl-px 1024          # SDXL (needs ~40 GB RAM in fp32)
-    python bench/bench_loader.py --device cuda --dtype fp16 --families sd1,sd2,sdxl   # on a GPU
+    python bench/bench_loader.py --families sd1,sd2,sdxl                 # on a GPU: cuda, fp16 by default
+
+Device: CUDA in fp16 when a GPU is there, else the CPU in fp32 (bench/_device.py; --device / --dtype, or
+BENCH_DEVICE / BENCH_DTYPE, override); on a GPU the peak memory of each build's step
+(torch.cuda.max_memory_allocated) is a column.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import statistics
 import sys
 import time
 
+import _device
 import torch
 from _pack import ROOT, comfyui, import_pack  # noqa: E402
 
@@ -59,10 +64,14 @@ def main():
     ap.add_argument("--px", type=int, default=512, help="image size for SD1/SD2")
     ap.add_argument("--sdxl-px", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--device", default=None, help="default: cuda when a GPU is there, else cpu")
+    ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                    help="default: fp16 on cuda, fp32 on cpu")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
+    dev, default_dtype = _device.setup(args.device)
+    args.device = str(dev)
+    args.dtype = args.dtype or _device.dtype_name(default_dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(comfyui(args.comfyui)))
@@ -79,9 +88,9 @@ def main():
     from distilled_unets.models.topology import diffusers_config
     from distilled_unets.nodes._glue import build_model
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    dev = torch.device(args.device)
-    rows = []
+    dtype = _device.DTYPES[args.dtype]
+    gpu = dev.type == "cuda"
+    rows, peaks = [], {}
     for fam in args.families.split(","):
         px = args.sdxl_px if fam == "sdxl" else args.px
         lat = px // 8
@@ -92,16 +101,19 @@ def main():
         t = torch.tensor([500.0, 500.0], device=dev)
         times, entries, same = {}, {}, {}
 
-        def step(patcher):
+        def step(patcher, key=None):
             mm.load_models_gpu([patcher])
             net = patcher.model.diffusion_model
             with torch.no_grad():
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
+                _device.sync(dev)
                 t0 = time.perf_counter()
-                net(x, timesteps=t, context=ctx, y=y)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
+                if key is not None and gpu:  # the step's own peak, above the loaded weights
+                    with _device.PeakMemory(dev) as pm:
+                        net(x, timesteps=t, context=ctx, y=y)
+                    peaks[key] = max(peaks.get(key, 0.0), pm.mib)
+                else:
+                    net(x, timesteps=t, context=ctx, y=y)
+                _device.sync(dev)
                 return time.perf_counter() - t0
 
         # one model at a time (memory), our build and ComfyUI's interleaved round by round
@@ -126,9 +138,9 @@ def main():
                 if theirs is not None:
                     step(theirs)
             for _ in range(args.rounds):
-                times[(mid, "ours")].append(step(ours))
+                times[(mid, "ours")].append(step(ours, (mid, "ours")))
                 if theirs is not None:
-                    times[(mid, "comfy")].append(step(theirs))
+                    times[(mid, "comfy")].append(step(theirs, (mid, "comfy")))
             del ours, theirs
             mm.unload_all_models()
             gc.collect()
@@ -141,12 +153,19 @@ def main():
             rows.append((mid, f"{px}px", o, c, (c / o) if c else None, teacher_t / o, est, same[mid]))
     print(f"\nPer-step UNet time, batch 2, {args.dtype} on {args.device} ({torch.get_num_threads()} threads), "
           f"median of {args.rounds} interleaved rounds")
+    print(_device.describe(dev, dtype))
     print(f"{'model':34s} {'res':>7s} {'ours s':>8s} {'comfy s':>8s} {'comfy/ours':>10s} {'speed-up vs teacher':>20s}"
-          f" {'est. cost vs teacher':>21s} {'same module tree':>17s}")
+          f" {'est. cost vs teacher':>21s} {'same module tree':>17s}"
+          + (f" {'step peak MiB ours':>19s} {'comfy':>6s}" if gpu else ""))
     for mid, px, o, c, r, sp, est, sm in rows:
+        mem = ""
+        if gpu:
+            pc = peaks.get((mid, "comfy"))
+            mem = f" {peaks.get((mid, 'ours'), float('nan')):19.0f} " + (f"{pc:6.0f}" if pc is not None else "   n/a")
         print(f"{mid:34s} {px:>7s} {o:8.3f} {(f'{c:8.3f}' if c else '     n/a')} "
               f"{(f'{r:9.3f}x' if r else '  (cannot)')} {sp:19.2f}x {est:20.2f}x "
-              f"{('n/a' if sm is None else str(sm)):>17s}")
+              f"{('n/a' if sm is None else str(sm)):>17s}{mem}")
+    print(_device.peak_line(dev))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ spread column shows how disturbed the machine was).
 
     ~/venv/bin/python bench/bench_multi_unet.py [--steps 20] [--switch 0.4] [--reps 7] [--size 16]
 
+Device: CUDA in fp16 when a GPU is there, else the CPU in fp32 (bench/_device.py; BENCH_DEVICE /
+BENCH_DTYPE override); on a GPU each run's peak memory (torch.cuda.max_memory_allocated) is a column.
+
 Routing overhead = multi-UNet time / (k/n * student time + (n-k)/n * teacher time) - 1, target <= 1 %.
 """
 
@@ -20,13 +23,16 @@ import sys
 import time
 import warnings
 
+import _device
 from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
 
 
 def _setup():
+    device, dtype = _device.setup()
     setup_comfy()
     import_pack()
     sys.path.insert(0, str(ROOT / "tests" / "comfy"))
+    return device, dtype
 
 
 def main():
@@ -40,18 +46,19 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
 
-    _setup()
+    device, dtype = _setup()
     import torch
 
-    torch.set_num_threads(a.threads)
+    if device.type == "cpu":
+        torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
     import _tiny_models as tm
     import comfy.sample
     import comfy.samplers
     from distilled_unets.nodes.sampling import MultiUNetModel, SwitchPoint, make_multi_unet_model
 
-    student = tm.build("sd15", tm.TINY_SD_TOPOLOGY, model_channels=a.channels, seed=1)
-    teacher = tm.build("sd15", tm.SD15_TOPOLOGY, model_channels=a.channels, seed=2)
+    student = _device.cast_unet(tm.build("sd15", tm.TINY_SD_TOPOLOGY, model_channels=a.channels, seed=1), dtype)
+    teacher = _device.cast_unet(tm.build("sd15", tm.SD15_TOPOLOGY, model_channels=a.channels, seed=2), dtype)
     k = round(a.switch * a.steps)
     by_step = make_multi_unet_model(student, teacher, SwitchPoint.from_step(k), node="bench")
     by_percent = MultiUNetModel.execute(student, teacher, a.switch).result[0]
@@ -62,13 +69,17 @@ def main():
     lat = tm.latent(a.size)
     noise = comfy.sample.prepare_noise(lat, 0)
 
+    peaks: dict[int, float] = {}
+
     def run(model):
-        t = time.perf_counter()
-        comfy.sample.sample(model, noise, a.steps, 7.0, a.sampler, "karras", pos, neg, lat, seed=0,
-                            disable_pbar=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        with _device.PeakMemory(device) if device.type == "cuda" else _NoPeak() as pm:
+            t = time.perf_counter()
+            comfy.sample.sample(model, noise, a.steps, 7.0, a.sampler, "karras", pos, neg, lat, seed=0,
+                                disable_pbar=True)
+            _device.sync(device)
+            t = time.perf_counter() - t
+        peaks[id(model)] = max(peaks.get(id(model), 0.0), pm.mib)
+        return t
 
     runs = {"teacher": teacher, "student": student, "multi_step": by_step, "multi_percent": by_percent,
             "twice": twice}
@@ -84,18 +95,22 @@ def main():
     per_round_twice = statistics.median(t / p for t, p in zip(times["twice"], times["teacher"]))
 
     # routing work per model call, timed alone (what the router adds on top of the UNet forward)
-    from distilled_unets.models.multi_unet import stage_transformer_options
+    import comfy.patcher_extension as pe
+    from distilled_unets.models.multi_unet import KEY_PREFIX, _split_apply_args, stage_transformer_options
 
-    router = by_step.model_options["model_function_wrapper"]
+    (key,) = [k for k in by_step.additional_models if k.startswith(KEY_PREFIX)]
+    router = by_step.get_wrappers(pe.WrappersMP.APPLY_MODEL, key)[0]
     early_p = by_step.get_additional_models_with_key(router.key)[0]
     sample_sigmas = torch.linspace(14.6, 0.0, a.steps + 1)
     to = {"cond_or_uncond": [1, 0], "uuids": [None, None], "sigmas": torch.tensor([3.0, 3.0]),
           "sample_sigmas": sample_sigmas, "patches": {}, "wrappers": {}, "callbacks": {}}
     ts = torch.tensor([3.0, 3.0])
+    call_args = (None, ts, None, "ctx", None, to)
     n_calls = 20000
     t0 = time.perf_counter()
-    for _ in range(n_calls):
-        router.stage(float(ts.reshape(-1)[0]), sample_sigmas)
+    for _ in range(n_calls):  # what the router does per call before the UNet: split, decide, early options
+        _x, t_, c_ = _split_apply_args(call_args, {})
+        router.stage(float(t_.reshape(-1)[0]), sample_sigmas)
         stage_transformer_options(early_p, to, by_step.model_options["transformer_options"])
     route_us = (time.perf_counter() - t0) / n_calls * 1e6
 
@@ -110,24 +125,26 @@ def main():
     print(f"multi-UNet bench: {a.sampler}/karras, {a.steps} steps, cfg 7 (batch 2), "
           f"latent {a.size}x{a.size}, "
           + (f"REDUCED WIDTH model_channels={a.channels} (real SD1.5: 320), " if a.channels != 320 else "full width, ")
-          + f"{a.threads} thread(s), "
-          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, best of {a.reps} interleaved runs")
+          + f"{_device.describe(device, dtype)}, best of {a.reps} interleaved runs")
     n_params = [sum(p.numel() for p in m.model.parameters()) / 1e6 for m in (student, teacher)]
     print(f"early: tiny-sd topology ({n_params[0]:.1f}M params), "
           f"late: SD1.5 topology ({n_params[1]:.1f}M params)")
     print()
-    print(f"{'run':<36} {'best s':>9} {'spread %':>9} {'vs teacher':>11} {'vs mix':>9}")
-    rows = [("teacher alone", med["teacher"], times["teacher"], None),
-            ("student alone", med["student"], times["student"], None),
-            (f"step-weighted mix ({k}/{a.steps} student)", mix_k, None, None),
-            (f"MultiUNetKSampler path, step {k}", med["multi_step"], times["multi_step"], mix_k),
+    gpu = device.type == "cuda"
+    print(f"{'run':<36} {'best s':>9} {'spread %':>9} {'vs teacher':>11} {'vs mix':>9}"
+          + (f" {'peak MiB':>9}" if gpu else ""))
+    rows = [("teacher alone", med["teacher"], times["teacher"], None, "teacher"),
+            ("student alone", med["student"], times["student"], None, "student"),
+            (f"step-weighted mix ({k}/{a.steps} student)", mix_k, None, None, None),
+            (f"MultiUNetKSampler path, step {k}", med["multi_step"], times["multi_step"], mix_k, "multi_step"),
             (f"MultiUNetModel {a.switch:g} ({kp}/{a.steps} early)", med["multi_percent"],
-             times["multi_percent"], mix_p),
-            ("same UNet twice (vs teacher alone)", med["twice"], times["twice"], med["teacher"])]
-    for name, t, raw, mix in rows:
+             times["multi_percent"], mix_p, "multi_percent"),
+            ("same UNet twice (vs teacher alone)", med["twice"], times["twice"], med["teacher"], "twice")]
+    for name, t, raw, mix, run_name in rows:
         spread = f"{sp(raw):8.1f}" if raw else f"{'':>8}"
         vs_mix = f"{t / mix:9.4f}" if mix else f"{'':>9}"
-        print(f"{name:<36} {t:9.4f} {spread} {med['teacher'] / t:10.3f}x {vs_mix}")
+        peak = (f" {peaks[id(runs[run_name])]:9.0f}" if run_name else f" {'':>9}") if gpu else ""
+        print(f"{name:<36} {t:9.4f} {spread} {med['teacher'] / t:10.3f}x {vs_mix}{peak}")
     print()
     over_k = (med["multi_step"] / mix_k - 1) * 100
     over_p = (med["multi_percent"] / mix_p - 1) * 100
@@ -146,6 +163,18 @@ def main():
         print(f"note: run-to-run spread is {noise:.1f} % on this machine, larger than the 1 % target; the "
               f"router's own per-call work above ({route_us / per_call_student * 100:.2g} %) bounds the "
               "true overhead")
+    print(_device.peak_line(device))
+
+
+class _NoPeak:
+    """Stands in for _device.PeakMemory on the CPU (its RSS polling thread would disturb the timings)."""
+    mib = float("nan")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 __all__ = ["GRILayout", "gri_attention", "exact_attention", "gri_layout", "attention_sites",
            "AttentionSite", "select_sites", "alternate_shift", "cost_ratio", "GRIReplace",
-           "auto_pool"]
+           "auto_pool", "site_attention"]
 
 
 @dataclass(frozen=True)
@@ -309,6 +309,23 @@ def attention_sites(diffusion_model) -> list[AttentionSite]:
     return [AttentionSite(s.block_name, s.block_id, s.index, s.level, rank[s.level]) for s in sites]
 
 
+def site_attention(diffusion_model, site: AttentionSite):
+    """The self-attention module (``attn1``) of ``site`` in ``diffusion_model``, or None when the layout
+    does not have it where the site says (e.g. a wrapped or replaced block)."""
+    if site.block_name == "middle":
+        block = getattr(diffusion_model, "middle_block", None)
+    else:
+        blocks = getattr(diffusion_model, f"{site.block_name}_blocks", None)
+        block = blocks[site.block_id] if blocks is not None and site.block_id < len(blocks) else None
+    if block is None:
+        return None
+    for m in block.modules():
+        tbs = getattr(m, "transformer_blocks", None)
+        if isinstance(tbs, torch.nn.ModuleList) and site.index < len(tbs):
+            return getattr(tbs[site.index], "attn1", None)
+    return None
+
+
 def select_sites(sites: list[AttentionSite], levels: int, output_blocks: bool = True) -> list[AttentionSite]:
     """The sites of the ``levels`` highest-resolution self-attention levels: input blocks, the middle
     block when its level is selected, and output blocks when ``output_blocks``."""
@@ -352,7 +369,8 @@ class GRIReplace:
     block's own ``H x W`` self-attention grid (``extra_options["activations_shape"]``); otherwise it
     hands the call to ``previous`` (the replace another pack had put on this block, if any) or to
     ``fallback(q, k, v, heads, attn_precision=..., transformer_options=...)``, the host's exact
-    attention, so the block behaves as unpatched. Another pack's replace is therefore kept, and
+    attention as this layer runs it (the node binds the layer's own attention choice into it where the
+    host has one), so the block behaves as unpatched. Another pack's replace is therefore kept, and
     overridden only inside GRI's own sigma range.
     """
 

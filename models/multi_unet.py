@@ -4,8 +4,15 @@ A small UNet draws the prototype in the high-noise steps, the full UNet refines 
 ones. The sampler never restarts, so multistep history and SDE/ancestral noise stay continuous.
 
 Everything here is host-free: the router talks to ComfyUI's ``ModelPatcher`` / ``BaseModel`` only
-through duck-typed attributes (``model_options``, ``wrappers``, ``callbacks``,
-``get_additional_models_with_key``, ``model.apply_model``, ``current_patcher``), never imports them.
+through duck-typed attributes (``model_options``, ``wrappers``, ``callbacks``, ``add_wrapper_with_key``,
+``get_additional_models_with_key``, ``model.apply_model``, ``current_patcher``), never imports them; the
+wrapper-type name (ComfyUI's ``WrappersMP.APPLY_MODEL``) is passed in by the node.
+
+Where it sits: a KEYED apply-model wrapper of the routing MODEL (``install_router``), the outermost one,
+so it runs inside ``BaseModel.apply_model`` whatever occupies the single ``model_function_wrapper`` slot
+(a later node may overwrite that slot without chaining), on the sampled patcher and on each multi-GPU
+device clone alike. The late UNet's own model_function_wrapper and apply-model wrappers run only in the
+late steps; the early UNet runs with its own.
 
 Routing rule: a call at sigma ``s`` runs on the early UNet when ``s > switch_sigma``, else on the
 late one. ``switch_sigma`` comes from
@@ -40,6 +47,9 @@ STEP_MARGIN = 0.01
 MODEL_OWN_KEYS = frozenset({"patches", "patches_replace", "wrappers", "callbacks",
                             "optimized_attention_override"})
 RUNTIME_KEYS = ("cond_or_uncond", "uuids", "sigmas", "sample_sigmas")
+# transformer_options key naming the patcher of a stage that is not the sampled one, for the routers
+# among that stage's own wrappers (nested multi-UNet MODELs)
+STAGE_PATCHER = "distilled_unets.stage_patcher"
 
 
 class SwitchPointError(IncompatibleModelsError):
@@ -249,7 +259,8 @@ def stage_transformer_options(patcher: Any, runtime: dict, main_static: dict | N
     Starts from the UNet's OWN ``model_options["transformer_options"]`` (its patches, replaces,
     attention override) plus its own wrappers and callbacks, then adds the per-call runtime keys of
     the sampled model's options (cond_or_uncond, uuids, sigmas, sample_sigmas, and any other key a
-    sampler-level hook put there). The main model's patches/wrappers never leak in.
+    sampler-level hook put there). The main model's patches/wrappers never leak in. ``STAGE_PATCHER``
+    names ``patcher`` for the routers among its own wrappers (a nested multi-UNet stage).
     """
     own = dict(patcher.model_options.get("transformer_options", {}))
     own["wrappers"] = _merge_wrapper_dicts(own.get("wrappers"), getattr(patcher, "wrappers", None))
@@ -260,15 +271,15 @@ def stage_transformer_options(patcher: Any, runtime: dict, main_static: dict | N
             continue
         if k in RUNTIME_KEYS or k not in static:
             own[k] = v
+    own[STAGE_PATCHER] = patcher
     return own
 
 
 def call_patcher_model(patcher: Any, args: dict) -> Any:
-    """Run ``patcher``'s UNet on ``args`` ({input, timestep, c, cond_or_uncond}) with its own
-    model_function_wrapper, if any (a nested router routes further)."""
+    """Run ``patcher``'s UNet on ``args`` ({input, timestep, c, cond_or_uncond}) as its own sampler would:
+    through its own ``model_function_wrapper`` if it has one, then its BaseModel's ``apply_model`` (whose
+    apply-model wrappers come from ``c["transformer_options"]``: a nested router routes further)."""
     wrapper = patcher.model_options.get("model_function_wrapper")
-    if isinstance(wrapper, MultiUNetRouter):
-        return wrapper.route(patcher, patcher.model.apply_model, args)
     if wrapper is not None:
         return wrapper(patcher.model.apply_model, args)
     return patcher.model.apply_model(args["input"], args["timestep"], **args["c"])
@@ -285,23 +296,52 @@ def stage_patchers(patcher: Any, label: str = "model") -> list[tuple[str, Any]]:
     return out
 
 
-class MultiUNetRouter:
-    """``model_function_wrapper`` of the routing MODEL (a clone of the late UNet).
+_APPLY_MODEL_PARAMS = ("c_concat", "c_crossattn", "control", "transformer_options")
 
-    Late stage: the late UNet's previous ``model_function_wrapper`` (chained) or its ``apply_model``.
-    Early stage: the early patcher registered under ``key`` on the patcher being sampled (resolved at
-    run time, so downstream clones work), with its own transformer_options, without ``control``.
+
+def _split_apply_args(args: tuple, kwargs: dict) -> tuple[Any, Any, dict]:
+    """(x, t, c) from the arguments of ``BaseModel.apply_model(x, t, c_concat, c_crossattn, control,
+    transformer_options, **kwargs)``, however a wrapper before ours passed them on."""
+    c = dict(kwargs)
+    x, t = (args[0], args[1]) if len(args) >= 2 else (args[0] if args else c.pop("x"), c.pop("t"))
+    for name, value in zip(_APPLY_MODEL_PARAMS, args[2:]):
+        c[name] = value
+    if c.get("transformer_options") is None:
+        c["transformer_options"] = {}
+    return x, t, c
+
+
+def _continue(executor: Callable, x: Any, t: Any, c: dict) -> Any:
+    """Call the rest of the apply-model wrapper chain with ``apply_model``'s own positional layout."""
+    rest = dict(c)
+    head = [rest.pop(name, None) for name in _APPLY_MODEL_PARAMS]
+    if head[3] is None:
+        head[3] = {}
+    return executor(x, t, *head, **rest)
+
+
+class MultiUNetRouter:
+    """Keyed apply-model wrapper of the routing MODEL (a clone of the late UNet) under ``self.key``.
+
+    ComfyUI calls it inside ``BaseModel.apply_model`` as ``router(executor, x, t, c_concat, c_crossattn,
+    control, transformer_options, **kwargs)``, whatever sits in the single ``model_function_wrapper``
+    slot (another node may overwrite that slot without chaining: the routing survives).
+
+    Late stage: ``executor`` (the rest of the chain: the late UNet's own apply-model wrappers, which
+    ``install_router`` puts inside this one, then its ``_apply_model``), untouched.
+    Early stage: the early patcher registered under ``key`` on the patcher being sampled (the
+    ``STAGE_PATCHER`` of a nested stage, else ``executor.class_obj.current_patcher``, which ComfyUI's
+    ``pre_run`` sets on the sampled patcher and on each multi-GPU device clone), run with its own
+    transformer_options and model_function_wrapper, without ``control``.
     Immutable except for a per-run threshold cache; deep copies (``ModelPatcher.clone``) share it.
     """
 
-    def __init__(self, switch: SwitchPoint, *, previous: Callable | None = None, key: str | None = None,
+    def __init__(self, switch: SwitchPoint, *, key: str | None = None,
                  names: tuple[str, str] = ("early UNet", "late UNet")):
         self.switch = switch
-        self.previous = previous
         self.key = key or f"{KEY_PREFIX}.{uuid.uuid4().hex[:12]}"
         self.names = names
-        self._cache_sigmas: Any = None
-        self._cache_threshold: float = math.nan
+        self._cache: dict = {}  # device of the sampled schedule -> (schedule tensor, threshold)
 
     def __deepcopy__(self, memo):
         return self
@@ -313,11 +353,13 @@ class MultiUNetRouter:
     def threshold(self, sample_sigmas: Any) -> float:
         if self.switch.kind == "sigma":
             return self.switch.value
-        if sample_sigmas is not None and sample_sigmas is self._cache_sigmas:
-            return self._cache_threshold
+        slot = getattr(sample_sigmas, "device", None)
+        hit = self._cache.get(slot)  # one entry per device: multi-GPU threads each keep their own
+        if hit is not None and sample_sigmas is not None and hit[0] is sample_sigmas:
+            return hit[1]
         sig = [float(x) for x in sample_sigmas] if sample_sigmas is not None else None
         thr = self.switch.threshold(sig)
-        self._cache_sigmas, self._cache_threshold = sample_sigmas, thr
+        self._cache[slot] = (sample_sigmas, thr)
         early, late = steps_per_stage(sig, [thr])
         log.info("MultiUNet: %d of %d steps on %s, %d on %s (switch sigma %.4g)", early, early + late,
                  self.names[0], late, self.names[1], thr)
@@ -327,10 +369,14 @@ class MultiUNetRouter:
         return EARLY if sigma > self.threshold(sample_sigmas) else LATE
 
     # -- the wrapper ---------------------------------------------------------------------------
-    def __call__(self, apply_model: Callable, args: dict) -> Any:
-        base = getattr(apply_model, "__self__", None)
-        patcher = getattr(base, "current_patcher", None)
-        return self.route(patcher, apply_model, args)
+    def __call__(self, executor: Callable, *args, **kwargs) -> Any:
+        x, t, c = _split_apply_args(args, kwargs)
+        to = c["transformer_options"]
+        if self.stage(float(t.reshape(-1)[0]), to.get("sample_sigmas")) == LATE:
+            return executor(*args, **kwargs)
+        patcher = to.get(STAGE_PATCHER) or getattr(getattr(executor, "class_obj", None), "current_patcher", None)
+        return self.run_early(patcher, {"input": x, "timestep": t, "c": c,
+                                        "cond_or_uncond": to.get("cond_or_uncond")})
 
     def resolve_early(self, patcher: Any) -> Any:
         found = patcher.get_additional_models_with_key(self.key) if patcher is not None else []
@@ -342,21 +388,71 @@ class MultiUNetRouter:
                 "the MODEL", node="MultiUNetModel", input_name="early_model")
         return found[0]
 
-    def route(self, patcher: Any, apply_model: Callable, args: dict) -> Any:
-        c = args["c"]
-        to = c.get("transformer_options", {})
-        sigma = float(args["timestep"].reshape(-1)[0])
-        if self.stage(sigma, to.get("sample_sigmas")) == LATE:
-            if isinstance(self.previous, MultiUNetRouter):
-                return self.previous.route(patcher, apply_model, args)
-            if self.previous is not None:
-                return self.previous(apply_model, args)
-            return apply_model(args["input"], args["timestep"], **c)
+    def run_early(self, patcher: Any, args: dict) -> Any:
+        """The early UNet on ``args`` (model-function layout), with its own options, without ``control``."""
         early = self.resolve_early(patcher)
-        main_static = patcher.model_options.get("transformer_options", {}) if patcher is not None else {}
+        c = args["c"]
+        main_static = patcher.model_options.get("transformer_options", {})
         c_early = {k: v for k, v in c.items() if k not in ("control", "transformer_options")}
-        c_early["transformer_options"] = stage_transformer_options(early, to, main_static)
+        c_early["transformer_options"] = stage_transformer_options(early, c.get("transformer_options", {}),
+                                                                   main_static)
         return call_patcher_model(early, dict(args, c=c_early))
+
+
+class LateStageWrapper:
+    """The late UNet's own ``model_function_wrapper``, kept in the routing MODEL's slot but run only in
+    the late UNet's steps; in the early steps the call goes straight to ``apply_model`` (where the router
+    sends it to the early UNet). ``to`` / ``models`` / any other hook ComfyUI calls on the slot reach the
+    wrapped one."""
+
+    def __init__(self, router: MultiUNetRouter, inner: Callable):
+        self.router, self.inner = router, inner
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, apply_model: Callable, args: dict) -> Any:
+        to = args["c"].get("transformer_options", {})
+        if self.router.stage(float(args["timestep"].reshape(-1)[0]), to.get("sample_sigmas")) == LATE:
+            return self.inner(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def to(self, device):
+        inner = self.inner.to(device) if hasattr(self.inner, "to") else self.inner
+        return self if inner is self.inner else LateStageWrapper(self.router, inner)
+
+    def __getattr__(self, name):  # models(), cleanup(), ... of the wrapped function
+        if name.startswith("__") or name in ("router", "inner"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def install_router(routing: Any, router: MultiUNetRouter, early: Any, *, apply_model_type: str) -> None:
+    """Attach ``early`` to ``routing`` (a fresh clone of the late UNet, written to in place) under
+    ``router.key`` and make ``router`` its OUTERMOST keyed wrapper of ``apply_model_type`` (ComfyUI's
+    ``WrappersMP.APPLY_MODEL``, passed in by the node).
+
+    The late UNet's own wrappers of that type are removed and re-added after the router (on the
+    patcher, whose wrappers ComfyUI merges before or after the model_options ones depending on the
+    version, so model_options-level ones move onto the patcher too): they then run only in the late
+    steps. The late UNet's ``model_function_wrapper`` stays in the slot, gated to the late steps.
+    """
+    routing.set_additional_models(router.key, [early])
+    moved: list[tuple[Any, Callable]] = []
+    own = routing.wrappers.get(apply_model_type, {})
+    for key in list(own):
+        moved += [(key, fn) for fn in own[key]]
+        routing.remove_wrappers_with_key(apply_model_type, key)
+    to = routing.model_options.get("transformer_options", {})
+    by_key = to.get("wrappers", {}).pop(apply_model_type, None) or {}
+    for key, fns in by_key.items():
+        moved += [(key, fn) for fn in fns]
+    routing.add_wrapper_with_key(apply_model_type, router.key, router)
+    for key, fn in moved:
+        routing.add_wrapper_with_key(apply_model_type, key, fn)
+    previous = routing.model_options.get("model_function_wrapper")
+    if previous is not None:
+        routing.model_options["model_function_wrapper"] = LateStageWrapper(router, previous)
 
 
 # ------------------------------------------------------------------------------------------------

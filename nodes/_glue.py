@@ -105,9 +105,11 @@ def build_model(topology: Topology, new_sd: dict, weight_dtype: str = "default",
                         zsnr=zsnr)
     check_state_dict({k: v.shape for k, v in model.diffusion_model.state_dict().items()},
                      {k: v.shape for k, v in new_sd.items()}, path)
-    model = model.to(mm.unet_offload_device())
-    model.load_model_weights(new_sd, "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    from ._patcher import load_weights, new_patcher
+
+    patcher = new_patcher(model, load_device, mm.unet_offload_device())  # ComfyUI's current patcher class
+    load_weights(model, new_sd, patcher)  # assign=True for a dynamic-VRAM patcher, as comfy.sd does
+    return patcher
 
 
 def model_from_state_dict(topology: Topology, sd: dict, *, prediction: str = "eps", weight_dtype: str = "default",

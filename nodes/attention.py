@@ -9,22 +9,43 @@ from __future__ import annotations
 
 import logging
 
-from comfy.ldm.modules.attention import optimized_attention
+import comfy.ldm.modules.attention as comfy_attention
 from comfy_api.latest import io
 
 from ..models.errors import PackError
-from ..models.gri import GRIReplace, alternate_shift, attention_sites, select_sites
+from ..models.gri import GRIReplace, alternate_shift, attention_sites, select_sites, site_attention
 
 log = logging.getLogger("distilled_unets")
 
 CATEGORY = "distilled_unets/model_patches"
 NODE = "GRIAttention"
+# per-layer attention choice of newer ComfyUI: CrossAttention keeps it here and passes it to
+# optimized_attention as ``preferred_attention`` (hosts without it have no such attribute)
+LAYER_CHOICE = "comfy_attention"
 
 
-def _exact_attention(q, k, v, heads, attn_precision=None, transformer_options=None):
-    """ComfyUI's exact attention as the block would run it unpatched (same backend, same override)."""
-    return optimized_attention(q, k, v, heads, attn_precision=attn_precision,
-                               transformer_options=transformer_options or {})
+class ExactAttention:
+    """ComfyUI's exact attention as ``layer`` (a CrossAttention) would run it unpatched: the host's current
+    backend (looked up per call, as CrossAttention does), the ``optimized_attention_override`` in
+    transformer_options, and the layer's own attention choice where the host offers one (the layer's
+    ``comfy_attention``, read per call, passed as ``preferred_attention``)."""
+
+    def __init__(self, layer=None):
+        self.layer = layer
+
+    def __deepcopy__(self, memo):  # model_options are deep-copied on clone; the layer is not ours to copy
+        return self
+
+    def preferred(self):
+        return getattr(self.layer, LAYER_CHOICE, None) if self.layer is not None else None
+
+    def __call__(self, q, k, v, heads, attn_precision=None, transformer_options=None):
+        kwargs = {}
+        choice = self.preferred()
+        if choice is not None:
+            kwargs["preferred_attention"] = choice
+        return comfy_attention.optimized_attention(q, k, v, heads, attn_precision=attn_precision,
+                                                   transformer_options=transformer_options or {}, **kwargs)
 
 
 def patch_gri(model, *, window: int, pool: int | None, levels: int = 1, start_percent: float = 0.0,
@@ -57,7 +78,8 @@ def patch_gri(model, *, window: int, pool: int | None, levels: int = 1, start_pe
         previous = existing.get(s.key, existing.get((s.block_name, s.block_id)))
         chained += previous is not None
         fn = GRIReplace(window=window, pool=pool, shift=alternate_shift(n, window) if shifted_windows else 0,
-                        sigma_start=sigma_start, sigma_end=sigma_end, fallback=_exact_attention, previous=previous)
+                        sigma_start=sigma_start, sigma_end=sigma_end,
+                        fallback=ExactAttention(site_attention(diffusion_model, s)), previous=previous)
         m.set_model_attn1_replace(fn, s.block_name, s.block_id, s.index)
     log.info("GRIAttention: window %d, pool %s on %d self-attention(s) at level(s) %s (%s); %d existing "
              "replace(s) chained", window, "auto" if pool is None else pool, len(chosen),

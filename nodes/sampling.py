@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -22,6 +23,7 @@ from ..models.multi_unet import (
     check_shared_weights,
     check_switch_percent,
     check_switch_step,
+    install_router,
     stage_cfg_hooks,
     stage_patchers,
 )
@@ -92,10 +94,10 @@ def make_multi_unet_model(early, late, switch: SwitchPoint, *, node: str):
     leaves = stage_patchers(early_c, "early_model") + stage_patchers(late, "late_model")
     check_shared_weights([LoadedStage(n, id(p.model), _weights_token(p)) for n, p in leaves], node=node)
 
-    router = MultiUNetRouter(switch, previous=routing.model_options.get("model_function_wrapper"),
-                             names=(sig_e.name, sig_l.name))
-    routing.set_additional_models(router.key, [early_c])
-    routing.set_model_unet_function_wrapper(router)
+    router = MultiUNetRouter(switch, names=(sig_e.name, sig_l.name))
+    # a keyed APPLY_MODEL wrapper (outermost), not the single model_function_wrapper slot: a later node
+    # that sets that slot without chaining leaves the routing in place
+    install_router(routing, router, early_c, apply_model_type=comfy.patcher_extension.WrappersMP.APPLY_MODEL)
     # CFG-level hooks (e.g. RescaleCFG, PerpNeg-style pre-CFG) run only in their own UNet's stage
     routing.model_options.update(stage_cfg_hooks(router, early_c.model_options, late.model_options))
     return routing

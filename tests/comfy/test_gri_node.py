@@ -176,6 +176,81 @@ def test_chains_an_existing_replace_and_composes_with_hypertile(tm, node_mod, sp
     assert torch.allclose(out, _sample(ht, steps=2, size=16), rtol=1e-6, atol=1e-5)
 
 
+class _Choice:
+    """Stands in for newer ComfyUI's per-layer attention choice (CrossAttention.comfy_attention)."""
+
+
+@pytest.fixture
+def record_backend(monkeypatch):
+    """Every call of ComfyUI's optimized_attention (the real one runs): the kwargs it got."""
+    import comfy.ldm.modules.attention as attn
+
+    calls: list = []
+    real = attn.optimized_attention
+
+    def recording(q, k, v, heads, *args, **kwargs):
+        calls.append(dict(kwargs))
+        kwargs.pop("preferred_attention", None)  # hosts before the per-layer choice take no such argument
+        return real(q, k, v, heads, *args, **kwargs)
+
+    monkeypatch.setattr(attn, "optimized_attention", recording)
+    return calls
+
+
+def test_exact_fallback_passes_the_layers_attention_choice(node_mod, record_backend):
+    """Outside GRI's range the fallback runs the host's exact attention as the layer would: with the
+    layer's own choice (``preferred_attention``) when the layer has one, without the argument when not
+    (ComfyUI 0.3.64 / 0.33 layers), and the same numbers either way."""
+    import types
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 64, generator=g) for _ in range(3))
+    to = {"sigmas": torch.tensor([1.0])}
+    choice = _Choice()
+    with_choice = node_mod.ExactAttention(types.SimpleNamespace(comfy_attention=choice))
+    without = node_mod.ExactAttention(types.SimpleNamespace())
+    a = with_choice(q, k, v, 4, attn_precision=None, transformer_options=to)
+    b = without(q, k, v, 4, attn_precision=None, transformer_options=to)
+    c = node_mod.ExactAttention(None)(q, k, v, 4)
+    assert record_backend[0]["preferred_attention"] is choice and record_backend[0]["transformer_options"] is to
+    assert "preferred_attention" not in record_backend[1] and "preferred_attention" not in record_backend[2]
+    assert torch.equal(a, b) and torch.equal(a, c)
+    import copy
+
+    assert copy.deepcopy({"f": with_choice})["f"] is with_choice  # clones never copy the layer
+
+
+def test_sampling_outside_the_range_uses_each_layers_choice(tm, node_mod, spy, record_backend):
+    """GRI on [0.5, 1]: in the first half every patched layer falls back to exact attention with ITS OWN
+    choice (a layer without one: no argument); its samples equal the unpatched model's there."""
+    from distilled_unets.models import gri
+
+    model = tm.build("sd15", tm.TINY_SD_TOPOLOGY, seed=0)
+    dm = model.model.diffusion_model
+    chosen = gri.select_sites(gri.attention_sites(dm), 1)
+    layers = [gri.site_attention(dm, s) for s in chosen]
+    assert all(layer is not None and hasattr(layer, "to_q") for layer in layers)
+    choice_by_key = {}
+    for site, layer in zip(chosen[:-1], layers[:-1]):  # the last patched layer keeps the host's default
+        choice_by_key[site.key] = layer.comfy_attention = _Choice()
+    try:
+        patched = _gri(node_mod, model, window=2, pool=2, start=0.5, end=1.0)
+        _sample(patched, steps=4)
+        fell_back = [(b[0], b[1], j) for b, j, *_, ran, _s in spy if not ran]
+        assert fell_back and any(ran for *_, ran, _ in spy) and chosen[-1].key in fell_back
+        passed = [c["preferred_attention"] for c in record_backend if "preferred_attention" in c]
+        # each fallback call of a layer with a choice carried exactly that layer's object, in call order
+        expected = [choice_by_key[key] for key in fell_back if key in choice_by_key]
+        assert len(passed) == len(expected) and all(a is b for a, b in zip(passed, expected))
+        # fall back everywhere (range ends before sampling starts): identical to the unpatched model
+        record_backend.clear()
+        never = _gri(node_mod, model, window=2, pool=2, start=1.0, end=1.0)
+        assert torch.equal(_sample(never, steps=2), _sample(model, steps=2))
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("comfy_attention", None)
+
+
 def test_patch_one_unet_of_a_multi_unet_model(tm, node_mod, spy):
     from distilled_unets.nodes import sampling
 

@@ -217,6 +217,106 @@ def test_downstream_clone_resolves_the_cloned_early_patcher(tm, nodes_mod):
 
 
 # ------------------------------------------------------------------------------------------------
+# the router is a keyed APPLY_MODEL wrapper: other packs' wrappers and the single slot around it
+
+
+def _by_tag(calls):
+    out: dict = {}
+    for t, s in calls:
+        out.setdefault(t, []).append(s)
+    return out
+
+
+def test_router_is_a_keyed_apply_model_wrapper(tm, nodes_mod):
+    import comfy.patcher_extension as pe
+    from distilled_unets.models.multi_unet import KEY_PREFIX, MultiUNetRouter
+
+    multi = nodes_mod.MultiUNetModel.execute(tm.build("sd15", seed=1), tm.build("sd15", seed=2), 0.5).result[0]
+    (key,) = [k for k in multi.additional_models if k.startswith(KEY_PREFIX)]
+    assert multi.get_wrappers(pe.WrappersMP.APPLY_MODEL, key) and isinstance(
+        multi.get_wrappers(pe.WrappersMP.APPLY_MODEL, key)[0], MultiUNetRouter)
+    assert "model_function_wrapper" not in multi.model_options  # the single slot stays free
+
+
+@pytest.mark.parametrize("node", ["MultiUNetModel", "MultiUNetKSampler"])
+def test_later_node_overwriting_model_function_wrapper_keeps_the_early_unet(tm, nodes_mod, node):
+    """Another pack's node after the multi-UNet sets model_function_wrapper WITHOUT chaining the one
+    there (here: the late UNet's own, kept in the slot): the early UNet still runs every early step,
+    the late UNet every late one, and the later wrapper sees every call."""
+    small = tm.build("sd15", tm.TINY_SD_TOPOLOGY, seed=1)
+    full = tm.build("sd15", seed=2)
+    calls: list = []
+    late = _spy(full.clone(), calls, "late")
+    late.set_model_unet_function_wrapper(lambda f, a: f(a["input"], a["timestep"], **a["c"]))
+    early = _spy(small.clone(), calls, "early")
+    steps, k = 6, 3
+
+    def overwrite(model):  # what such a node does: a clone, then the slot replaced
+        m = model.clone()
+
+        def later(apply_model, args):
+            calls.append(("later", float(args["timestep"].reshape(-1)[0])))
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        m.set_model_unet_function_wrapper(later)
+        return m
+
+    sig = _schedule(full, "karras", steps)
+    if node == "MultiUNetModel":
+        switch = full.get_model_object("model_sampling").percent_to_sigma(0.5)
+        multi = overwrite(nodes_mod.MultiUNetModel.execute(early, late, 0.5).result[0])
+        _sample(multi, "dpmpp_2m", "karras", steps=steps)
+    else:  # the KSampler builds its routing MODEL inside: overwrite the slot on its input instead
+        from distilled_unets.models.multi_unet import switch_sigma_from_step
+
+        switch = switch_sigma_from_step(sig, k)
+        routed = nodes_mod.make_multi_unet_model(early, late, nodes_mod.SwitchPoint.from_step(k), node=node)
+        _sample(overwrite(routed), "dpmpp_2m", "karras", steps=steps)
+    by = _by_tag(calls)
+    assert set(by) == {"early", "late", "later"}
+    assert min(by["early"]) > switch >= max(by["late"])
+    assert len(by["later"]) == len(by["early"]) + len(by["late"])  # every model call went through it
+    from distilled_unets.models.multi_unet import steps_per_stage
+
+    assert [len(by["early"]), len(by["late"])] == steps_per_stage(sig, [switch])
+
+
+def test_late_apply_model_wrappers_stay_in_the_late_stage(tm, nodes_mod):
+    """Keyed APPLY_MODEL wrappers the late UNet had (e.g. TorchCompileModel's) run only in its steps;
+    one added to the routing MODEL afterwards (remove-then-add under its own key, as torch.compile does)
+    does not displace the router."""
+    import comfy.patcher_extension as pe
+
+    small = tm.build("sd15", tm.TINY_SD_TOPOLOGY, seed=1)
+    full = tm.build("sd15", seed=2)
+    calls: list = []
+
+    def spy(tag):
+        def wrapper(executor, *args, **kwargs):
+            calls.append((tag, float(args[1].reshape(-1)[0])))
+            return executor(*args, **kwargs)
+        return wrapper
+
+    late = full.clone()
+    late.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "torch.compile", spy("late_apply"))
+    pe.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "opts", spy("late_opts"), late.model_options,
+                            is_model_options=True)
+    multi = nodes_mod.MultiUNetModel.execute(_spy(small.clone(), calls, "early"), late, 0.5).result[0]
+    again = multi.clone()
+    again.remove_wrappers_with_key(pe.WrappersMP.APPLY_MODEL, "torch.compile")
+    again.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "torch.compile", spy("downstream"))
+    switch = full.get_model_object("model_sampling").percent_to_sigma(0.5)
+    for model, expect in ((multi, {"early", "late_apply", "late_opts"}), (again, {"early", "downstream", "late_opts"})):
+        calls.clear()
+        _sample(model, "euler", steps=6)
+        by = _by_tag(calls)
+        assert set(by) == expect
+        late_tags = expect - {"early"}
+        assert min(by["early"]) > switch >= max(s for t in late_tags for s in by[t])
+        assert len({len(by[t]) for t in late_tags}) == 1
+
+
+# ------------------------------------------------------------------------------------------------
 # each inner model's own patches and options, only when it runs
 
 

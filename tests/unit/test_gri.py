@@ -262,6 +262,14 @@ def test_attention_sites_follow_the_block_layout():
     assert [s.key for s in top] == [("input", 3, 0), ("input", 3, 1)]
     assert len(gri.select_sites(sites, levels=2, output_blocks=True)) == len(sites)
     assert not any(s.block_name == "middle" for s in gri.select_sites(sites, levels=1))
+    # each site's own attn1 module (the node binds its exact-attention fallback to it)
+    for site in sites:
+        block = net.middle_block if site.block_name == "middle" else getattr(net, f"{site.block_name}_blocks")[
+            site.block_id]
+        st = next(m for m in block.modules() if isinstance(m, _ST))
+        assert gri.site_attention(net, site) is st.transformer_blocks[site.index].attn1
+    assert gri.site_attention(net, gri.AttentionSite("input", 99, 0, 0)) is None
+    assert gri.site_attention(net, gri.AttentionSite("input", 3, 5, 1)) is None
 
 
 def test_cost_ratio():

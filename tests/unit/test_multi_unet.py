@@ -10,6 +10,8 @@ import pytest
 import torch
 from distilled_unets.models.errors import IncompatibleModelsError, PackError
 from distilled_unets.models.multi_unet import (
+    STAGE_PATCHER,
+    LateStageWrapper,
     LoadedStage,
     MultiUNetRouter,
     SwitchPoint,
@@ -19,6 +21,7 @@ from distilled_unets.models.multi_unet import (
     check_shared_weights,
     check_switch_percent,
     check_switch_step,
+    install_router,
     split_for_steps,
     stage_for_sigma,
     stage_transformer_options,
@@ -115,16 +118,43 @@ def test_check_shared_weights():
 
 
 # ------------------------------------------------------------------------------------------------
-# router with fakes
+# router with fakes: ComfyUI's keyed-wrapper executor, ModelPatcher and BaseModel, reduced to what the
+# router touches
+
+
+APPLY = "apply_model"  # what the node passes (ComfyUI's WrappersMP.APPLY_MODEL)
+
+
+class FakeExecutor:
+    """ComfyUI's WrapperExecutor around BaseModel._apply_model: wrappers in order, then the original."""
+
+    def __init__(self, original, class_obj, wrappers, idx=0):
+        self.original, self.class_obj, self.wrappers, self.idx = original, class_obj, list(wrappers), idx
+
+    def __call__(self, *args, **kwargs):
+        return FakeExecutor(self.original, self.class_obj, self.wrappers, self.idx + 1).execute(*args, **kwargs)
+
+    def execute(self, *args, **kwargs):
+        if self.idx == len(self.wrappers):
+            return self.original(*args, **kwargs)
+        return self.wrappers[self.idx](self, *args, **kwargs)
 
 
 class FakeBase:
+    """BaseModel: apply_model runs the APPLY_MODEL wrappers found in transformer_options."""
+
     def __init__(self, tag, log):
         self.tag, self.log, self.current_patcher = tag, log, None
 
-    def apply_model(self, x, t, **c):
-        self.log.append((self.tag, float(t[0]), c))
-        return x + (1.0 if self.tag == "early" else 2.0)
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        wrappers = [w for ws in transformer_options.get("wrappers", {}).get(APPLY, {}).values() for w in ws]
+        return FakeExecutor(self._apply_model, self, wrappers).execute(x, t, c_concat, c_crossattn, control,
+                                                                        transformer_options, **kw)
+
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        self.log.append((self.tag, float(t[0]), dict(kw, c_crossattn=c_crossattn, control=control,
+                                                      transformer_options=transformer_options)))
+        return x + (1.0 if self.tag in ("early", "a") else 2.0)
 
 
 class FakePatcher:
@@ -136,45 +166,65 @@ class FakePatcher:
     def get_additional_models_with_key(self, key):
         return self.additional_models.get(key, [])
 
+    def set_additional_models(self, key, models):
+        self.additional_models[key] = models
 
-def _setup(switch, *, previous=None, early_options=None):
+    def add_wrapper_with_key(self, wtype, key, fn):
+        self.wrappers.setdefault(wtype, {}).setdefault(key, []).append(fn)
+
+    def remove_wrappers_with_key(self, wtype, key):
+        self.wrappers.get(wtype, {}).pop(key, None)
+
+
+def _setup(switch, *, early_options=None, late_mfw=None):
     log: list = []
     early = FakePatcher(FakeBase("early", log), early_options)
     late_base = FakeBase("late", log)
     main = FakePatcher(late_base, {"transformer_options": {"patches": {"attn1_patch": ["main"]},
                                                            "main_only": 1}})
-    router = MultiUNetRouter(switch, previous=previous)
-    main.additional_models[router.key] = [early]
-    main.model_options["model_function_wrapper"] = router
-    late_base.current_patcher = main
+    if late_mfw is not None:
+        main.model_options["model_function_wrapper"] = late_mfw
+    router = MultiUNetRouter(switch)
+    install_router(main, router, early, apply_model_type=APPLY)
+    late_base.current_patcher = main  # what ComfyUI's pre_run does
     return router, main, early, log
 
 
-def _args(sigma, sample_sigmas=None):
-    to = {"patches": {"attn1_patch": ["main"]}, "wrappers": {"apply_model": {"k": ["main_wrapper"]}},
-          "main_only": 1, "cond_or_uncond": [0, 1], "uuids": ["u", "v"], "sigmas": torch.tensor([sigma] * 2),
-          "sample_sigmas": sample_sigmas, "from_hook": "h"}
-    return {"input": torch.zeros(2, 4, 2, 2), "timestep": torch.tensor([sigma] * 2),
-            "c": {"c_crossattn": "ctx", "control": "cnet", "transformer_options": to},
-            "cond_or_uncond": [0, 1]}
+def _to(main, sigma, sample_sigmas=None):
+    """transformer_options as ComfyUI's calc_cond_batch builds them for the sampled patcher."""
+    to = {"patches": {"attn1_patch": ["main"]}, "main_only": 1, "cond_or_uncond": [0, 1], "uuids": ["u", "v"],
+          "sigmas": torch.tensor([sigma] * 2), "sample_sigmas": sample_sigmas, "from_hook": "h"}
+    to["wrappers"] = {k: {kk: list(v) for kk, v in d.items()} for k, d in main.wrappers.items()}
+    return to
+
+
+def _call(main, sigma, sample_sigmas=None):
+    """What ComfyUI's sampler does for one batch: the model_function_wrapper slot, else apply_model."""
+    x, t = torch.zeros(2, 4, 2, 2), torch.tensor([sigma] * 2)
+    c = {"c_crossattn": "ctx", "control": "cnet", "transformer_options": _to(main, sigma, sample_sigmas)}
+    mfw = main.model_options.get("model_function_wrapper")
+    if mfw is not None:
+        return mfw(main.model.apply_model, {"input": x, "timestep": t, "c": c, "cond_or_uncond": [0, 1]})
+    return main.model.apply_model(x, t, **c)
 
 
 def test_router_routes_by_sigma_and_rebuilds_options_for_early():
     early_opts = {"transformer_options": {"patches": {"attn1_patch": ["early"]}}}
     router, main, early, log = _setup(SwitchPoint("sigma", 2.0), early_options=early_opts)
     early.wrappers = {"diffusion_model": {"spy": ["early_wrapper"]}}
-    out = router(main.model.apply_model, _args(7.0))
+    assert main.wrappers[APPLY] == {router.key: [router]} and "model_function_wrapper" not in main.model_options
+    out = _call(main, 7.0)
     assert torch.equal(out, torch.ones(2, 4, 2, 2))
     tag, sigma, c = log[-1]
     assert tag == "early" and sigma == 7.0
-    assert "control" not in c and c["c_crossattn"] == "ctx"
+    assert c["control"] is None and c["c_crossattn"] == "ctx"
     to = c["transformer_options"]
     assert to["patches"] == {"attn1_patch": ["early"]}
     assert to["wrappers"] == {"diffusion_model": {"spy": ["early_wrapper"]}}
     assert "main_only" not in to and to["from_hook"] == "h"
-    assert to["cond_or_uncond"] == [0, 1] and to["uuids"] == ["u", "v"]
+    assert to["cond_or_uncond"] == [0, 1] and to["uuids"] == ["u", "v"] and to[STAGE_PATCHER] is early
     assert early.model_options == early_opts  # not written to
-    router(main.model.apply_model, _args(2.0))  # at the switch sigma: late
+    _call(main, 2.0)  # at the switch sigma: late
     tag, sigma, c = log[-1]
     assert tag == "late" and c["control"] == "cnet" and c["transformer_options"]["main_only"] == 1
 
@@ -183,40 +233,100 @@ def test_router_step_switch_uses_sample_sigmas_and_caches():
     router, main, _, log = _setup(SwitchPoint.from_step(2))
     sig = torch.tensor(SIGMAS)
     for s in SIGMAS[:-1]:
-        router(main.model.apply_model, _args(s, sig))
+        _call(main, s, sig)
     assert [t for t, _, _ in log] == ["early"] * 2 + ["late"] * 4
-    assert router._cache_sigmas is sig
+    assert router._cache[sig.device][0] is sig
     with pytest.raises(PackError, match="switch_step"):
         MultiUNetRouter(SwitchPoint.from_step(2)).threshold(None)
 
 
-def test_router_chains_previous_wrapper_only_in_late_stage():
+def test_late_model_function_wrapper_runs_only_in_late_stage_and_keeps_its_hooks():
     seen = []
 
-    def previous(apply_model, args):
-        seen.append(float(args["timestep"][0]))
-        return apply_model(args["input"], args["timestep"], **args["c"])
+    class Previous:
+        def __call__(self, apply_model, args):
+            seen.append(float(args["timestep"][0]))
+            return apply_model(args["input"], args["timestep"], **args["c"])
 
-    router, main, _, log = _setup(SwitchPoint("sigma", 2.0), previous=previous)
+        def to(self, device):
+            seen.append(("to", device))
+            return self
+
+        def models(self):
+            return ["extra model"]
+
+    router, main, _, log = _setup(SwitchPoint("sigma", 2.0), late_mfw=Previous())
+    gate = main.model_options["model_function_wrapper"]
+    assert isinstance(gate, LateStageWrapper)
     for s in (7.0, 3.0, 1.0, 0.5):
-        router(main.model.apply_model, _args(s))
+        _call(main, s)
     assert seen == [1.0, 0.5]
     assert [t for t, _, _ in log] == ["early", "early", "late", "late"]
+    assert gate.to("cuda") is gate and seen[-1] == ("to", "cuda") and gate.models() == ["extra model"]
+    assert copy.deepcopy({"w": gate})["w"] is gate
+
+
+def test_a_later_model_function_wrapper_without_chaining_keeps_the_routing():
+    router, main, _, log = _setup(SwitchPoint("sigma", 2.0))
+    later = []
+
+    def overwrite(apply_model, args):  # another pack's wrapper that does not chain the slot
+        later.append(float(args["timestep"][0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    main.model_options["model_function_wrapper"] = overwrite
+    for s in (7.0, 3.0, 1.0):
+        _call(main, s)
+    assert later == [7.0, 3.0, 1.0]
+    assert [t for t, _, _ in log] == ["early", "early", "late"]
+
+
+def test_router_is_the_outermost_apply_model_wrapper():
+    """The late UNet's own apply-model wrappers (on the patcher and in model_options) move inside the
+    router, so they run only in the late steps; other wrapper types are left alone."""
+    seen = []
+
+    def spy(tag):
+        def w(executor, *args, **kwargs):
+            seen.append((tag, float(args[1][0])))
+            return executor(*args, **kwargs)
+        return w
+
+    log: list = []
+    late_base = FakeBase("late", log)
+    main = FakePatcher(late_base, {"transformer_options": {"wrappers": {APPLY: {"opt": [spy("late_opt")]}}}})
+    main.add_wrapper_with_key(APPLY, "torch.compile", spy("late_compile"))
+    main.add_wrapper_with_key("diffusion_model", "other", "kept")
+    router = MultiUNetRouter(SwitchPoint("sigma", 2.0))
+    install_router(main, router, FakePatcher(FakeBase("early", log)), apply_model_type=APPLY)
+    assert list(main.wrappers[APPLY]) == [router.key, "torch.compile", "opt"]
+    assert main.wrappers["diffusion_model"] == {"other": ["kept"]}
+    assert APPLY not in main.model_options["transformer_options"]["wrappers"]
+    late_base.current_patcher = main
+    for s in (7.0, 1.0):
+        _call(main, s)
+    assert seen == [("late_compile", 1.0), ("late_opt", 1.0)]
+    assert [t for t, _, _ in log] == ["early", "late"]
 
 
 def test_nested_routers_give_three_stages():
-    log: list = []
-    a, b, c = (FakeBase(t, log) for t in ("a", "b", "c"))
-    inner = MultiUNetRouter(SwitchPoint("sigma", 5.0))  # a -> b
-    inner_patcher = FakePatcher(b, {"transformer_options": {}, "model_function_wrapper": inner})
-    inner_patcher.additional_models[inner.key] = [FakePatcher(a)]
-    outer = MultiUNetRouter(SwitchPoint("sigma", 1.0))  # (a -> b) -> c
-    main = FakePatcher(c, {"transformer_options": {}, "model_function_wrapper": outer})
-    main.additional_models[outer.key] = [inner_patcher]
-    c.current_patcher = main
-    for s in (14.0, 5.0, 2.0, 1.0, 0.1):
-        outer(c.apply_model, _args(s))
-    assert [t for t, _, _ in log] == ["a", "b", "b", "c", "c"]
+    """(a -> b) -> c and a -> (b -> c): a nested stage's router finds its patcher through STAGE_PATCHER."""
+    for nest in ("early", "late"):
+        log: list = []
+        a, b, c = (FakeBase(t, log) for t in ("a", "b", "c"))
+        if nest == "early":
+            inner = FakePatcher(b)
+            install_router(inner, MultiUNetRouter(SwitchPoint("sigma", 5.0)), FakePatcher(a), apply_model_type=APPLY)
+            main = FakePatcher(c)
+            install_router(main, MultiUNetRouter(SwitchPoint("sigma", 1.0)), inner, apply_model_type=APPLY)
+        else:
+            main = FakePatcher(c)
+            install_router(main, MultiUNetRouter(SwitchPoint("sigma", 1.0)), FakePatcher(b), apply_model_type=APPLY)
+            install_router(main, MultiUNetRouter(SwitchPoint("sigma", 5.0)), FakePatcher(a), apply_model_type=APPLY)
+        c.current_patcher = main
+        for s in (14.0, 5.0, 2.0, 1.0, 0.1):
+            _call(main, s)
+        assert [t for t, _, _ in log] == ["a", "b", "b", "c", "c"], nest
 
 
 def test_router_survives_deepcopy_and_reports_missing_early():
@@ -224,7 +334,10 @@ def test_router_survives_deepcopy_and_reports_missing_early():
     assert copy.deepcopy({"w": router})["w"] is router
     main.additional_models.clear()
     with pytest.raises(PackError, match="early UNet"):
-        router(main.model.apply_model, _args(9.0))
+        _call(main, 9.0)
+    main.model.current_patcher = None  # run outside a sampler (no pre_run): the same typed error
+    with pytest.raises(PackError, match="early UNet"):
+        _call(main, 9.0)
 
 
 def test_stage_transformer_options_keeps_runtime_keys_only():

@@ -241,7 +241,7 @@ class CondConv2d(nn.Module):
             return self._override(x.device, dt).expand(x.shape[0], self.num_experts)
         rw = self.routing_weight if routing_weight is None else routing_weight
         rb = self.routing_bias if routing_bias is None else routing_bias
-        pooled = x.to(dt).mean(dim=(2, 3))
+        pooled = x.mean(dim=(2, 3), dtype=dt)  # accumulates in dt without a full-size copy of x
         return torch.sigmoid(F.linear(pooled, rw.to(dt), rb.to(dt)))
 
     def _override(self, device, dtype) -> torch.Tensor:

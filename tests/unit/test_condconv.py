@@ -1,0 +1,194 @@
+"""CondConv (models/condconv.py): against an independent slow reference, exactness, the identity init,
+gradients, construction errors and the structural key finder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distilled_unets.models.condconv import INIT_GATE, CondConv2d, condconv_paths, conv_geometry
+
+
+def _randomise(m: CondConv2d, seed: int, routing_scale: float = 2.0) -> None:
+    """Random experts and a random router, so that every sample gets its own gates."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (m.weight, m.bias):
+            if p is not None:
+                p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() / m.out_channels) ** 0.5)
+        m.routing_weight.copy_(routing_scale * torch.randn(m.routing_weight.shape, generator=g))
+        m.routing_bias.copy_(torch.randn(m.routing_bias.shape, generator=g))
+
+
+def _reference(m: CondConv2d, x: torch.Tensor) -> torch.Tensor:
+    """Slow CondConv from the definition, in float64: per sample, the gates from the pooled input, the
+    weighted sum of the expert kernels and biases (a loop over experts), then one F.conv2d."""
+    x = x.double()
+    W, rw, rb = m.weight.double(), m.routing_weight.double(), m.routing_bias.double()
+    b = None if m.bias is None else m.bias.double()
+    outs = []
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1]
+        pooled = xi.sum(dim=(2, 3))[0] / (xi.shape[2] * xi.shape[3])
+        gates = [1.0 / (1.0 + torch.exp(-(rw[k] * pooled).sum() - rb[k])) for k in range(m.num_experts)]
+        kernel = sum(gates[k] * W[k] for k in range(m.num_experts))
+        bias = None if b is None else sum(gates[k] * b[k] for k in range(m.num_experts))
+        outs.append(F.conv2d(xi, kernel, bias, m.stride, m.padding, m.dilation, m.groups))
+    return torch.cat(outs)
+
+
+CASES = [  # in, out, kernel, K, stride, padding, dilation, groups, bias, H, W
+    (8, 16, 3, 2, 1, 1, 1, 1, True, 12, 12),
+    (8, 8, 3, 3, 2, 1, 1, 1, True, 13, 9),       # stride 2 on an odd, non-square grid
+    (8, 12, 3, 4, 1, 2, 2, 2, False, 11, 11),    # dilation, groups, no bias
+    (12, 12, 1, 2, 1, 0, 1, 3, True, 7, 10),     # 1x1, groups 3
+    (8, 16, (3, 1), 2, (2, 1), (1, 0), 1, 4, True, 9, 8),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"in{c[0]}-out{c[1]}-K{c[3]}-s{c[4]}-g{c[7]}")
+def test_matches_slow_reference(case):
+    cin, cout, k, K, s, p, d, g, bias, H, W = case
+    m = CondConv2d(cin, cout, k, K, stride=s, padding=p, dilation=d, groups=g, bias=bias)
+    _randomise(m, seed=sum(map(hash, map(str, case))) % 1000)
+    x = torch.randn(5, cin, H, W, generator=torch.Generator().manual_seed(7))
+    x = x + torch.arange(5.0).view(5, 1, 1, 1)  # different pooled inputs, so different routings
+    gates = m.gates(x)
+    assert gates.shape == (5, K)
+    assert (gates.max(0).values - gates.min(0).values).min() > 1e-2, "samples should be routed differently"
+    with torch.no_grad():
+        y = m(x)
+    ref = _reference(m, x)
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert (y.double() - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max().item())
+
+
+def test_batch_of_one_equals_batch():
+    m = CondConv2d(8, 8, 3, 3, padding=1)
+    _randomise(m, 3)
+    x = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(1)) * torch.arange(1.0, 5.0).view(4, 1, 1, 1)
+    with torch.no_grad():
+        full = m(x)
+        single = torch.cat([m(x[i:i + 1]) for i in range(4)])
+    assert (full - single).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("geom", [dict(), dict(stride=2, padding=1), dict(padding=2, dilation=2, groups=4),
+                                  dict(groups=2, stride=(1, 2), padding=(0, 1))])
+def test_one_expert_fixed_routing_is_conv2d_exactly(geom):
+    m = CondConv2d(8, 16, 3, 1, **geom)
+    _randomise(m, 5)
+    m.routing_override = 1.0
+    x = torch.randn(3, 8, 10, 11, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = m(x)
+        ref = F.conv2d(x, m.weight[0], m.bias[0], m.stride, m.padding, m.dilation, m.groups)
+    assert torch.equal(y, ref)
+
+
+def test_fixed_routing_mixes_the_experts():
+    m = CondConv2d(8, 8, 3, 3, padding=1)
+    _randomise(m, 6)
+    m.routing_override = [0.2, 0.5, 0.9]
+    x = torch.randn(2, 8, 7, 7, generator=torch.Generator().manual_seed(4))
+    kernel, bias = m.mixed_kernel(torch.tensor([0.2, 0.5, 0.9]))
+    with torch.no_grad():
+        assert (m(x) - F.conv2d(x, kernel, bias, padding=1)).abs().max() <= 1e-5
+    m.routing_override = [1.0, 0.0]
+    with pytest.raises(ValueError, match="3 experts"):
+        m(x)
+
+
+def _teacher(seed=0, cin=16, cout=24, k=3):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, k, padding=k // 2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1)
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=g) * 0.1)
+    extras = [torch.randn(conv.weight.shape, generator=g) * 0.1 for _ in range(2)]
+    extra_b = [torch.randn(cout, generator=g) * 0.1, None]
+    return conv, extras, extra_b
+
+
+@pytest.mark.parametrize("K,n_extra", [(1, 0), (2, 0), (2, 1), (4, 2)])
+def test_identity_at_init(K, n_extra):
+    conv, extras, extra_b = _teacher()
+    m = CondConv2d.from_conv(conv.weight, conv.bias, extras[:n_extra], extra_biases=extra_b[:n_extra],
+                             num_experts=K, generator=torch.Generator().manual_seed(9),
+                             extra_sources=[f"teacher conv {i}" for i in range(n_extra)], **conv_geometry(conv))
+    assert m.num_experts == K and len(m.expert_sources) == K
+    assert m.expert_sources[1:1 + n_extra] == tuple(f"teacher conv {i}" for i in range(n_extra))
+    assert all(s.startswith("random") for s in m.expert_sources[1 + n_extra:])
+    for i in range(n_extra):  # the teacher's extra kernels are kept as they are
+        assert torch.equal(m.weight[1 + i], extras[i])
+    g = torch.Generator().manual_seed(11)
+    for trial in range(3):
+        x = torch.randn(3, 16, 9, 12, generator=g) * (1 + trial) + trial
+        assert torch.equal(m.gates(x), torch.full((3, K), INIT_GATE))
+        with torch.no_grad():
+            y, ref = m(x), conv(x)
+        assert (y - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_from_conv_without_bias_and_default_expert_count():
+    conv, extras, _ = _teacher()
+    m = CondConv2d.from_conv(conv.weight, None, extras, padding=1)
+    assert m.num_experts == 3 and m.bias is None
+    x = torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (m(x) - F.conv2d(x, conv.weight, None, padding=1)).abs().max() <= 1e-5
+
+
+def test_gradients_reach_every_expert_and_the_router():
+    conv, extras, extra_b = _teacher()
+    m = CondConv2d.from_conv(conv.weight, conv.bias, extras[:1], extra_biases=extra_b[:1], num_experts=3,
+                             generator=torch.Generator().manual_seed(1), padding=1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 16, 8, 8, generator=g) + torch.arange(4.0).view(4, 1, 1, 1)
+    loss = (m(x) * torch.randn(4, 24, 8, 8, generator=g)).sum()
+    loss.backward()
+    for k in range(3):
+        assert m.weight.grad[k].abs().sum() > 0, f"expert {k} gets no kernel gradient"
+        assert m.bias.grad[k].abs().sum() > 0, f"expert {k} gets no bias gradient"
+        assert m.routing_weight.grad[k].abs().sum() > 0, f"gate {k} gets no routing-weight gradient"
+        assert m.routing_bias.grad[k].abs() > 0, f"gate {k} gets no routing-bias gradient"
+    # at the half gate every expert sees half the mixed kernel's gradient
+    assert torch.allclose(m.weight.grad[0], m.weight.grad[2])
+
+
+def test_from_conv_rejects_bad_kernels():
+    conv, extras, _ = _teacher()
+    with pytest.raises(ValueError, match="teacher up.1 has shape"):
+        CondConv2d.from_conv(conv.weight, conv.bias, [torch.zeros(24, 8, 3, 3)], extra_sources=["teacher up.1"])
+    with pytest.raises(ValueError, match="leaves no room"):
+        CondConv2d.from_conv(conv.weight, conv.bias, extras, num_experts=2)
+    with pytest.raises(ValueError, match="4-dim"):
+        CondConv2d.from_conv(conv.weight[0], conv.bias)
+    with pytest.raises(ValueError, match="padding_mode"):
+        conv_geometry(torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+
+
+def test_half_precision_input_mixes_in_fp32():
+    m = CondConv2d(8, 8, 3, 2, padding=1)
+    _randomise(m, 8)
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(5))
+    m_bf = CondConv2d(8, 8, 3, 2, padding=1).to(torch.bfloat16)
+    m_bf.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        y = m_bf(x.bfloat16())
+        ref = _reference(m_bf, x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_state_dict_keys_and_condconv_paths():
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), CondConv2d(8, 8, 3, 2), torch.nn.Sequential(
+        CondConv2d(8, 4, 1, 3, bias=False)))
+    sd = net.state_dict()
+    assert set(sd) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.routing_weight", "1.routing_bias",
+                       "2.0.weight", "2.0.routing_weight", "2.0.routing_bias"}
+    assert sd["1.weight"].shape == (2, 8, 8, 3, 3) and sd["1.routing_weight"].shape == (2, 8)
+    assert condconv_paths(sd) == {"1": 2, "2.0": 3}
+    prefixed = {"model.diffusion_model." + k: tuple(v.shape) for k, v in sd.items()}  # shapes work too
+    assert condconv_paths(prefixed, prefix="model.diffusion_model.") == {"1": 2, "2.0": 3}
+    assert condconv_paths({"x.weight": torch.zeros(8, 8, 3, 3), "x.routing_weight": torch.zeros(2, 8)}) == {}

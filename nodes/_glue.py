@@ -22,6 +22,7 @@ from ..models.blockmap import BlockMap
 from ..models.errors import PackError, WeightFileError
 from ..models.loader import block_map_of, check_state_dict, info, ldm_state_dict, prediction_hint, read_unet, recipe_of
 from ..models.topology import Topology, from_comfy_config
+from ._patcher import expected_shapes, load_weights, new_patcher, set_reload
 
 log = logging.getLogger("distilled_unets")
 
@@ -92,8 +93,9 @@ def comfy_model(topology: Topology, unet_dtype, manual_cast=None, prediction: st
 
 
 def build_model(topology: Topology, new_sd: dict, weight_dtype: str = "default", prediction: str = "eps", *,
-                zsnr: bool = False, path: str | None = None):
-    """ComfyUI's own UNet for ``topology`` with the weights of ``new_sd`` (ldm names), in a ModelPatcher."""
+                zsnr: bool = False, path: str | None = None, disable_dynamic: bool = False):
+    """ComfyUI's own UNet for ``topology`` with the weights of ``new_sd`` (ldm names), in the patcher ComfyUI's
+    own loaders use (``disable_dynamic``: the plain one even where dynamic VRAM is on)."""
     opts = _dtype_options(weight_dtype)
     load_device = mm.get_torch_device()
     supported = list(FAMILY_CLASSES[topology.family].supported_inference_dtypes)
@@ -103,11 +105,9 @@ def build_model(topology: Topology, new_sd: dict, weight_dtype: str = "default",
     manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
     model = comfy_model(topology, unet_dtype, manual_cast, prediction, fp8=bool(opts.get("fp8_optimizations")),
                         zsnr=zsnr)
-    check_state_dict({k: v.shape for k, v in model.diffusion_model.state_dict().items()},
-                     {k: v.shape for k, v in new_sd.items()}, path)
-    from ._patcher import load_weights, new_patcher
-
-    patcher = new_patcher(model, load_device, mm.unet_offload_device())  # ComfyUI's current patcher class
+    # expected_shapes: dynamic VRAM builds some layers without weights until they are loaded
+    check_state_dict(expected_shapes(model.diffusion_model), {k: v.shape for k, v in new_sd.items()}, path)
+    patcher = new_patcher(model, load_device, mm.unet_offload_device(), disable_dynamic=disable_dynamic)
     load_weights(model, new_sd, patcher)  # assign=True for a dynamic-VRAM patcher, as comfy.sd does
     return patcher
 
@@ -154,7 +154,8 @@ def prediction_of(patcher) -> str:
     return "v_prediction" if patcher.model.model_type == comfy.model_base.ModelType.V_PREDICTION else "eps"
 
 
-def load_distilled_unet(path: str, weight_dtype: str = "default", prediction: str = "auto"):
+def load_distilled_unet(path: str, weight_dtype: str = "default", prediction: str = "auto", *,
+                        disable_dynamic: bool = False):
     """(ModelPatcher, info text) for the UNet at ``path``."""
     f = read_unet(path)
     pred, zsnr, why = (prediction, False, "chosen") if prediction != "auto" else prediction_hint(f)
@@ -166,10 +167,13 @@ def load_distilled_unet(path: str, weight_dtype: str = "default", prediction: st
             if mt == comfy.model_base.ModelType.V_PREDICTION:
                 pred, why = "v_prediction", "ComfyUI's SD2 heuristic (full-depth SD2 UNet)"
     try:
-        patcher = build_model(f.topology, sd, weight_dtype, pred, zsnr=zsnr, path=f.source.name)
+        patcher = build_model(f.topology, sd, weight_dtype, pred, zsnr=zsnr, path=f.source.name,
+                              disable_dynamic=disable_dynamic)
     except PackError as e:
         e.path = e.path or f.source.name
         raise
+    # how to load it again (ComfyUI's multi-GPU clones and non-dynamic delegates ask for it)
+    set_reload(patcher, _reload_unet, (path, weight_dtype, prediction))
     bm = block_map_of(f.metadata, f.topology)
     if bm is not None:
         patcher.set_attachments(BLOCK_MAP_KEY, bm)
@@ -179,3 +183,7 @@ def load_distilled_unet(path: str, weight_dtype: str = "default", prediction: st
     text, _ = info(f, pred + (" (zero terminal SNR)" if zsnr else ""), why)
     log.info("Distilled UNet %s: %s", f.name, text.splitlines()[0])
     return patcher, text
+
+
+def _reload_unet(path: str, weight_dtype: str, prediction: str, disable_dynamic: bool = False):
+    return load_distilled_unet(path, weight_dtype, prediction, disable_dynamic=disable_dynamic)[0]

@@ -31,6 +31,7 @@ from ._glue import (
     topology_of,
     unet_weights,
 )
+from ._patcher import expected_shapes
 
 log = logging.getLogger("distilled_unets")
 
@@ -64,8 +65,7 @@ def build_student(teacher, preset: str, base_student=None, teacher_name: str = "
     t_sd = unet_weights(teacher)
     b_sd = unet_weights(base_student) if base_student is not None and p.preset.needs_base else None
     with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in
-                comfy_model(p.student, torch.float32, device="meta").diffusion_model.state_dict().items()}
+        want = expected_shapes(comfy_model(p.student, torch.float32, device="meta").diffusion_model)
     try:
         sd, origin = builder.student_state_dict(p, want, t_sd, b_sd, seed=seed)
     except ValueError as e:  # a source tensor of an unexpected shape: the teacher is not what it claims

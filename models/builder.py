@@ -144,6 +144,36 @@ def student_state_dict(p: Plan, want: dict, teacher_sd: dict, base_sd: dict | No
     return out, origin
 
 
+#: the 3x3 convolutions of a resnet unit (ldm names): conv1, conv2
+RESNET_CONVS = ("in_layers.2", "out_layers.3")
+
+
+def condconv_sources(p: Plan, teacher_shapes: dict, student_shapes: dict, level: int = 0) -> dict[str, list[str]]:
+    """A-SDM's CLME-CondConv plan: {student conv (ldm module path): [teacher convs that become its extra experts]}
+    for the 3x3 convolutions of the student's resnets in the down and up stage of ``level`` (0 = the shallowest).
+
+    "Cross-layer": the extra experts are the same convolution (conv1 / conv2) of the teacher's resnets of that
+    stage that the student lost (merged away), nearest position first, where the shapes fit; A-SDM collects the
+    teacher's 3x3 kernels of the stage's layers for the student's layers of it. Shapes are ``{key: shape}``
+    without the ``diffusion_model.`` prefix."""
+    t_units = [u for u in names.units(p.teacher) if u.kind == "resnet" and u.level == level]
+    kept = {s.teacher for s in p.block_map.units.values() if s.teacher}
+    out: dict[str, list[str]] = {}
+    for u in names.units(p.student):
+        if u.kind != "resnet" or u.level != level or u.side not in ("in", "out"):
+            continue
+        src = p.block_map.units[u.ldm]
+        here = next((t for t in t_units if t.ldm == src.teacher), None)
+        merged = [t for t in t_units if t.side == u.side and t.ldm not in kept]
+        merged.sort(key=lambda t: abs(t.index - (here.index if here else u.index)))
+        for conv in RESNET_CONVS:
+            path = f"{u.ldm}.{conv}"
+            want = tuple(student_shapes[f"{path}.weight"])
+            out[path] = [f"{t.ldm}.{conv}" for t in merged if tuple(teacher_shapes.get(f"{t.ldm}.{conv}.weight", ()))
+                         == want]
+    return out
+
+
 def weights_sha256(sd: dict) -> str:
     """sha256 of a state dict's names and tensor bytes, in name order (identifies the teacher in saved files)."""
     h = hashlib.sha256()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from . import registry
 from .blockmap import BlockMap
+from .condconv import condconv_paths
 from .detect import Detection, detect, from_diffusers_config
 from .errors import IncompleteModelError, NotAUNetError, PackError, WeightFileError
 from .topology import Topology
@@ -44,6 +45,7 @@ class UnetFile:
     detection: Detection
     metadata: dict
     shapes: dict = field(repr=False)  # every tensor of the file(s): name -> shape
+    condconv: dict = field(default_factory=dict)  # ldm conv path -> experts (A-SDM CondConv layers)
 
     @property
     def name(self) -> str:
@@ -77,9 +79,18 @@ def read_unet(path: str) -> UnetFile:
     src = resolve_unet_source(path)
     try:
         shapes, meta = source_shapes(src)
-        det = detect(shapes)
+        plain, cc = plain_view(shapes)
+        det = detect(plain)
     except PackError as e:
         raise named(e, src.name) from None
+    condconv = {}
+    n = len(det.prefix)
+    for file_path, experts in cc.items():  # the routing tensors go where their conv goes
+        rel = file_path[n:]
+        ldm = det.key_map[f"{rel}.weight"][: -len(".weight")]
+        for name in ("routing_weight", "routing_bias"):
+            det.key_map[f"{rel}.{name}"] = f"{ldm}.{name}"
+        condconv[ldm] = experts
     if src.config is not None and "block_out_channels" in src.config:
         try:
             cfg_topo = from_diffusers_config(src.config)
@@ -88,7 +99,23 @@ def read_unet(path: str) -> UnetFile:
         if cfg_topo is not None and cfg_topo.signature() != det.topology.signature():
             log.warning("config.json of %s describes %s, but the weights are %s; using the weights",
                         src.name, cfg_topo.describe(), det.topology.describe())
-    return UnetFile(src, det, meta, shapes)
+    return UnetFile(src, det, meta, shapes, condconv)
+
+
+def plain_view(shapes: dict) -> tuple[dict, dict[str, int]]:
+    """The shapes a plain UNet would have (CondConv experts seen as one kernel, routing left out), for the
+    structural detection, and the CondConv layers found ({file path: experts})."""
+    cc = condconv_paths(shapes)
+    if not cc:
+        return shapes, {}
+    out = dict(shapes)
+    for path in cc:
+        for name in ("weight", "bias"):
+            if f"{path}.{name}" in out:
+                out[f"{path}.{name}"] = tuple(out[f"{path}.{name}"])[1:]
+        out.pop(f"{path}.routing_weight", None)
+        out.pop(f"{path}.routing_bias", None)
+    return out, cc
 
 
 def prediction_hint(f: UnetFile) -> tuple[str | None, bool, str]:
@@ -202,6 +229,11 @@ def info(f: UnetFile, prediction: str, why: str) -> tuple[str, dict]:
     recipe = recipe_of(f.metadata)
     if recipe is not None:
         text += "\n" + "\n".join(recipe_lines(recipe, block_map_of(f.metadata, f.topology)))
+    if f.condconv:
+        experts = sorted(set(f.condconv.values()))
+        text += (f"\nCondConv (A-SDM): {len(f.condconv)} convolutions with {'/'.join(map(str, experts))} experts "
+                 f"({', '.join(sorted(f.condconv))}); ComfyUI's own UNet loaders cannot read this file, this node "
+                 "builds ComfyUI's UNet and swaps exactly those convolutions; LoRAs do not patch them")
     return text, d
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from . import names
 from .blockmap import CERTAIN, BlockMap, derive
+from .condconv import condconv_paths
 from .structures import TEACHERS
 from .topology import CONTEXT_FAMILY, FAMILY_NAMES, Topology, from_comfy_config
 
@@ -214,6 +215,7 @@ class LoraPlan:
     removed: list[tuple[str, str]] = field(default_factory=list)     # (prefix, why)
     uncertain: list[tuple[str, str]] = field(default_factory=list)   # (prefix, why)
     shape_mismatch: list[tuple[str, str]] = field(default_factory=list)
+    condconv: list[tuple[str, str]] = field(default_factory=list)     # (prefix, why): CondConv layers
     unknown: list[str] = field(default_factory=list)              # file keys naming nothing we know
     text_encoder: list[str] = field(default_factory=list)         # file prefixes for the text encoder
     uncertain_applied: bool = False
@@ -221,7 +223,8 @@ class LoraPlan:
 
     @property
     def unet_modules(self) -> int:
-        return len(self.to_load) + len(self.removed) + len(self.uncertain) + len(self.shape_mismatch)
+        return (len(self.to_load) + len(self.removed) + len(self.uncertain) + len(self.shape_mismatch)
+                + len(self.condconv))
 
     def summary(self, examples: int = 3) -> str:
         def ex(items):
@@ -242,6 +245,9 @@ class LoraPlan:
             lines.append(f"dropped, block removed in the student: {len(self.removed)}{ex(self.removed)}")
         if self.shape_mismatch:
             lines.append(f"dropped, shape mismatch: {len(self.shape_mismatch)}{ex(self.shape_mismatch)}")
+        if self.condconv:
+            lines.append(f"not LoRA-mappable, CondConv layers (several experts, no single kernel): "
+                         f"{len(self.condconv)}{ex(self.condconv)}")
         if self.ambiguous:
             lines.append(f"note: {self.ambiguous} module names fit both this UNet and its teacher "
                          "(read as this UNet's own; a teacher LoRA normally also names blocks the "
@@ -315,6 +321,7 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
     table = _underscore_table([student, teacher])
 
     plan = LoraPlan()
+    condconv = condconv_paths(model_shapes, model_prefix)
     modules: dict[str, str] = {}
     for key in tensors:
         sp = split_key(key)
@@ -349,7 +356,10 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
 
     def shape_fits(prefix: str, key: str) -> bool:
         imp = _implied_shape(prefix, tensors)
-        return imp is None or imp == _model_shape(model_shapes[key])
+        shape = tuple(model_shapes[key])
+        if condconv.get(key[len(model_prefix):-len(".weight")]):
+            shape = shape[1:]  # a CondConv layer: one expert's kernel
+        return imp is None or imp == _model_shape(shape)
 
     # reading 1: the names are the student's own
     def as_student(pm: ParsedModule):
@@ -400,6 +410,10 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
                 plan.uncertain.append((pm.prefix, why))
                 if not apply_uncertain:
                     continue
+        experts = condconv.get(key[len(model_prefix):-len(".weight")])
+        if experts:
+            plan.condconv.append((pm.prefix, f"{experts} experts at {key}"))
+            continue
         if not shape_fits(pm.prefix, key):
             plan.shape_mismatch.append((pm.prefix, f"{_implied_shape(pm.prefix, tensors)} vs "
                                                    f"{tuple(model_shapes[key])} at {key}"))

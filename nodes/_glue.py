@@ -22,6 +22,7 @@ from ..models.blockmap import BlockMap
 from ..models.errors import PackError, WeightFileError
 from ..models.loader import block_map_of, check_state_dict, info, ldm_state_dict, prediction_hint, read_unet, recipe_of
 from ..models.topology import Topology, from_comfy_config
+from ._condconv import condconv_paths, swap_condconv
 from ._patcher import expected_shapes, load_weights, new_patcher, set_reload
 
 log = logging.getLogger("distilled_unets")
@@ -105,6 +106,9 @@ def build_model(topology: Topology, new_sd: dict, weight_dtype: str = "default",
     manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
     model = comfy_model(topology, unet_dtype, manual_cast, prediction, fp8=bool(opts.get("fp8_optimizations")),
                         zsnr=zsnr)
+    condconv = condconv_paths(new_sd)
+    if condconv:  # A-SDM's CondConv layers: ComfyUI's UNet with exactly those convolutions swapped
+        swap_condconv(model.diffusion_model, condconv)
     # expected_shapes: dynamic VRAM builds some layers without weights until they are loaded
     check_state_dict(expected_shapes(model.diffusion_model), {k: v.shape for k, v in new_sd.items()}, path)
     patcher = new_patcher(model, load_device, mm.unet_offload_device(), disable_dynamic=disable_dynamic)
@@ -137,6 +141,17 @@ def unet_weights(patcher) -> dict:
         mm.load_models_gpu([patcher], force_patch_weights=True)
         sd = patcher.model.diffusion_model.state_dict()
     return {k: v.to("cpu").detach().clone() for k, v in sd.items()}
+
+
+def unet_from_state_dict(topology: Topology, sd: dict, dtype=torch.float32):
+    """A bare ``UNetModel`` of ``topology`` holding ``sd`` (CondConv layers included), on the CPU, outside any
+    ModelPatcher (for training copies)."""
+    model = comfy_model(topology, dtype, None)
+    condconv = condconv_paths(sd)
+    if condconv:
+        swap_condconv(model.diffusion_model, condconv)
+    model.diffusion_model.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
+    return model.diffusion_model
 
 
 def topology_of(patcher) -> Topology:

@@ -27,10 +27,10 @@ from ._glue import (
     BLOCK_MAP_KEY,
     RECIPE_KEY,
     block_map_of_model,
-    comfy_model,
     model_from_state_dict,
     node_errors,
     topology_of,
+    unet_from_state_dict,
     unet_weights,
 )
 from .students import CATEGORY, sampling_of
@@ -157,10 +157,7 @@ def _student_unet(student, topology):
     patched = bool(student.patches) or bool(getattr(student, "weight_wrapper_patches", None))
     if not patched:
         return student.model.diffusion_model
-    sd = unet_weights(student)
-    module = comfy_model(topology, torch.float32, device="meta").diffusion_model
-    module.load_state_dict(sd, assign=True)
-    return module
+    return unet_from_state_dict(topology, unet_weights(student))
 
 
 def _block_map(student, tt, st):

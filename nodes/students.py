@@ -18,6 +18,7 @@ from comfy_api.latest import io, ui
 from safetensors.torch import save_file
 
 from ..models import builder
+from ..models.condconv import PARAM_NAMES, CondConv2d
 from ..models.errors import IncompatibleModelsError, PackError
 from ..models.loader import META_BLOCK_MAP, META_PREDICTION, META_RECIPE
 from ..models.structures import PRESETS
@@ -57,7 +58,37 @@ def sampling_of(patcher, node: str, input_name: str) -> tuple[str, bool]:
     return pred, bool(getattr(ms, "zsnr", False))
 
 
-def build_student(teacher, preset: str, base_student=None, teacher_name: str = "", *, seed: int = 0):
+def add_condconv(p, sd: dict, origin: dict, teacher_sd: dict, experts: int, seed: int = 0) -> tuple[dict, list[str]]:
+    """Turn the 3x3 convolutions of the student's shallowest down and up stage into A-SDM's CLME-CondConv with
+    ``experts`` experts (in place in ``sd``); returns (recipe entry, info lines)."""
+    plan_cc = builder.condconv_sources(p, {k: tuple(v.shape) for k, v in teacher_sd.items()},
+                                       {k: tuple(v.shape) for k, v in sd.items()})
+    g = torch.Generator().manual_seed(seed)
+    layers, lines = {}, []
+    for path, extras in plan_cc.items():
+        extras = extras[:experts - 1]
+        w, b = sd[f"{path}.weight"], sd.get(f"{path}.bias")
+        cc = CondConv2d.from_conv(
+            w, b, [teacher_sd[f"{x}.weight"] for x in extras], num_experts=experts, generator=g,
+            extra_biases=[teacher_sd.get(f"{x}.bias") for x in extras], source="its own (teacher) kernel",
+            extra_sources=[f"teacher {x}" for x in extras], padding=1)
+        for name in PARAM_NAMES:
+            t = getattr(cc, name)
+            if t is not None:
+                sd[f"{path}.{name}"] = t.detach().clone()
+        origin[f"{path}.routing_weight"] = origin[f"{path}.routing_bias"] = "new"
+        layers[path] = list(cc.expert_sources)
+        lines.append(f"  {path}: " + "; ".join(cc.expert_sources))
+    head = (f"CondConv (A-SDM CLME-CondConv): {len(layers)} 3x3 convolutions of the shallowest down and up stage "
+            f"hold {experts} experts each: the layer's own kernel, the teacher's kernels of the layers the student "
+            "merged away (where their shapes fit), then random ones; the routing starts at 0 (every gate 1/2) and "
+            "expert 1 is 2W minus the others, so the untrained student computes exactly what it did without "
+            "CondConv (distillation trains the experts and the routing)")
+    return {"experts": experts, "layers": layers}, [head, *lines]
+
+
+def build_student(teacher, preset: str, base_student=None, teacher_name: str = "", *, condconv_experts: int = 0,
+                  seed: int = 0):
     """(student MODEL, info) — the teacher and the base student are only read."""
     node = builder.NODE
     p = builder.plan(preset, topology_of(teacher), topology_of(base_student) if base_student is not None else None)
@@ -76,11 +107,17 @@ def build_student(teacher, preset: str, base_student=None, teacher_name: str = "
               "teacher_sha256": builder.weights_sha256(t_sd), "source": p.preset.source, "made_by": PACK_VERSION}
     if p.layer_note:
         recipe["kept_layers"] = p.layer_note
+    cc_lines = []
+    if condconv_experts:
+        recipe["condconv"], cc_lines = add_condconv(p, sd, origin, t_sd, condconv_experts, seed)
     student = model_from_state_dict(p.student, sd, prediction=pred, zsnr=zsnr,
                                     attachments={BLOCK_MAP_KEY: p.block_map, RECIPE_KEY: recipe})
     if "model_sampling" in teacher.object_patches:  # e.g. a ModelSamplingDiscrete node on the teacher
         student.add_object_patch("model_sampling", teacher.get_model_object("model_sampling"))
-    return student, builder.build_report(p, origin, teacher_name.strip())
+    report = builder.build_report(p, origin, teacher_name.strip())
+    if cc_lines:
+        report = report.replace(builder.NOT_DISTILLED, "\n".join(cc_lines) + "\n" + builder.NOT_DISTILLED)
+    return student, report
 
 
 class BuildStudentUNet(io.ComfyNode):
@@ -104,6 +141,12 @@ class BuildStudentUNet(io.ComfyNode):
                 io.Model.Input("base_student", optional=True,
                                tooltip="For asdm-m1 / asdm-m2 only: a distilled BK-Base-structured student of the "
                                        "same family (bk-sdm-base, small-sd, or a bk-base student distilled here)."),
+                io.Int.Input("condconv_experts", default=0, min=0, max=8, optional=True,
+                             tooltip="A-SDM's CLME-CondConv: 0 = off; K > 0 turns the 3x3 convolutions of the "
+                                     "shallowest down and up stage into conditional convolutions with K experts "
+                                     "(the layer's own kernel, the teacher's kernels of the merged layers, random "
+                                     "ones; A-SDM uses 2). Identical output until distilled. Files with CondConv "
+                                     "load only with Load Distilled UNet."),
                 io.String.Input("teacher_name", default="", optional=True,
                                 tooltip="The teacher's name as the saved student's recipe should record it (e.g. the "
                                         "checkpoint file name); its weights' sha256 is recorded either way."),
@@ -114,9 +157,10 @@ class BuildStudentUNet(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, teacher, preset, base_student=None, teacher_name="") -> io.NodeOutput:
+    def execute(cls, teacher, preset, base_student=None, condconv_experts=0, teacher_name="") -> io.NodeOutput:
         with node_errors(builder.NODE, "preset"):
-            student, info = build_student(teacher, preset, base_student, teacher_name or "")
+            student, info = build_student(teacher, preset, base_student, teacher_name or "",
+                                          condconv_experts=condconv_experts or 0)
         return io.NodeOutput(student, info, ui=ui.PreviewText(info))
 
 

@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 
+import _device
 from _pack import import_pack, setup_comfy  # noqa: E402
 
 
@@ -28,8 +29,9 @@ def main(argv=None):
     ap.add_argument("--px-sdxl", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: CUDA in fp16 when there, else CPU fp32)")
     a = ap.parse_args(argv)
+    dev, dtype = _device.setup(a.device)
     setup_comfy()
     import_pack()
     import torch
@@ -38,27 +40,20 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     import comfy.model_management as mm
     import comfy.model_patcher
-
     from distilled_unets.models import structures as S
     from distilled_unets.models.cost import unet_cost
     from distilled_unets.nodes._glue import comfy_model
     from distilled_unets.nodes.students import build_student
 
-    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if a.device == "auto" else a.device))
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-
     def timed(net, x, t, ctx, y):
         with torch.no_grad():
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            _device.sync(dev)
             t0 = time.perf_counter()
             net(x, timesteps=t, context=ctx, y=y)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            _device.sync(dev)
         return time.perf_counter() - t0
 
-    print(f"device {dev} ({dtype}), batch 1, median of {a.rounds} interleaved rounds")
+    print(f"{_device.describe(dev, dtype)}; batch 1, median of {a.rounds} interleaved rounds")
     print(f"{'family':6} {'preset':11} {'px':>5} | {'params':>14} {'vs teacher':>10} | {'est. step':>9} "
           f"{'measured':>9} | {'from teacher':>12} {'certain':>8} {'choice':>7}")
     for fam in a.families.split(","):
@@ -110,6 +105,7 @@ def main(argv=None):
         del teacher, model, base
         mm.unload_all_models()
         gc.collect()
+    print(_device.peak_line(dev))
     return 0
 
 

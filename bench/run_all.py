@@ -59,28 +59,38 @@ BENCHES = [
         "cuda": ["--channels", "320", "--size", "64", "--steps", "20", "--reps", "5"],
         "cpu": ["--channels", "320", "--size", "32", "--steps", "10", "--reps", "4", "--threads", "2"],
         "quick": ["--channels", "32", "--size", "8", "--steps", "4", "--reps", "1"],
-    }, gpu_limit_s=60),
+    }, gpu_limit_s=45),
     Bench("gri", "GRI attention vs exact attention vs ComfyUI's HyperTile at equal window", "bench_gri.py", {
         "cuda": ["--reps", "5", "--sizes", "512,1024,2048", "--unet-sizes", "512,1024"],
         "cpu": ["--threads", "2", "--reps", "3", "--unet-sizes", "512,1024", "--cpu-default-exact"],
         "quick": ["--sizes", "256", "--unet-sizes", "256", "--reps", "1", "--unet-models", "tiny-sd"],
-    }, gpu_limit_s=90),
+    }, gpu_limit_s=70),
     Bench("dynamic_vram", "Dynamic VRAM (ComfyUI's ModelPatcherDynamic): pack student + ComfyUI teacher",
           "run_all.py", {
               "cuda": ["--check", "dynamic_vram"],
               "cpu": ["--check", "dynamic_vram"],
               "quick": ["--check", "dynamic_vram", "--quick"],
-          }, gpu_limit_s=60),
+          }, gpu_limit_s=40),
     Bench("builder", "Student builder: every preset vs its teacher", "bench_builder.py", {
         "cuda": ["--families", "sd1,sd2,sdxl", "--rounds", "3"],
         "cpu": ["--px-sd", "256", "--px-sdxl", "512", "--rounds", "3", "--threads", "2"],
         "quick": ["--families", "sd1", "--px-sd", "64", "--rounds", "1"],
+    }, gpu_limit_s=75),
+    Bench("distill", "Distillation: one KD training step, the pack vs BK-SDM's step on diffusers", "bench_distill.py", {
+        "cuda": ["--preset", "bk-small", "--width", "full", "--size", "64", "--batch", "1,4,8", "--reps", "2"],
+        "cpu": ["--threads", "2", "--reps", "2", "--steps", "4", "--warmup", "1"],
+        "quick": ["--threads", "2", "--reps", "1", "--steps", "1", "--warmup", "1", "--checkpointing", "off"],
     }, gpu_limit_s=90),
+    Bench("condconv", "CondConv (A-SDM CLME): per-step cost of a tiny-sd student with and without", "bench_condconv.py", {
+        "cuda": ["--device", "cuda", "--batches", "1,2", "--reps", "10", "--conv-reps", "20"],
+        "cpu": ["--reps", "3", "--conv-reps", "5", "--threads", "2"],
+        "quick": ["--channels", "32", "--size", "16", "--reps", "1", "--conv-reps", "1"],
+    }, gpu_limit_s=40),
     Bench("loader", "Loading: our build vs ComfyUI's own build vs the teacher", "bench_loader.py", {
         "cuda": ["--families", "sd1,sd2,sdxl", "--px", "512", "--sdxl-px", "1024", "--rounds", "3"],
         "cpu": ["--families", "sd1,sd2", "--px", "256", "--rounds", "5", "--threads", "2"],
         "quick": ["--families", "sd1", "--px", "64", "--rounds", "1"],
-    }, gpu_limit_s=150),
+    }, gpu_limit_s=120),
     Bench("lora_coverage", "LoRA coverage: our DistilledLoraLoader vs ComfyUI's LoraLoader on the same files",
           "lora_coverage.py", {
               "cpu": [],

@@ -81,7 +81,8 @@ BENCHES = [
         "cpu": ["--threads", "2", "--reps", "2", "--steps", "4", "--warmup", "1"],
         "quick": ["--threads", "2", "--reps", "1", "--steps", "1", "--warmup", "1", "--checkpointing", "off"],
     }, gpu_limit_s=90),
-    Bench("condconv", "CondConv (A-SDM CLME): per-step cost of a tiny-sd student with and without", "bench_condconv.py", {
+    Bench("condconv", "CondConv (A-SDM CLME): per-step cost of a tiny-sd student, with and without",
+          "bench_condconv.py", {
         "cuda": ["--device", "cuda", "--batches", "1,2", "--reps", "10", "--conv-reps", "20"],
         "cpu": ["--reps", "3", "--conv-reps", "5", "--threads", "2"],
         "quick": ["--channels", "32", "--size", "16", "--reps", "1", "--conv-reps", "1"],

@@ -44,14 +44,10 @@ def _setup(device: str):
 
 
 def _build(tm, dtype, device, channels: int, seed: int = 0):
-    import comfy.model_base
-    import comfy.supported_models as sm
+    from distilled_unets.nodes._glue import comfy_model
 
-    cfg = tm.unet_config(tm.TINY_SD_TOPOLOGY, model_channels=channels, context_dim=768)
-    mc = sm.SD15(cfg)
-    mc.set_inference_dtype(dtype, None)
-    model = comfy.model_base.BaseModel(mc, device=None)
-    tm._init_weights(model.diffusion_model, seed)
+    model = comfy_model(tm.tiny(tm.TINY_SD_TOPOLOGY, "sd15", model_channels=channels), dtype, None)
+    tm.init_weights(model.diffusion_model, seed)
     return model.diffusion_model.to(device).eval()
 
 
@@ -95,7 +91,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     unet = _build(tm, dtype, dev, a.channels)
-    paths = stage_conv_paths(unet, 0)
+    paths = stage_conv_paths(unet, 0, include_resample=False)  # the resnet convs BuildStudentUNet swaps
     plain = {p: unet.get_submodule(p) for p in paths}
     g = torch.Generator().manual_seed(0)
     swap_condconv(unet, {p: CondConv2d.from_conv(c.weight.float().cpu(), c.bias.float().cpu(), (),

@@ -75,7 +75,9 @@ def widget_slots(info: dict) -> list[tuple[str, tuple[str, ...]]]:
             if not (is_combo or typ in WIDGET_TYPES) or opts.get("forceInput"):
                 continue
             extra = []
-            if opts.get("control_after_generate") or (typ == "INT" and name in ("seed", "noise_seed")):
+            # an explicit control_after_generate decides; without one, frontends add it to INTs named seed
+            legacy = typ == "INT" and name in ("seed", "noise_seed")
+            if opts.get("control_after_generate", legacy):
                 extra.append("control")
             if any(k.endswith("_upload") and v for k, v in opts.items()):
                 extra.append("upload")

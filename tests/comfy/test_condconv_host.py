@@ -33,14 +33,11 @@ def cc():
 
 def _build(tm, dtype=torch.float32, manual_cast=None, seed=0, model_channels=32, topology=None):
     """A tiny tiny-sd-structured SD1.5 UNet (BaseModel) with the given storage / compute dtypes."""
-    import comfy.model_base
-    import comfy.supported_models as sm
+    from distilled_unets.nodes._glue import comfy_model
 
-    cfg = tm.unet_config(topology or tm.TINY_SD_TOPOLOGY, model_channels=model_channels, context_dim=768)
-    mc = sm.SD15(cfg)
-    mc.set_inference_dtype(dtype, manual_cast)
-    model = comfy.model_base.BaseModel(mc, device=None)
-    tm._init_weights(model.diffusion_model, seed)
+    model = comfy_model(tm.tiny(topology or tm.TINY_SD_TOPOLOGY, "sd15", model_channels=model_channels), dtype,
+                        manual_cast)
+    tm.init_weights(model.diffusion_model, seed)
     model.eval()
     return model
 
@@ -206,8 +203,9 @@ def test_lowvram_load_on_cpu_matches_full_load(tm, cc):
 
 def _sd15_detectable(tm, dtype=torch.float16):
     """The smallest UNet ComfyUI's own loader detects as SD1.5 (320 channels, context 768): one level."""
-    topology = dict(channel_mult=[1], num_res_blocks=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
-                    transformer_depth_middle=-2)
+    from distilled_unets.models.topology import Topology
+
+    topology = Topology("sd1", 320, (1,), (1,), (1,), (1, 1), -2, 768, False)
     return _build(tm, dtype=dtype, model_channels=320, topology=topology)
 
 

@@ -102,3 +102,11 @@ def test_unknown_node_named():
 def test_dict_widgets_values_and_v1_combo():
     wf = {"nodes": [node(2, "Sampler", {"seed": 3, "steps": 4, "sampler": "heun", "cfg": 1.5})], "links": []}
     assert convert(wf, OI)["2"]["inputs"] == {"seed": 3, "steps": 4, "sampler": "heun", "cfg": 1.5}
+
+
+def test_control_slot_follows_an_explicit_control_after_generate():
+    """Frontends add a control widget to an INT named seed only when the spec does not say otherwise."""
+    info = {"input": {"required": {"seed": ["INT", {"control_after_generate": False}], "noise_seed": ["INT", {}],
+                                   "other": ["INT", {"control_after_generate": True}]}},
+            "input_order": {"required": ["seed", "noise_seed", "other"]}}
+    assert widget_slots(info) == [("seed", ()), ("noise_seed", ("control",)), ("other", ("control",))]

@@ -136,12 +136,6 @@ def steps_per_stage(sigmas: Sequence[float], thresholds: Sequence[float]) -> lis
     return counts
 
 
-def split_for_steps(steps: int, switch_step: int) -> tuple[int, int]:
-    """(early steps, late steps) of ``MultiUNetKSampler``; the frontend strip shows the same."""
-    k = max(0, min(int(switch_step), int(steps)))
-    return k, int(steps) - k
-
-
 # ------------------------------------------------------------------------------------------------
 # compatibility
 

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STEPS = 4
 SCHEDULERS = ("karras", "normal")

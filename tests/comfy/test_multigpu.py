@@ -11,14 +11,10 @@ multi-GPU split: the test skips there.
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CPU1 = torch.device("cpu", 1)
 

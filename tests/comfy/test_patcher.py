@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from ..layouts import diffusers_model, tiny_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(scope="module")

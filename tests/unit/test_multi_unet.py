@@ -22,7 +22,6 @@ from distilled_unets.models.multi_unet import (
     check_switch_percent,
     check_switch_step,
     install_router,
-    split_for_steps,
     stage_for_sigma,
     stage_transformer_options,
     steps_per_stage,
@@ -71,14 +70,12 @@ def test_switch_sigma_from_step_sits_between_neighbours():
     assert stage_for_sigma(1.0, [switch_sigma_from_step(tail, 2)]) == 0  # all steps early
 
 
-def test_switch_step_checks_and_split():
+def test_switch_step_and_percent_checks():
     assert check_switch_step(0, 25) == 0 and check_switch_step(25, 25) == 25
     for bad in (-1, 26, 2.5, True):
         with pytest.raises(SwitchPointError, match="switch_step"):
             check_switch_step(bad, 25)
     assert check_switch_percent(0.4) == 0.4
-    assert split_for_steps(25, 10) == (10, 15)
-    assert split_for_steps(20, 30) == (20, 0)
 
 
 def test_stage_for_sigma_n_stages():

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-
-from ..conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "tools"))
-
-from ui_to_api import UnknownNodeError, convert, widget_slots  # noqa: E402
+from ui_to_api import UnknownNodeError, convert, widget_slots
 
 OI = {
     "Loader": {"input": {"required": {"name": ["COMBO", {"options": ["a.safetensors"]}]}},

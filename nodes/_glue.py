@@ -128,7 +128,7 @@ def model_from_state_dict(topology: Topology, sd: dict, *, prediction: str = "ep
 
 def unet_weights(patcher) -> dict:
     """The UNet weights a MODEL samples with (LoRA and other weight patches merged), as CPU tensors under
-    ldm names. The MODEL is not changed: an unpatched model is read directly; a patched one is loaded the
+    ldm names, to be read at once (they may be the model's own tensors). The MODEL is not changed: an unpatched model is read directly; a patched one is loaded the
     way ComfyUI's own ModelSave loads it, and read through its saving path."""
     prefix = "diffusion_model."
     patched = bool(patcher.patches) or bool(getattr(patcher, "weight_wrapper_patches", None))
@@ -140,7 +140,8 @@ def unet_weights(patcher) -> dict:
     else:  # ComfyUI 0.3.x: ModelSave patches the weights in place while loaded
         mm.load_models_gpu([patcher], force_patch_weights=True)
         sd = patcher.model.diffusion_model.state_dict()
-    return {k: v.to("cpu").detach().clone() for k, v in sd.items()}
+    # no copy of CPU tensors: callers copy what they keep (a full SDXL teacher is 10 GB in fp32)
+    return {k: v.detach().to("cpu") for k, v in sd.items()}
 
 
 def unet_from_state_dict(topology: Topology, sd: dict, dtype=torch.float32):

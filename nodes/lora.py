@@ -170,8 +170,12 @@ class DistilledLoraLoader(io.ComfyNode):
                                  ui=ui.PreviewText("strengths are 0: nothing applied"))
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         tensors, metadata = read_lora_file(path)
-        new_model, new_clip, report = apply_lora(model, clip, tensors, metadata, strength_model,
-                                                 strength_clip, apply_uncertain=uncertain_blocks == "apply")
+        try:
+            new_model, new_clip, report = apply_lora(model, clip, tensors, metadata, strength_model,
+                                                     strength_clip, apply_uncertain=uncertain_blocks == "apply")
+        except LoraError as e:  # every error about a file names it
+            e.path = e.path or path
+            raise
         return io.NodeOutput(new_model, new_clip if clip is not None else None, report,
                              ui=ui.PreviewText(report))
 

@@ -135,6 +135,7 @@ def test_bad_input_fails_with_message_and_server_keeps_serving(comfy_server, dem
     assert "DistilledUNetLoader" in err
     assert "Fix:" in err, f"message gives no fix: {err}"
     assert BAD_EXPECT[name] in err
+    assert name.rstrip("/") in err, f"the message does not name the file: {err}"
     assert "Traceback" not in err
     good = comfy_server.run(_sd15_prompt(comfy_server, demo_models, seed=random.randrange(1 << 30)), timeout=300)
     assert execution_error(good) is None
@@ -161,6 +162,9 @@ OTHER_BAD = {
                                lambda p: _node(p, "DistilledLoraLoader")["inputs"].update(
                                    lora_name="bad-vae-as-lora.safetensors"),
                                "DistilledLoraLoader", "no UNet keys"),
+    "build-sdxl-preset-on-an-sd15-teacher": ("build_student_sd15",
+                                             lambda p: _node(p, "BuildStudentUNet")["inputs"].update(preset="vega"),
+                                             "BuildStudentUNet", "for SDXL teachers"),
     "gri-start-after-end": ("gri_sd15_student_1024",
                             lambda p: _node(p, "GRIAttention")["inputs"].update(start_percent=0.8, end_percent=0.2),
                             "GRIAttention", "start_percent"),
@@ -177,6 +181,9 @@ def test_other_nodes_bad_input_fails_with_message_and_server_keeps_serving(comfy
     err = execution_error(entry)
     assert err is not None, f"{name}: ran without error"
     assert node in err and text in err and "Fix:" in err, err
+    for value in _node(prompt, node)["inputs"].values():  # a bad file is named in the message
+        if isinstance(value, str) and value.startswith("bad-"):
+            assert value in err, err
     assert "Traceback" not in err
     assert not comfy_server.output_images(entry)  # nothing written half-way
     good = comfy_server.run(_sd15_prompt(comfy_server, demo_models, seed=random.randrange(1 << 30),

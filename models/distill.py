@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from .errors import PackError
 from .topology import Topology
+from .weights import save_new
 
 log = logging.getLogger("distilled_unets")
 
@@ -792,30 +793,11 @@ class TrainResult:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], directory: str, stem: str) -> str:
     """Write ``<stem>.safetensors`` (``<stem>_1`` ... if taken) atomically; never overwrites a file."""
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{stem}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
     try:
-        for n in range(1000):
-            final = os.path.join(directory, f"{stem}{'' if n == 0 else f'_{n}'}.safetensors")
-            try:
-                os.link(tmp, final)
-                return final
-            except FileExistsError:
-                continue
-            except OSError:  # no hard links on this file system: check, then rename
-                if os.path.exists(final):
-                    continue
-                os.replace(tmp, final)
-                return final
-        raise CheckpointError(f"no free checkpoint name for {stem} in {directory}", "clean up the folder")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return save_new(tensors, directory, lambda n: f"{stem}{'' if n == 0 else f'_{n}'}.safetensors", metadata,
+                        tries=1000)
+    except FileExistsError as e:
+        raise CheckpointError(f"no free checkpoint name for {stem} in {directory}", "clean up the folder") from e
 
 
 def read_checkpoint_meta(path: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .errors import IncompleteModelError, WeightFileError
 
@@ -213,3 +214,38 @@ def source_shapes(src: Source) -> tuple[dict, dict]:
     if not shapes:
         raise WeightFileError("the file holds no tensors", "download the file again", path=src.name)
     return shapes, meta
+
+
+def save_new(tensors: dict, folder: str, name_for: Callable[[int], str], metadata: dict | None = None,
+             start: int = 0, tries: int = 100_000) -> str:
+    """Write ``tensors`` as a safetensors file named ``name_for(n)`` for the first free ``n >= start``, never
+    replacing a file and never showing a half-written one under that name: written (and synced) under a
+    temporary name first, then hard-linked to the free name (or, where the file system has no hard links, the
+    name is claimed exclusively and the file moved over the claim). Returns the path."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name_for(start)}.{os.getpid()}.writing")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    try:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        for n in range(start, start + tries):
+            final = os.path.join(folder, name_for(n))
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links here: claim the name exclusively, then move the file over the claim
+                try:
+                    fd = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    continue
+                os.close(fd)
+                os.replace(tmp, final)
+                return final
+        raise FileExistsError(f"no free file name like {name_for(start)} in {folder}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

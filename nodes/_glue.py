@@ -128,8 +128,9 @@ def model_from_state_dict(topology: Topology, sd: dict, *, prediction: str = "ep
 
 def unet_weights(patcher) -> dict:
     """The UNet weights a MODEL samples with (LoRA and other weight patches merged), as CPU tensors under
-    ldm names, to be read at once (they may be the model's own tensors). The MODEL is not changed: an unpatched model is read directly; a patched one is loaded the
-    way ComfyUI's own ModelSave loads it, and read through its saving path."""
+    ldm names, to be read at once (they may be the model's own tensors). The MODEL is not changed: an
+    unpatched model is read directly; a patched one is loaded the way ComfyUI's own ModelSave loads it,
+    and read through its saving path."""
     prefix = "diffusion_model."
     patched = bool(patcher.patches) or bool(getattr(patcher, "weight_wrapper_patches", None))
     if not patched:

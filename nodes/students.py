@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import comfy.model_sampling
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
-from safetensors.torch import save_file
 
 from ..models import builder
 from ..models.condconv import PARAM_NAMES, CondConv2d
 from ..models.errors import IncompatibleModelsError, PackError
 from ..models.loader import META_BLOCK_MAP, META_PREDICTION, META_RECIPE
 from ..models.structures import PRESETS
+from ..models.weights import save_new
 from ._glue import (
     BLOCK_MAP_KEY,
     RECIPE_KEY,
@@ -187,34 +186,6 @@ def save_metadata(patcher, title: str) -> tuple[dict, dict]:
     return meta, extra
 
 
-def write_new_file(tensors: dict, folder: str, filename: str, counter: int, metadata: dict) -> str:
-    """Write ``<filename>_<counter>_.safetensors`` in ``folder`` without ever replacing a file: written to a
-    temporary name, then linked to the first free number; no half-written file is ever visible under it."""
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{filename}.{os.getpid()}.writing")
-    save_file(tensors, tmp, metadata=metadata)
-    try:
-        for n in range(counter, counter + 100000):
-            final = os.path.join(folder, f"{filename}_{n:05}_.safetensors")
-            try:
-                os.link(tmp, final)
-                return final
-            except FileExistsError:
-                continue
-            except OSError:  # no hard links on this filesystem: claim the name exclusively, then move over it
-                try:
-                    fd = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                except FileExistsError:
-                    continue
-                os.close(fd)
-                os.replace(tmp, final)
-                return final
-        raise OSError(f"no free file name for {filename} in {folder}")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_unet(model, filename_prefix: str, dtype: str, title: str = "") -> str:
     """Save a MODEL's UNet under models/diffusion_models in the ldm layout of ComfyUI's ModelSave."""
     out_dir = folder_paths.get_folder_paths("diffusion_models")[0]
@@ -228,7 +199,7 @@ def save_unet(model, filename_prefix: str, dtype: str, title: str = "") -> str:
     sd = {f"model.diffusion_model.{k}": v.to(SAVE_DTYPES[dtype]).contiguous()
           for k, v in unet_weights(model).items()}
     sd.update(extra)
-    path = write_new_file(sd, folder, filename, counter, meta)
+    path = save_new(sd, folder, lambda n: f"{filename}_{n:05}_.safetensors", meta, start=counter)
     log.info("SaveStudentUNet: wrote %s", path)
     return path
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-
 from distilled_unets.models import structures as S
 from distilled_unets.models.topology import SDXL_ADM, Topology
 
@@ -28,7 +27,8 @@ FAMILIES = {"sd15": ("sd1", 768, False), "sd20": ("sd2", 1024, True), "sdxl": ("
 
 def tiny(topology: Topology, family: str = "sd15", *, model_channels: int = 32, context_dim: int | None = None,
          in_channels: int = 4) -> Topology:
-    """``topology`` in ``family`` (sd15, sd20, sdxl) at a tiny width (SD2/SDXL: at least 64, their heads are 64 wide)."""
+    """``topology`` in ``family`` (sd15, sd20, sdxl) at a tiny width (SD2/SDXL: at least 64, their heads are
+    64 wide)."""
     fam, ctx, linear = FAMILIES[family.lower()]
     return replace(topology, family=fam, model_channels=model_channels if fam == "sd1" else max(model_channels, 64),
                    context_dim=context_dim or ctx, use_linear=linear,
@@ -53,7 +53,6 @@ def build(family: str = "sd15", topology: Topology | None = None, *, model_chann
     """A ModelPatcher around a random tiny UNet of ``topology`` in ``family`` (sd15, sd20, sdxl)."""
     import comfy.model_management as mm
     import comfy.model_patcher
-
     from distilled_unets.nodes._glue import comfy_model
 
     default = SDXL_MINI_TOPOLOGY if family.lower() == "sdxl" else MINI_TOPOLOGY

@@ -8,11 +8,10 @@ import re
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from distilled_unets.models import structures as S
 from distilled_unets.models.topology import diffusers_config
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..layouts import diffusers_model, tiny_config
 from .test_loader import _inputs
@@ -20,20 +19,6 @@ from .test_loader import _inputs
 #: forward-pass tolerance against diffusers: ComfyUI's UNet and diffusers' differ by ~1e-6 (relative, fp32) on any
 #: UNet, whatever its weights (the loader tests measure it); the copy itself is checked bit-exact on the weights.
 TOL = 1e-5
-
-
-@pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    import folder_paths
-
-    d = tmp_path / "diffusion_models"
-    d.mkdir()
-    saved = folder_paths.folder_names_and_paths["diffusion_models"]
-    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(d)], saved[1])
-    folder_paths.filename_list_cache.clear()
-    yield d
-    folder_paths.folder_names_and_paths["diffusion_models"] = saved
-    folder_paths.filename_list_cache.clear()
 
 
 def bk_copy_rule(key: str, size: str) -> str:
@@ -172,6 +157,7 @@ def test_teacher_lora_lands_exactly_where_the_saved_block_map_says(tmp_path, mod
     from distilled_unets.nodes._glue import topology_of
     from distilled_unets.nodes.loaders import DistilledUNetLoader
     from distilled_unets.nodes.students import BuildStudentUNet, SaveStudentUNet
+
     from .._lora_fixtures import lora_for
 
     _, tm = _teacher("sdxl")
@@ -215,7 +201,6 @@ def test_teacher_lora_lands_exactly_where_the_saved_block_map_says(tmp_path, mod
 
 def test_v_prediction_teacher_makes_a_v_prediction_file(tmp_path, models_dir):
     from comfy.model_base import ModelType
-
     from distilled_unets.nodes.loaders import DistilledUNetLoader
     from distilled_unets.nodes.students import build_student, save_unet
 
@@ -263,11 +248,10 @@ def test_bad_pairings(case, input_name, match, tmp_path):
 
 def test_student_of_a_patched_teacher_takes_the_patched_weights(tmp_path):
     """A LoRA merged on the teacher MODEL is part of what the student inherits; the teacher stays unpatched."""
+    import comfy.model_management as mm
     from distilled_unets.nodes.students import build_student
 
     from . import _tiny_models as tests
-
-    import comfy.model_management as mm
 
     teacher = tests.build("sd15", S.SD1, seed=1)
     key = "diffusion_model.input_blocks.1.1.proj_in.weight"

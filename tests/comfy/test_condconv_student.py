@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distilled_unets.models import structures as S
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -25,20 +24,6 @@ def built():
         plain, _ = build_student(teacher, "bk-small")
         cc, info = build_student(teacher, "bk-small", condconv_experts=2)
     return tm, teacher, plain, cc, info
-
-
-@pytest.fixture
-def models_dir(tmp_path):
-    import folder_paths
-
-    d = tmp_path / "diffusion_models"
-    d.mkdir()
-    saved = folder_paths.folder_names_and_paths["diffusion_models"]
-    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(d)], saved[1])
-    folder_paths.filename_list_cache.clear()
-    yield d
-    folder_paths.folder_names_and_paths["diffusion_models"] = saved
-    folder_paths.filename_list_cache.clear()
 
 
 def _forward(patcher, seed=0, batch=3):
@@ -66,14 +51,14 @@ def test_built_student_is_identical_until_trained_and_inherits_the_merged_layers
     m = unet.get_submodule("input_blocks.1.0.in_layers.2")
     assert torch.equal(m.weight[1], tsd["input_blocks.2.0.in_layers.2.weight"])
     assert torch.equal(m.routing_weight, torch.zeros_like(m.routing_weight))
-    assert "CondConv (A-SDM CLME-CondConv): 6 3x3 convolutions" in info and "teacher input_blocks.2.0.in_layers.2" in info
+    assert "CondConv (A-SDM CLME-CondConv): 6 3x3 convolutions" in info
+    assert "teacher input_blocks.2.0.in_layers.2" in info
     recipe = cc.get_attachment("distilled_unets.recipe")
     assert recipe["condconv"]["experts"] == 2
 
 
 def test_save_load_bit_exact_and_comfyui_refuses_the_file(built, models_dir):
     import comfy.sd
-
     from distilled_unets.nodes._condconv import ComfyCondConv2d
     from distilled_unets.nodes.loaders import DistilledUNetLoader
     from distilled_unets.nodes.students import SaveStudentUNet

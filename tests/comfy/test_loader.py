@@ -19,24 +19,6 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 _ERRORS: dict = {}
 
 
-@pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    """A private models/diffusion_models + models/diffusers registered in folder_paths."""
-    import folder_paths
-
-    unet_dir = tmp_path / "diffusion_models"
-    pipe_dir = tmp_path / "diffusers"
-    unet_dir.mkdir()
-    pipe_dir.mkdir()
-    saved = {k: folder_paths.folder_names_and_paths[k] for k in ("diffusion_models", "diffusers")}
-    folder_paths.folder_names_and_paths["diffusion_models"] = ([str(unet_dir)], saved["diffusion_models"][1])
-    folder_paths.folder_names_and_paths["diffusers"] = ([str(pipe_dir)], saved["diffusers"][1])
-    folder_paths.filename_list_cache.clear()
-    yield tmp_path
-    folder_paths.folder_names_and_paths.update(saved)
-    folder_paths.filename_list_cache.clear()
-
-
 def _inputs(cfg, m, batch=2, hw=16, seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.get("in_channels", 4), hw, hw, generator=g)
@@ -118,7 +100,6 @@ def test_comfyui_built_ldm_keys_detected(model_id, entry, cfg):
     """ComfyUI's own UNetModel, built full size on meta from the reference config, is detected back."""
     import comfy.ldm.modules.diffusionmodules.openaimodel as om
     import comfy.ops
-
     from distilled_unets.models.detect import detect
 
     ucfg = entry.structure.comfy_unet_config()
@@ -175,7 +156,6 @@ def test_comfyui_own_loader_fails_where_ours_loads(models_dir):
     """The gap this pack closes: ComfyUI 0.3.64 cannot detect diffusers-layout tiny-sd / BK-SDM and
     takes bk-sdm-v2-tiny for SDXS-0.9; our detection names both right (full size, meta device)."""
     import comfy.model_detection
-
     from distilled_unets.models.detect import detect
     from distilled_unets.models.registry import identify
 
@@ -201,7 +181,6 @@ def registry_cfg(model_id):
 
 def test_prediction_type(models_dir):
     from comfy.model_base import ModelType
-
     from distilled_unets.nodes._glue import load_distilled_unet
 
     tcfg = tiny_config(registry_cfg("nota-ai/bk-sdm-v2-small"))
@@ -279,9 +258,8 @@ def test_bad_input_through_the_node(kind, models_dir):
 def test_pipeline_loader(models_dir):
     """A diffusers pipeline folder: UNet by detection, CLIP-L and VAE through ComfyUI's own loaders."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     from distilled_unets.nodes.loaders import DistilledPipelineLoader, pipeline_choices
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     pipe = models_dir / "diffusers" / "tiny-pipe"
     for sub in ("unet", "text_encoder", "vae"):

@@ -15,9 +15,10 @@ STRENGTH = 0.7
 @pytest.fixture(scope="module")
 def host():
     torch.set_num_threads(1)
-    from tests.comfy import _tiny_models as tm
     from distilled_unets.models import names
     from distilled_unets.nodes import lora as node
+
+    from tests.comfy import _tiny_models as tm
 
     return tm, names, node
 

@@ -449,18 +449,25 @@ def sdpa_attention(func, q, k, v, heads, mask=None, attn_precision=None, skip_re
     if mask is not None:
         return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                     skip_output_reshape=skip_output_reshape, **kwargs)
-    if skip_reshape:
-        b, _, _, d = q.shape
-    else:
-        b, _, hd = q.shape
-        d = hd // heads
-        q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    q, k, v = _split_heads(q, k, v, heads, skip_reshape)
     dtype = q.dtype
     if attn_precision == torch.float32 and dtype == torch.float16:
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v).to(dtype)
+    return _merge_heads(F.scaled_dot_product_attention(q, k, v).to(dtype), skip_output_reshape)
+
+
+def _split_heads(q, k, v, heads: int, skip_reshape: bool):
+    """ComfyUI's attention inputs ([b, tokens, heads*d], or already [b, heads, tokens, d]) as [b, heads, tokens, d]."""
+    if skip_reshape:
+        return q, k, v
+    b, _, hd = q.shape
+    return tuple(t.reshape(b, -1, heads, hd // heads).transpose(1, 2) for t in (q, k, v))
+
+
+def _merge_heads(out, skip_output_reshape: bool):
     if skip_output_reshape:
         return out
+    b, heads, _, d = out.shape
     return out.transpose(1, 2).reshape(b, -1, heads * d)
 
 
@@ -603,16 +610,8 @@ class _AttnAccount(torch.autograd.Function):
 
 def _meta_attention(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                     skip_output_reshape=False, **kwargs):
-    if skip_reshape:
-        b, _, _, d = q.shape
-    else:
-        b, _, hd = q.shape
-        d = hd // heads
-        q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = _AttnAccount.apply(q, k, v)
-    if skip_output_reshape:
-        return out
-    return out.transpose(1, 2).reshape(b, -1, heads * d)
+    q, k, v = _split_heads(q, k, v, heads, skip_reshape)
+    return _merge_heads(_AttnAccount.apply(q, k, v), skip_output_reshape)
 
 
 def _meta_copy(module: torch.nn.Module, dtype: torch.dtype, trainable: Callable[[str], bool] | None):

@@ -36,7 +36,7 @@ def env():
     from distilled_unets.models import distill as D
     from distilled_unets.models.topology import from_comfy_config
 
-    from tests.comfy import _tiny_models as tm
+    from . import _tiny_models as tm
 
     return tm, D, from_comfy_config
 

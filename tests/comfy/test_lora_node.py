@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests._lora_fixtures import FORMATS, LDM_FORMATS, expected_bk, lora_for
+from .._lora_fixtures import FORMATS, LDM_FORMATS, expected_bk, lora_for
 
 STRENGTH = 0.7
 
@@ -18,7 +18,7 @@ def host():
     from distilled_unets.models import names
     from distilled_unets.nodes import lora as node
 
-    from tests.comfy import _tiny_models as tm
+    from . import _tiny_models as tm
 
     return tm, names, node
 

@@ -8,7 +8,7 @@ import pytest
 from distilled_unets.models import names
 from distilled_unets.models import structures as S
 from distilled_unets.models.blockmap import BASE, CERTAIN, NEW, TEACHER, UNSURE, BlockMap, derive
-from tests._lora_fixtures import expected_bk
+from .._lora_fixtures import expected_bk
 
 
 @pytest.mark.parametrize("student", [S.BK_BASE, S.BK_SMALL, S.BK_TINY], ids=["base", "small", "tiny"])

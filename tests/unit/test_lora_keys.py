@@ -9,7 +9,7 @@ import torch
 from distilled_unets.models import lora_keys as lk
 from distilled_unets.models import names
 from distilled_unets.models import structures as S
-from tests._lora_fixtures import FORMATS, LDM_FORMATS, expected_bk, lora_for
+from .._lora_fixtures import FORMATS, LDM_FORMATS, expected_bk, lora_for
 
 SD1_TEACHER, BK_BASE, BK_SMALL, BK_TINY, SSD1B = S.SD1, S.BK_BASE, S.BK_SMALL, S.BK_TINY, S.SSD_1B
 SHAPE = (8, 8)

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
+
+
+@pytest.fixture(scope="module")
+def tm():
+    """The tiny-UNet builders (tests/comfy/_tiny_models.py); torchsde's step-size warning silenced."""
+    import _tiny_models
+
+    warnings.filterwarnings("ignore", message="Should have tb<=t1")
+    return _tiny_models
 
 
 @pytest.fixture

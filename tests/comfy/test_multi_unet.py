@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -13,14 +12,6 @@ SCHEDULERS = ("karras", "normal")
 # Samplers of comfy.samplers.KSampler.SAMPLERS that cannot run here; every other one is tested.
 # (On CPU with a tiny SD1.5-class UNet all 42 names of ComfyUI 0.3.64 run, so none is skipped.)
 SKIPPED_SAMPLERS: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module")
-def tm():
-    import _tiny_models
-
-    warnings.filterwarnings("ignore", message="Should have tb<=t1")
-    return _tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,10 @@ multi-GPU split: the test skips there.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 CPU1 = torch.device("cpu", 1)
-
-
-@pytest.fixture(scope="module")
-def tm():
-    import _tiny_models
-
-    warnings.filterwarnings("ignore", message="Should have tb<=t1")
-    return _tiny_models
 
 
 @pytest.fixture

@@ -13,21 +13,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from ..layouts import diffusers_model, tiny_config
-
-
-@pytest.fixture(scope="module")
-def tm():
-    import _tiny_models
-
-    warnings.filterwarnings("ignore", message="Should have tb<=t1")
-    return _tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@ gradients, construction errors and the structural key finder."""
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,20 +49,27 @@ CASES = [  # in, out, kernel, K, stride, padding, dilation, groups, bias, H, W
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"in{c[0]}-out{c[1]}-K{c[3]}-s{c[4]}-g{c[7]}")
-def test_matches_slow_reference(case):
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_slow_reference(case, seed):
+    """The one grouped convolution equals the per-sample definition: exactly (float64, <= 1e-12 relative),
+    and in float32 within float32's own rounding of the mix and the convolution (over 200 random draws per
+    case the float32 error against the float64 definition reaches 0.9-2.0e-6 of the largest output)."""
     cin, cout, k, K, s, p, d, g, bias, H, W = case
     m = CondConv2d(cin, cout, k, K, stride=s, padding=p, dilation=d, groups=g, bias=bias)
-    _randomise(m, seed=sum(map(hash, map(str, case))) % 1000)
-    x = torch.randn(5, cin, H, W, generator=torch.Generator().manual_seed(7))
+    _randomise(m, seed=zlib.crc32(repr((case, seed)).encode()) % 1000)  # the same draws in every process
+    x = torch.randn(5, cin, H, W, generator=torch.Generator().manual_seed(7 + seed))
     x = x + torch.arange(5.0).view(5, 1, 1, 1)  # different pooled inputs, so different routings
     gates = m.gates(x)
     assert gates.shape == (5, K)
     assert (gates.max(0).values - gates.min(0).values).min() > 1e-2, "samples should be routed differently"
     with torch.no_grad():
         y = m(x)
+        y64 = m.double()(x.double())
     ref = _reference(m, x)
+    scale = max(1.0, ref.abs().max().item())
+    assert y64.dtype == torch.float64 and (y64 - ref).abs().max() <= 1e-12 * scale
     assert y.dtype == torch.float32 and y.shape == ref.shape
-    assert (y.double() - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max().item())
+    assert (y.double() - ref).abs().max() <= 4e-6 * scale
 
 
 def test_batch_of_one_equals_batch():

@@ -1,6 +1,6 @@
 """DistillStudentUNet: knowledge distillation of a student UNet from its teacher, inside ComfyUI.
 
-The training engine is host-free (``models/distill.py``); this module turns ComfyUI values into its inputs
+The training engine is host-free (``models/distill/``); this module turns ComfyUI values into its inputs
 (LATENT + CONDITIONING through the model's own ``process_latent_in`` and ``extra_conds``, the block map into
 the set of trained parameters, the teacher loaded by ComfyUI's model management), shows progress, honours
 Cancel between steps, and hands the trained weights to the loader's own build path as a new MODEL.
@@ -149,7 +149,7 @@ def make_data(teacher, latent: dict, conditioning: list, *, which: str) -> D.KDD
         if "y" in out:
             ys.append(out["y"].cond.reshape(1, -1).float().cpu())
     y = torch.cat(ys) if ys else None
-    return D.KDData(x0, contexts, y)
+    return D.KDData(x0, contexts, y, node=NODE, inputs=(inp_l, inp_c))
 
 
 def _student_unet(student, topology):

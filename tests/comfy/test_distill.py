@@ -1,5 +1,5 @@
 # ruff: noqa: T201  (the runs print their loss and held-out curves; see them with -s)
-"""Distillation engine (models/distill.py) on ComfyUI's own UNet: tiny random teachers and students built
+"""Distillation engine (models/distill/) on ComfyUI's own UNet: tiny random teachers and students built
 through ComfyUI's classes, seeded CPU runs.
 
 Stated margins (the runs are seeded, the numbers are printed with ``-s``):

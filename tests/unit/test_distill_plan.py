@@ -1,4 +1,4 @@
-"""Unit tests for models/distill.py and models/vgg.py without ComfyUI: BK-SDM's feature pairing on the real
+"""Unit tests for models/distill/ and models/vgg.py without ComfyUI: BK-SDM's feature pairing on the real
 topologies, the SDPA attention override, batching of conditionings, the VGG term."""
 
 from __future__ import annotations

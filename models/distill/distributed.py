@@ -1,0 +1,64 @@
+"""The engine under ``torch.distributed`` (launched by ``torchrun``): who this process is, the student wrapped
+in DistributedDataParallel, the loss averaged over ranks, and rank 0 alone writing files.
+
+Nothing here starts processes or a process group: ``torchrun`` (or the caller) does; without an initialised
+group every function is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) without a process group."""
+    if not active():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes, else ``model`` itself.
+
+    Gradients are averaged over ranks during backward, so every rank takes the same optimizer step. Buffers
+    are not broadcast (the UNet's are constants), frozen parameters take no part."""
+    if rank_world()[1] == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return DDP(model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
+def no_sync(model: torch.nn.Module, skip: bool):
+    """DDP's ``no_sync`` for the micro-batches before the last of an accumulated step (``skip`` True)."""
+    if skip and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def mean(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over ranks (in place on a copy); ``t`` itself with one process."""
+    if rank_world()[1] == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / dist.get_world_size()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def is_writer() -> bool:
+    """Whether this process writes files (checkpoints, results): rank 0."""
+    return rank_world()[0] == 0

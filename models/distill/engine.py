@@ -1,0 +1,470 @@
+"""The distillation run: a trainable copy of the student trained toward the teacher (see the package docstring
+for what one step does). Setup and the run loop live here; the loss of a micro-batch and the optimizer step are
+``step.py``, checkpoints ``checkpoints.py``, the memory estimate ``memory.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..topology import Topology
+from . import checkpoints, distributed
+from . import step as S
+from .config import DistillConfig, TrainResult, autocast_dtype
+from .data import BatchOrder, KDData, _generator, draw_batch
+from .errors import DistillError, NonFiniteError, TrainingMemoryError
+from .memory import GIB, MemoryEstimate, _activation_profile, _free_memory
+from .plan import feature_plan
+from .schedule import NoisedBatch, NoiseSchedule
+from .unet import _Taps, enable_gradient_checkpointing, sdpa_attention
+
+log = logging.getLogger("distilled_unets")
+
+
+def _default_device(teacher) -> torch.device:
+    """CUDA when there is one (a teacher under ComfyUI's dynamic VRAM keeps its weights on the CPU and
+    streams them: where its parameters are says nothing about where it computes), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return next(teacher.parameters()).device
+
+
+class Distiller:
+    """One distillation run: a trainable copy of the student, trained toward the teacher.
+
+    The inputs (both UNets, data) are never modified: the student is copied (trainable parameters as fp32
+    master weights on ``device``), hooks are removed when the run ends, the teacher runs under ``no_grad``.
+    ``trainable(name)`` selects the student parameters that train (ldm names inside the UNet); the rest stay
+    bit-identical. Under ``torch.distributed`` each process trains its share of every global batch and DDP
+    averages the gradients (``distributed.py``); ``batch_size`` is per process.
+    """
+
+    def __init__(self, *, teacher, student, teacher_topology: Topology, student_topology: Topology,
+                 schedule: NoiseSchedule, data, config: DistillConfig, heldout: KDData | None = None,
+                 trainable: Callable[[str], bool] | None = None, semantic=None,
+                 device: torch.device | str | None = None, teacher_transformer_options: dict | None = None,
+                 teacher_dtype: torch.dtype | None = None, node: str = "DistillStudentUNet"):
+        config.validate()
+        self.teacher, self.student = teacher, student
+        self.tt, self.st = teacher_topology, student_topology
+        self.schedule, self.data, self.heldout, self.cfg = schedule, data, heldout, config
+        self.semantic = semantic
+        self.node = node
+        self.device = torch.device(device) if device is not None else _default_device(teacher)
+        self.rank, self.world_size = distributed.rank_world()
+        self.teacher_opts = dict(teacher_transformer_options or {})
+        self._t_dtype = teacher_dtype
+        self.trainable = trainable or (lambda name: True)
+        self.autocast = autocast_dtype(config.precision, self.device)
+        if self.autocast is not None and self.device.type == "cpu" and self.autocast == torch.float16:
+            raise DistillError("fp16 autocast on CPU", "use fp32 or bf16 on CPU", input_name="precision")
+        self._check_models()
+        w = config.weights
+        self.plan = feature_plan(teacher_topology, student_topology,
+                                 stages=config.features != "none" and w.feat > 0,
+                                 mid=config.features == "stages+mid" and w.mid_weight > 0)
+        self.train_names = [n for n, _ in student.named_parameters() if self.trainable(n)]
+        if not self.train_names:
+            raise DistillError("nothing to train: every student parameter is frozen by this choice",
+                               "choose 'all', or a student that has blocks of its own", node=node, input_name="train")
+        self.trainable_params = sum(p.numel() for n, p in student.named_parameters() if self.trainable(n))
+        self._buckets = data.buckets()
+        self._order = BatchOrder(config.seed, [len(ix) for _, ix in self._buckets])
+        self._estimates: dict[bool, MemoryEstimate] = {}
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def _check_models(self):
+        tt, st, node = self.tt, self.st, self.node
+        if (tt.context_dim, tt.adm_in_channels, tt.in_channels, tt.out_channels) != \
+                (st.context_dim, st.adm_in_channels, st.in_channels, st.out_channels):
+            raise DistillError(
+                f"teacher ({tt.family}, context {tt.context_dim}, {tt.in_channels} latent channels) and student "
+                f"({st.family}, context {st.context_dim}, {st.in_channels} latent channels) do not share latent "
+                "space and conditioning", "distil a student of the teacher's family", node=node, input_name="student")
+        c = self.data.channels
+        if c != st.in_channels:
+            raise DistillError(f"the latents have {c} channels, the models take {st.in_channels}",
+                               "encode the images with this model family's VAE", node=node, input_name="latents")
+        if self.data.context_dim != st.context_dim:
+            raise DistillError(f"the conditioning is {self.data.context_dim} wide, the models take {st.context_dim}",
+                               "encode the captions with this model family's text encoder (CLIP)", node=node,
+                               input_name="conditioning")
+        if bool(st.adm_in_channels) != self.data.has_y:
+            raise DistillError("SDXL-class models need pooled/size conditioning (and others must not get it)",
+                               "make the conditioning with this family's CLIP Text Encode node", node=node,
+                               input_name="conditioning")
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def estimate_memory(self, *, teacher_resident: bool = False) -> MemoryEstimate:
+        """The device memory the run needs (the largest latent size of the data), from a ``meta`` pass."""
+        if teacher_resident in self._estimates:
+            return self._estimates[teacher_resident]
+        cfg = self.cfg
+        h, w = max((s[-2:] for s, _ in self._buckets), key=lambda hw: hw[0] * hw[1])
+        act_dtype = self.autocast or torch.float32
+        itemsize = torch.finfo(act_dtype).bits // 8
+        frozen_bytes = sum(p.numel() for n, p in self.student.named_parameters() if not self.trainable(n)) * itemsize
+        buffers = sum(b.numel() * b.element_size() for b in self.student.buffers())
+        student_w = self.trainable_params * 4 + frozen_bytes + buffers
+        teacher_w = 0 if teacher_resident else sum(p.numel() * p.element_size() for p in self.teacher.parameters())
+        y_dim = self.st.adm_in_channels or 0
+        prof = _activation_profile(self.student, (1, self.st.in_channels, h, w),
+                                   (1, self.data.max_tokens, self.st.context_dim), y_dim, act_dtype, self.trainable)
+        if self.semantic is not None:  # VGG activations of the student's x0 preview (about 3 per conv output)
+            px = h * w
+            vgg = (64 * 2 * px + 128 * 2 * px / 4 + 256 * 3 * px / 16) * 3 * 4
+            for k in list(prof):
+                prof[k] += int(vgg)
+        est = MemoryEstimate(
+            student_weights=student_w, teacher_weights=teacher_w, grads=self.trainable_params * 4,
+            optimizer=self.trainable_params * 8, ema=self.trainable_params * 4 if cfg.ema_decay > 0 else 0,
+            autocast_copies=self.trainable_params * itemsize if self.autocast is not None else 0,
+            activations=prof[cfg.gradient_checkpointing] * cfg.batch_size,
+            workspace=prof[("work", cfg.gradient_checkpointing)] * cfg.batch_size, batch_size=cfg.batch_size,
+            latent_hw=(int(h), int(w)), checkpointing=cfg.gradient_checkpointing,
+            trainable_params=self.trainable_params, per_sample_activations=prof)
+        self._estimates[teacher_resident] = est
+        return est
+
+    def check_memory(self, free_bytes: int | None = None, *, teacher_resident: bool = False,
+                     extra_fixes: list[str] | None = None, headroom: float = 0.9) -> MemoryEstimate:
+        """Raise :class:`TrainingMemoryError` (with the figures and the fix) if the run cannot fit."""
+        est = self.estimate_memory(teacher_resident=teacher_resident)
+        free = _free_memory(self.device) if free_bytes is None else int(free_bytes)
+        if est.total <= free * headroom:
+            return est
+        fixes = []
+        if not est.checkpointing:
+            alt = est.with_(checkpointing=True)
+            fixes.append(f"turn on gradient_checkpointing (~{alt.total / GIB:.2f} GiB)")
+        for b in range(est.batch_size - 1, 0, -1):
+            alt = est.with_(batch_size=b)
+            if alt.total <= free * headroom or b == 1:
+                acc = math.ceil(est.batch_size * self.cfg.grad_accum / b)
+                fixes.append(f"batch_size {b} with gradient_accumulation {acc} (same samples per step, "
+                             f"~{alt.total / GIB:.2f} GiB)")
+                break
+        fixes += list(extra_fixes or [])
+        fixes.append("a smaller latent size (images) or a GPU with more memory")
+        raise TrainingMemoryError(
+            f"distillation needs {est.describe()}; {free / GIB:.2f} GiB is free on {self.device}",
+            "; or ".join(fixes), estimate=est, free_bytes=free, node=self.node, input_name="batch_size")
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _trainable_copy(self) -> torch.nn.Module:
+        """The student copied onto the device: trainable parameters fp32, frozen ones in the compute dtype."""
+        frozen_dtype = self.autocast or torch.float32
+        memo = {}
+        for name, p in self.student.named_parameters():
+            train = self.trainable(name)
+            dt = torch.float32 if train or not p.is_floating_point() else frozen_dtype
+            memo[id(p)] = torch.nn.Parameter(p.detach().to(self.device, dt, copy=True), requires_grad=train)
+        for b in self.student.buffers():
+            memo[id(b)] = b.detach().to(self.device, copy=True)
+        model = copy.deepcopy(self.student, memo)
+        for m in model.modules():  # ComfyUI lowvram casting / weight patches / dynamic VRAM: weights are plain here
+            if getattr(m, "comfy_cast_weights", False):
+                m.comfy_cast_weights = False
+            for attr in ("weight_function", "bias_function"):
+                if isinstance(getattr(m, attr, None), list):
+                    setattr(m, attr, [])
+        model.train()
+        return model
+
+    def _opts(self, teacher: bool) -> dict:
+        opts = dict(self.teacher_opts) if teacher else {}
+        if self.cfg.attention == "sdpa":
+            opts["optimized_attention_override"] = sdpa_attention
+        return opts
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def _teacher_dtype(self) -> torch.dtype:
+        """The dtype the teacher computes in (its inputs are cast to it, as ComfyUI's apply_model does)."""
+        if self._t_dtype is not None:
+            return self._t_dtype
+        for p in self.teacher.parameters():
+            if p.is_floating_point() and p.element_size() >= 2:
+                return p.dtype
+        return torch.float32
+
+    def _to_device(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Host data onto the device (pinned and asynchronous on CUDA): the only host-to-device traffic."""
+        if t is None:
+            return None
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _run_teacher(self, nb: NoisedBatch, ctx, y):
+        dt = self._teacher_dtype()
+        if self.autocast is not None and dt in (torch.float16, torch.bfloat16):  # compute in its own half dtype
+            amp = torch.autocast(self.device.type, dtype=dt)
+        else:
+            amp = self._autocast()
+        with torch.no_grad(), amp:
+            out = self.teacher(nb.x_in.to(dt), nb.timesteps, context=ctx.to(dt),
+                               y=None if y is None else y.to(dt), transformer_options=self._opts(True))
+        return out.float()
+
+    def _run_student(self, model, nb: NoisedBatch, ctx, y):
+        with self._autocast():
+            out = model(nb.x_in, nb.timesteps, context=ctx, y=y, transformer_options=self._opts(False))
+        return out.float()
+
+    # ---- sampling order -------------------------------------------------------------------------
+    def draw(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sample indices, timesteps, noise) of this process's share of micro-batch ``micro`` of step ``step``
+        (CPU tensors)."""
+        return draw_batch(self.cfg.seed, step, micro, batch_size=self.cfg.batch_size, grad_accum=self.cfg.grad_accum,
+                          num_timesteps=self.schedule.num_timesteps, rank=self.rank, world_size=self.world_size,
+                          buckets=self._buckets, order=self._order)
+
+    def micro_batch(self, step: int, micro: int):
+        """(noised batch, context, y) of a micro-batch, on the device."""
+        idx, t, noise = self.draw(step, micro)
+        x0, ctx, y = self.data.batch(idx)
+        x0, noise, ctx, y = (self._to_device(v) for v in (x0, noise, ctx, y))
+        return self.schedule.noised(x0, noise, t), ctx, y
+
+    # ---- held-out error -------------------------------------------------------------------------
+    def _heldout_batches(self):
+        """Fixed (x_in, timesteps, ctx, y, teacher output) batches: each held-out sample at
+        ``heldout_timesteps`` stratified timesteps with fixed noise."""
+        if self.heldout is None or len(self.heldout) == 0:
+            return []
+        k, T = self.cfg.heldout_timesteps, self.schedule.num_timesteps
+        g = _generator(self.cfg.seed, "heldout")
+        batches = []
+        order = [(i, j) for j in range(k) for _, ix in self.heldout.buckets() for i in ix]
+        for s in range(0, len(order), self.cfg.batch_size):
+            chunk = order[s:s + self.cfg.batch_size]
+            by_shape: dict = {}
+            for i, j in chunk:  # a chunk never mixes latent sizes
+                by_shape.setdefault(self.heldout._shapes[i], []).append((i, j))
+            for part in by_shape.values():
+                idx = torch.tensor([i for i, _ in part])
+                x0, ctx, y = self.heldout.batch(idx)
+                u = torch.rand(len(part), generator=g)
+                t = torch.tensor([min(T - 1, int((j + float(uu)) * T / k)) for (_, j), uu in zip(part, u)])
+                noise = torch.randn(x0.shape, generator=g)
+                x0, noise, ctx, y = (self._to_device(v) for v in (x0, noise, ctx, y))
+                nb = self.schedule.noised(x0, noise, t)
+                batches.append((nb, ctx, y, self._run_teacher(nb, ctx, y)))
+        return batches
+
+    def _heldout_error(self, model) -> float:
+        if not self._held:
+            return float("nan")
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        with torch.no_grad():
+            for nb, ctx, y, t_out in self._held:
+                s_out = self._run_student(model, nb, ctx, y)
+                total += F.mse_loss(s_out, t_out, reduction="sum").double()
+                count += t_out.numel()
+        return float(total) / count
+
+    # ---- the run --------------------------------------------------------------------------------
+    def run(self, *, progress: Callable[[int, int, float], None] | None = None,
+            cancel: Callable[[], bool] | None = None, resume: str | None = None) -> TrainResult:
+        """Train. ``cancel()`` is called before every step: True stops after the last finished step (the
+        result is returned, a checkpoint written when checkpointing is on); an exception it raises is
+        re-raised after that checkpoint. ``progress(step, total, loss)`` is called after every step.
+
+        Several steps in a row with a non-finite loss or gradient raise :class:`NonFiniteError` (with the last
+        good weights and a checkpoint of them); a step with one alone is skipped (no update)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._run(progress, cancel, resume)
+
+    def _save(self, model, step: int) -> str | None:
+        """A checkpoint at ``step``, written by rank 0 (the others wait for it); its path on rank 0."""
+        path = checkpoints.write(self, model, step) if distributed.is_writer() else None
+        self._last_saved = step
+        distributed.barrier()
+        return path
+
+    def _setup(self, model):
+        cfg = self.cfg
+        self._params = [dict(model.named_parameters())[n] for n in self.train_names]
+        self._opt = torch.optim.AdamW(self._params, lr=cfg.learning_rate, betas=tuple(cfg.betas),
+                                      weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+                                      fused=True if self.device.type == "cuda" else None)
+        self._scaler = torch.amp.GradScaler(self.device.type) if self.autocast == torch.float16 else None
+        self._ema = {n: p.detach().clone() for n, p in zip(self.train_names, self._params)} \
+            if cfg.ema_decay > 0 else None
+        self._ema_updates = 0
+        self._losses: list[float] = []
+        self._parts: dict[str, list[float]] = {}
+        self._curve: list[tuple[int, float]] = []
+        self._skipped: list[int] = []
+        self._heldout_before = float("nan")
+        self._last_saved = -1
+        if self.semantic is not None:
+            self.semantic = self.semantic.to(self.device)
+
+    def _run(self, progress, cancel, resume) -> TrainResult:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        model = self._trainable_copy()
+        ckpt_handle = enable_gradient_checkpointing(model) if cfg.gradient_checkpointing else None
+        self._t_taps = _Taps(self.teacher, {p.name: p.teacher for p in self.plan.points})
+        self._s_taps = _Taps(model, {p.name: p.student for p in self.plan.points})
+        forward = distributed.wrap(model, self.device)
+        self._setup(model)
+        written: list[str | None] = []
+        notes: list[str] = []
+        cancelled = False
+        start = 0
+        streak: list[int] = []
+        phases = {"setup": 0.0, "first_step": 0.0, "steps": 0.0}
+        was_training = self.teacher.training
+        self.teacher.eval()
+        try:
+            self._held = self._heldout_batches()
+            if resume:
+                start, notes = checkpoints.restore(self, model, resume)
+            else:
+                self._heldout_before = self._heldout_error(model)
+                if self._held:
+                    self._curve.append((0, self._heldout_before))
+            phases["setup"] = time.perf_counter() - t0
+            t_steps = time.perf_counter()
+            for step in range(start, cfg.steps):
+                if cancel is not None:
+                    try:
+                        stop = cancel()
+                    except BaseException:
+                        if cfg.checkpoint_dir and len(self._losses) > start and self._last_saved != len(self._losses):
+                            written.append(self._save(model, len(self._losses)))
+                        raise
+                    if stop:
+                        cancelled = True
+                        break
+                parts, finite = S.train_step(self, model, forward, step)
+                self._losses.append(parts["loss"])
+                for k, v in parts.items():
+                    if k != "loss":
+                        self._parts.setdefault(k, []).append(v)
+                done = step + 1
+                if step == start:
+                    phases["first_step"] = time.perf_counter() - t_steps
+                if not finite:
+                    self._skipped.append(step)
+                    streak.append(step)
+                    log.warning("distillation step %d: non-finite loss or gradient (%s); step skipped", step,
+                                ", ".join(f"{k} {v:.4g}" for k, v in parts.items()))
+                    if len(streak) >= cfg.max_nonfinite_steps:
+                        self._stop_nonfinite(model, streak, written, start, t0, notes)
+                else:
+                    streak = []
+                if cfg.heldout_every and done % cfg.heldout_every == 0 and done < cfg.steps and self._held:
+                    self._curve.append((done, self._heldout_error(model)))
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                    written.append(self._save(model, done))
+                if progress is not None:
+                    progress(done, cfg.steps, parts["loss"])
+            phases["steps"] = time.perf_counter() - t_steps
+            done = len(self._losses)
+            if cancelled and cfg.checkpoint_dir and done > start and self._last_saved != done:
+                written.append(self._save(model, done))
+            result = self._finish(model, start, cancelled, [p for p in written if p], notes, t0, phases)
+        finally:
+            self._t_taps.remove()
+            self._s_taps.remove()
+            if ckpt_handle is not None:
+                ckpt_handle.remove()
+            if was_training:
+                self.teacher.train()
+            self._held = []
+            self._opt = None
+            self._ema = None
+            del model, forward
+        return result
+
+    def _stop_nonfinite(self, model, streak, written, start, t0, notes):
+        cfg = self.cfg
+        path = self._save(model, len(self._losses)) if cfg.checkpoint_dir else None
+        written.append(path)
+        self._held = []  # the last good weights as they are (the held-out error is not measured again)
+        result = self._finish(model, start, False, [p for p in written if p], notes, t0, {}, ema=False)
+        where = f"; the last good weights are in {path}" if path else \
+            " (no checkpoint folder: set checkpoint_every to keep the last good weights on disk)"
+        raise NonFiniteError(
+            f"steps {streak[0]}-{streak[-1]} ({len(streak)} in a row) had a non-finite loss or gradient; the run "
+            f"stopped at step {len(self._losses)} of {cfg.steps}{where}",
+            "check the data for NaN/inf (a bad shard), lower learning_rate, or use bf16/fp32 precision instead "
+            "of fp16", step=streak[0], checkpoint=path, result=result, node=self.node, input_name="learning_rate")
+
+    def _finish(self, model, start, cancelled, written, notes, t0, phases, *, ema: bool = True) -> TrainResult:
+        cfg = self.cfg
+        after_raw = self._heldout_error(model)
+        if self._ema is not None and ema:
+            with torch.no_grad():
+                named = dict(model.named_parameters())
+                for n in self.train_names:
+                    named[n].copy_(self._ema[n])
+            after = self._heldout_error(model)
+        else:
+            after = after_raw
+        done = len(self._losses)
+        if self._held:
+            self._curve.append((done, after))
+        measured = bool(self._held)
+        S.check_weights_finite(self, model)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        seconds = time.perf_counter() - t0
+        samples = (done - start) * cfg.batch_size * cfg.grad_accum * self.world_size
+        report = self._report(done, start, samples, seconds, after if measured else None, after_raw, cancelled,
+                              written, notes, phases)
+        if not measured:
+            after = after_raw = float("nan")
+        return TrainResult(state, list(self._losses), {k: list(v) for k, v in self._parts.items()},
+                           self._heldout_before, after, after_raw, list(self._curve), done, samples, seconds,
+                           written, cancelled, start, report, list(self._skipped), dict(phases), self.world_size)
+
+    def _report(self, done, start, samples, seconds, after, after_raw, cancelled, checkpoints_, notes,
+                phases) -> list[str]:
+        cfg = self.cfg
+        scale = f" x {self.world_size} processes" if self.world_size > 1 else ""
+        lines = [f"distilled {done} of {cfg.steps} steps" + (" (cancelled)" if cancelled else "")
+                 + (f", resumed at step {start}" if start else "")
+                 + f": {samples} samples seen in this run, {seconds:.1f} s"
+                 + (f" ({seconds / max(1, done - start):.2f} s/step)" if done > start else ""),
+                 f"batch {cfg.batch_size}{scale} x accumulation {cfg.grad_accum}, lr {cfg.learning_rate:g} (AdamW, "
+                 f"weight decay {cfg.weight_decay:g}, grad-norm clip {cfg.grad_clip:g}), loss weights: "
+                 f"{cfg.weights.describe()}",
+                 f"trains {self.trainable_params:,} of {sum(p.numel() for p in self.student.parameters()):,} "
+                 f"student parameters on {self.device}"]
+        if phases:
+            steady = done - start - 1
+            rest = f", then {(phases['steps'] - phases['first_step']) / steady:.3f} s/step" if steady > 0 else ""
+            lines.append(f"time: setup {phases['setup']:.1f} s (copy to the device, held-out teacher passes), first "
+                         f"step {phases['first_step']:.2f} s{rest}")
+        if after is not None:
+            ema = f" (EMA weights; raw weights {after_raw:.5f})" if cfg.ema_decay > 0 else ""
+            lines.append(f"held-out output-KD error (MSE student vs teacher output): {self._heldout_before:.5f} "
+                         f"-> {after:.5f}{ema}")
+        else:
+            lines.append("no held-out samples: held-out error not measured")
+        if self._losses:
+            lines.append(f"training loss: first {self._losses[0]:.5f}, last {self._losses[-1]:.5f}")
+        if self._skipped:
+            lines.append(f"skipped {len(self._skipped)} step(s) with a non-finite loss or gradient: "
+                         + ", ".join(str(s) for s in self._skipped[:10]) + (" ..." if len(self._skipped) > 10 else ""))
+        lines += self.plan.report_lines()
+        if checkpoints_:
+            lines.append(f"checkpoints: {', '.join(os.path.basename(c) for c in checkpoints_)}")
+        lines += notes
+        return lines

@@ -1,0 +1,114 @@
+"""ComfyUI training datasets (SaveTrainingDataset's shard files) streamed by models/distill/datasets.py: the
+format ComfyUI 0.33 writes (built here with torch.save exactly as that node does), shard-by-shard reading, the
+weights-only loader, the draw order across resolution buckets and process counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from distilled_unets.models import distill as D
+from distilled_unets.models.distill import datasets as DS
+
+
+def write_dataset(folder, sizes, shard_size=3, tokens=7, width=16, seed=0):
+    """A SaveTrainingDataset folder: per sample a [1, 4, h, w] latent and a [[cond, {pooled_output}]] entry."""
+    g = torch.Generator().manual_seed(seed)
+    lat = [{"samples": torch.randn(1, 4, h, w, generator=g)} for h, w in sizes]
+    cond = [[[torch.randn(1, tokens, width, generator=g), {"pooled_output": torch.randn(1, 8, generator=g)}]]
+            for _ in sizes]
+    os.makedirs(folder, exist_ok=True)
+    n = len(sizes)
+    for s in range((n + shard_size - 1) // shard_size):
+        with open(os.path.join(folder, f"shard_{s:04d}.pkl"), "wb") as f:
+            torch.save({"latents": lat[s * shard_size:(s + 1) * shard_size],
+                        "conditioning": cond[s * shard_size:(s + 1) * shard_size]}, f)
+    with open(os.path.join(folder, "metadata.json"), "w") as f:
+        json.dump({"num_samples": n, "num_shards": (n + shard_size - 1) // shard_size, "shard_size": shard_size}, f)
+    return lat, cond
+
+
+def prepare(latent, cond):
+    return latent[0] * 2.0, cond[0][0][0], None
+
+
+def test_streams_shard_by_shard_and_matches_the_samples(tmp_path):
+    sizes = [(4, 4)] * 5 + [(4, 6)] * 3
+    lat, cond = write_dataset(tmp_path, sizes)
+    ds = DS.ShardedDataset(str(tmp_path), prepare, cache_shards=1)
+    assert len(ds) == 8 and ds.channels == 4 and ds.context_dim == 16 and ds.max_tokens == 7 and not ds.has_y
+    buckets = ds.buckets()
+    assert [(s, ix) for s, ix in buckets] == [((4, 4, 4), [0, 1, 2, 3, 4]), ((4, 4, 6), [5, 6, 7])]
+    loads = []
+    orig = DS.load_shard
+    try:
+        DS.load_shard = lambda path, **kw: (loads.append(os.path.basename(path)), orig(path, **kw))[1]
+        x0, ctx, y = ds.batch(torch.tensor([4, 3]))
+    finally:
+        DS.load_shard = orig
+    assert loads == ["shard_0001.pkl"], "a batch reads only the shards its samples are in"
+    assert torch.equal(x0, torch.stack([lat[4]["samples"][0] * 2, lat[3]["samples"][0] * 2]))
+    assert torch.equal(ctx[1], cond[3][0][0][0]) and y is None
+
+
+def test_a_shard_that_needs_a_full_unpickler_is_refused_with_its_name(tmp_path):
+    write_dataset(tmp_path, [(4, 4)] * 2, shard_size=1)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(tmp_path / "shard_0001.pkl", "wb") as f:
+        torch.save({"latents": [Evil()], "conditioning": [[]]}, f, pickle_module=pickle)
+    with pytest.raises(DS.DatasetError) as e:
+        DS.ShardedDataset(str(tmp_path), prepare)
+    assert "shard_0001.pkl" in str(e.value) and "weights-only" in str(e.value)
+
+
+def test_not_a_dataset_folder(tmp_path):
+    with pytest.raises(DS.DatasetError, match="no shard_NNNN.pkl"):
+        DS.ShardedDataset(str(tmp_path), prepare)
+
+
+def test_draws_are_the_same_at_any_process_count_and_stay_in_one_bucket():
+    buckets = [((4, 4, 4), list(range(0, 5))), ((4, 4, 6), list(range(5, 8)))]
+    for step in range(6):
+        one = D.draw_batch(3, step, 0, batch_size=4, grad_accum=1, num_timesteps=1000, buckets=buckets)
+        two = [D.draw_batch(3, step, 0, batch_size=2, grad_accum=1, num_timesteps=1000, buckets=buckets, rank=r,
+                            world_size=2) for r in range(2)]
+        assert torch.equal(one[0], torch.cat([two[0][0], two[1][0]]))
+        assert torch.equal(one[1], torch.cat([two[0][1], two[1][1]]))
+        assert torch.equal(one[2], torch.cat([two[0][2], two[1][2]]))
+        members = [b for b, (_, ix) in enumerate(buckets) if int(one[0][0]) in ix][0]
+        assert all(int(i) in buckets[members][1] for i in one[0]), "a micro-batch mixes latent sizes"
+        assert one[2].shape[-1] == buckets[members][0][-1]
+
+
+def test_one_bucket_order_is_the_single_process_order_of_before():
+    """Draws with one bucket are those of the engine before buckets and ranks existed (resume compatibility):
+    every sample once per epoch in an order seeded by (seed, epoch), noise and timesteps by (seed, step, micro)."""
+    n, b = 6, 4
+    seen = torch.cat([D.draw_batch(5, s, 0, n_data=n, batch_size=b, grad_accum=1, num_timesteps=10,
+                                   sample_shape=(4, 2, 2))[0] for s in range(3)])
+    assert sorted(seen[:6].tolist()) == list(range(6)) and sorted(seen[6:12].tolist()) == list(range(6))
+    g = D._generator(5, "step", 1, 0)
+    t = torch.randint(0, 10, (b,), generator=g)
+    noise = torch.randn((b, 4, 2, 2), generator=g)
+    _, t1, n1 = D.draw_batch(5, 1, 0, n_data=n, batch_size=b, grad_accum=1, num_timesteps=10, sample_shape=(4, 2, 2))
+    assert torch.equal(t, t1) and torch.equal(noise, n1)
+
+
+def test_non_finite_inputs_are_refused_naming_the_input():
+    lat = torch.randn(3, 4, 4, 4)
+    lat[1, 0, 0, 0] = float("nan")
+    with pytest.raises(D.DistillError) as e:
+        D.KDData(lat, torch.randn(3, 7, 16), node="DistillStudentUNet")
+    assert e.value.input_name == "latents" and "sample 1" in str(e.value)
+    ctx = torch.randn(3, 7, 16)
+    ctx[2, 3, 1] = float("inf")
+    with pytest.raises(D.DistillError) as e:
+        D.KDData(torch.randn(3, 4, 4, 4), ctx, inputs=("heldout_latents", "heldout_conditioning"))
+    assert e.value.input_name == "heldout_conditioning"

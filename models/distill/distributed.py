@@ -54,6 +54,15 @@ def mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (so that every rank stops at the same step); ``flag`` alone."""
+    if rank_world()[1] == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -343,13 +343,16 @@ class Distiller:
             t_steps = time.perf_counter()
             for step in range(start, cfg.steps):
                 if cancel is not None:
+                    err = None
                     try:
-                        stop = cancel()
-                    except BaseException:
+                        stop = bool(cancel())
+                    except BaseException as e:  # Cancel in ComfyUI, Ctrl-C in the trainer: checkpoint, then raise
+                        stop, err = True, e
+                    if distributed.any_rank(stop, self.device):  # every process stops at the same step
                         if cfg.checkpoint_dir and len(self._losses) > start and self._last_saved != len(self._losses):
                             written.append(self._save(model, len(self._losses)))
-                        raise
-                    if stop:
+                        if err is not None:
+                            raise err
                         cancelled = True
                         break
                 parts, finite = S.train_step(self, model, forward, step)
@@ -376,9 +379,6 @@ class Distiller:
                 if progress is not None:
                     progress(done, cfg.steps, parts["loss"])
             phases["steps"] = time.perf_counter() - t_steps
-            done = len(self._losses)
-            if cancelled and cfg.checkpoint_dir and done > start and self._last_saved != done:
-                written.append(self._save(model, done))
             result = self._finish(model, start, cancelled, [p for p in written if p], notes, t0, phases)
         finally:
             self._t_taps.remove()

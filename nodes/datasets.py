@@ -104,7 +104,8 @@ def resolve_dataset(name: str, *, input_name: str = "folder_name") -> str:
             if _inside(root, target) and os.path.isdir(target):
                 return os.path.realpath(target)
         problem = f"no dataset folder '{name}' in {', '.join(dataset_roots())}"
-    raise DatasetError(problem, f"pick a dataset from the list (press R to refresh); {NEEDS}", node=NODE,
+    raise DatasetError(problem, f"pick a dataset from the list (press R to refresh); {NEEDS}; to save and distil in "
+                       "one run, connect the latents you save to saved_latents (the save then runs first)", node=NODE,
                        input_name=input_name)
 
 

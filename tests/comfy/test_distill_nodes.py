@@ -208,6 +208,24 @@ def test_loader_lists_streams_and_refuses(node_env, datasets_root):
     assert DN.LoadDistillationDataset.fingerprint_inputs(["proj/a"]) != before
 
 
+class NotATensor:  # a class torch's weights-only loader does not allow
+    pass
+
+
+def test_a_shard_needing_a_full_unpickler_is_refused_by_name(node_env, datasets_root):
+    from distilled_unets.models.distill.datasets import DatasetError
+
+    N, teacher, _, bk_small, _, _ = node_env
+    write_shards(datasets_root / "odd", latent_list(4), captions(4), shard_size=2)
+    with open(datasets_root / "odd" / "shard_0001.pkl", "wb") as f:
+        torch.save({"latents": [NotATensor()], "conditioning": [[]]}, f)
+    with pytest.raises(DatasetError) as e:
+        executor_call(N, bk_small, teacher, data=load_data("odd"))
+    msg = str(e.value)
+    assert msg.startswith("[DistillStudentUNet, input 'data'] the shard needs more than the weights-only loader")
+    assert "shard_0001.pkl" in msg and "Fix:" in msg
+
+
 def test_loader_registers_the_datasets_folder_on_every_version():
     import folder_paths
     from distilled_unets.nodes import NODE_CLASSES

@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention, distill, loaders, lora, sampling, students
+from . import attention, datasets, distill, loaders, lora, sampling, students
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     *loaders.NODES,
@@ -11,6 +11,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     *lora.NODES,
     *students.NODES,
     *distill.NODES,
+    *datasets.NODES,
 ]
 
 

@@ -8,6 +8,7 @@ Cancel between steps, and hands the trained weights to the loader's own build pa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from ..models import blockmap as bmod
 from ..models import distill as D
 from ..models import vgg as V
 from ..models.errors import IncompatibleModelsError, WeightFileError
+from ._data import make_kd_data, prepare_sample
 from ._glue import (
     BLOCK_MAP_KEY,
     RECIPE_KEY,
@@ -33,6 +35,7 @@ from ._glue import (
     unet_from_state_dict,
     unet_weights,
 )
+from .datasets import DISTILL_DATA, DistillDataset
 from .students import CATEGORY, sampling_of
 
 log = logging.getLogger("distilled_unets")
@@ -95,61 +98,53 @@ def _resolve_checkpoint(name: str) -> str | None:
 # ComfyUI values -> engine inputs
 
 
-def _split_batched(conditioning: list, n: int) -> list:
-    """One CONDITIONING entry holding a batch of ``n`` prompts -> ``n`` entries (dict tensors split alike)."""
-    c, d = conditioning[0]
-    out = []
-    for i in range(n):
-        di = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == n else v)
-              for k, v in d.items()}
-        out.append([c[i:i + 1], di])
-    return out
+def make_data(teacher, latents, conditioning, *, which: str) -> D.KDData:
+    """KDData from LATENT + CONDITIONING values: one of each, or the lists Make / Load Training Dataset and
+    Resolution Bucket output (``nodes._data.pair_samples``), through the teacher's own ``process_latent_in`` and
+    ``extra_conds`` (SDXL's pooled and size conditioning included)."""
+    inputs = ("latents", "conditioning") if which == "train" else ("heldout_latents", "heldout_conditioning")
+    return make_kd_data(teacher.model, latents, conditioning, node=NODE, inputs=inputs)
 
 
-def make_data(teacher, latent: dict, conditioning: list, *, which: str) -> D.KDData:
-    """KDData from a LATENT and a CONDITIONING (one per latent, or one for all), through the teacher's own
-    ``process_latent_in`` and ``extra_conds`` (SDXL's pooled and size conditioning included)."""
-    inp_l, inp_c = ("latents", "conditioning") if which == "train" else ("heldout_latents", "heldout_conditioning")
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[0] == 0:
-        raise D.DistillError("this is not a batch of image latents", "connect a LATENT from VAE Encode or a "
-                             "sampler", node=NODE, input_name=inp_l)
-    n = samples.shape[0]
-    if not conditioning:
-        raise D.DistillError("the conditioning is empty", "connect a CLIP Text Encode output", node=NODE,
-                             input_name=inp_c)
-    entries = list(conditioning)
-    if len(entries) == 1 and n > 1 and entries[0][0].shape[0] == n:
-        entries = _split_batched(entries, n)
-    if len(entries) not in (1, n):
-        raise D.DistillError(f"{len(entries)} conditionings for {n} latents",
-                             "give one conditioning per latent (in the latents' order) or one for all",
-                             node=NODE, input_name=inp_c)
-    model = teacher.model
-    x0 = model.process_latent_in(samples.float().cpu())
-    h, w = samples.shape[-2:]
-    contexts, ys = [], []
-    for i, (c, d) in enumerate(entries):
-        params = dict(d)
-        params.update(cross_attn=c, device=torch.device("cpu"), noise=x0[i:i + 1] if len(entries) == n else x0[:1])
-        params["width"] = params.get("width", w * 8)
-        params["height"] = params.get("height", h * 8)
-        params.setdefault("prompt_type", "positive")
-        try:
-            out = model.extra_conds(**params)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise D.DistillError(f"the teacher cannot use this conditioning ({type(e).__name__}: {e})",
-                                 "encode the captions with the teacher family's CLIP (SDXL needs its pooled "
-                                 "output: CLIP Text Encode with an SDXL CLIP)", node=NODE, input_name=inp_c) from e
-        if "c_concat" in out:
-            raise D.DistillError("inpainting / instruct models (extra input channels) cannot be distilled here",
-                                 "use a text-to-image teacher", node=NODE, input_name="teacher")
-        ctx = out["c_crossattn"].cond
-        contexts.append(ctx.reshape(-1, ctx.shape[-1]).float().cpu())
-        if "y" in out:
-            ys.append(out["y"].cond.reshape(1, -1).float().cpu())
-    y = torch.cat(ys) if ys else None
-    return D.KDData(x0, contexts, y, node=NODE, inputs=(inp_l, inp_c))
+def training_data(teacher, latents, conditioning, data, *, hold_out: bool = True):
+    """(the engine's data source, held-out data or None, what was held out) from exactly one data form: LATENT +
+    CONDITIONING (single or lists), or a DISTILL_DATA from Load Distillation Dataset. ``hold_out``: keep the last
+    ~10 % of in-memory samples out of training to measure progress on (a streamed dataset holds none out)."""
+    given = [name for name, v in (("latents", latents), ("conditioning", conditioning), ("data", data))
+             if v is not None]
+    if not given:
+        raise D.DistillError("no training data is connected",
+                             "connect latents + conditioning (VAE Encode or a KSampler with CLIP Text Encode, or "
+                             "the lists of Make / Load Training Dataset), or data from Load Distillation Dataset",
+                             node=NODE, input_name="latents")
+    if data is not None and len(given) > 1:
+        raise D.DistillError("two forms of training data are connected (latents/conditioning and data)",
+                             "connect either latents + conditioning or data, not both", node=NODE, input_name="data")
+    if data is not None:
+        if not isinstance(data, DistillDataset):
+            raise D.DistillError(f"data is a {type(data).__name__}, not a dataset", "connect Load Distillation "
+                                 "Dataset's output", node=NODE, input_name="data")
+        with node_errors(NODE, "data"):
+            src = data.open(functools.partial(prepare_sample, teacher.model, node=NODE, input_name="data"))
+        return src, None, "none (a streamed dataset: connect held-out latents to measure progress)"
+    if len(given) == 1:
+        missing = "conditioning" if given == ["latents"] else "latents"
+        raise D.DistillError(f"{given[0]} without {missing}", f"connect {missing} too (one caption per latent, in "
+                             "order, or one for all)", node=NODE, input_name=missing)
+    src = make_data(teacher, latents, conditioning, which="train")
+    if not hold_out:
+        return src, None, ""
+    n = len(src)
+    k = max(1, n // 10) if n >= 2 else 0
+    if not k:
+        return src, None, "none (one sample only: connect held-out latents to measure progress)"
+    head, held = src.split_tail(k)
+    return head, held, f"the last {k} of {n} samples (held out, not trained on)"
+
+
+def _describe(data: D.KDData) -> str:
+    sizes = sorted({s[-2:] for s, _ in data.buckets()}, key=lambda hw: hw[0] * hw[1])
+    return f"{len(data)} samples in memory, latents " + ", ".join(f"{w * 8}x{h * 8}" for h, w in sizes)
 
 
 def _student_unet(student, topology):
@@ -197,18 +192,18 @@ def _send_text(node_id, text: str) -> None:
         pass
 
 
-def distill(student, teacher, latents, conditioning, *, steps: int, batch_size: int, gradient_accumulation: int,
-            learning_rate: float, loss_weights: str, feature_points: str, train: str, seed: int, ema_decay: float,
-            gradient_checkpointing: bool, checkpoint_every: int = 0, precision: str = "auto",
-            heldout_latents=None, heldout_conditioning=None, resume_from: str = NONE, run_name: str = "distill",
-            vgg16: str = NONE, task_weight: float = 1.0, output_weight: float = 1.0, feature_weight: float = 1.0,
-            mid_weight: float = 1.0, vgg_weight: float = 1.0, node_id=None):
+def distill(student, teacher, latents=None, conditioning=None, *, data=None, steps: int, batch_size: int,
+            gradient_accumulation: int, learning_rate: float, loss_weights: str, feature_points: str, train: str,
+            seed: int, ema_decay: float, gradient_checkpointing: bool, checkpoint_every: int = 0,
+            precision: str = "auto", heldout_latents=None, heldout_conditioning=None, resume_from: str = NONE,
+            run_name: str = "distill", vgg16: str = NONE, task_weight: float = 1.0, output_weight: float = 1.0,
+            feature_weight: float = 1.0, mid_weight: float = 1.0, vgg_weight: float = 1.0, node_id=None):
     """(trained student MODEL, LOSS_MAP, report). The inputs are only read."""
     with torch.inference_mode(False):
         return _distill(**locals())
 
 
-def _distill(student, teacher, latents, conditioning, *, steps, batch_size, gradient_accumulation, learning_rate,
+def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size, gradient_accumulation, learning_rate,
              loss_weights, feature_points, train, seed, ema_decay, gradient_checkpointing, checkpoint_every,
              precision, heldout_latents, heldout_conditioning, resume_from, run_name, vgg16, task_weight,
              output_weight, feature_weight, mid_weight, vgg_weight, node_id):
@@ -228,18 +223,12 @@ def _distill(student, teacher, latents, conditioning, *, steps, batch_size, grad
         raise D.DistillError("held-out latents and held-out conditioning must be given together",
                              "connect both, or neither (then the last ~10 % of the data are held out)", node=NODE,
                              input_name="heldout_latents" if heldout_latents is None else "heldout_conditioning")
-    data = make_data(teacher, latents, conditioning, which="train")
-    held_note = "the held-out inputs"
+    data, held, held_note = training_data(teacher, latents, conditioning, data,
+                                          hold_out=heldout_latents is None)
+    data_note = data.describe() if hasattr(data, "describe") else _describe(data)
     if heldout_latents is not None:
         held = make_data(teacher, heldout_latents, heldout_conditioning, which="heldout")
-    else:
-        n = len(data)
-        k = max(1, n // 10) if n >= 2 else 0
-        if k:
-            data, held = data.split_tail(k)
-            held_note = f"the last {k} of {n} samples (held out, not trained on)"
-        else:
-            held, held_note = None, "none (one sample only: connect held-out latents to measure progress)"
+        held_note = "the held-out inputs"
     bm, bm_note = _block_map(student, tt, st)
     trainable, units = _trainable(bm, train)
     weights = _weights(loss_weights, task_weight, output_weight, feature_weight, mid_weight, vgg_weight)
@@ -338,6 +327,7 @@ def _distill(student, teacher, latents, conditioning, *, steps, batch_size, grad
         f"teacher: {tt.describe()}",
         f"what trains: {train} ({len(units)} of {len(bm.units)} units; block map {bm_note})",
         *res.report,
+        f"training data: {data_note}",
         f"held-out samples: {held_note}",
         f"memory estimate before the first step: {est.describe()}; {free / D.GIB:.2f} GiB was free on {device}",
         f"samples seen in total: {seen:,} = {100 * seen / BK_SDM_SAMPLES:.3g} % of a BK-SDM run "
@@ -366,17 +356,30 @@ class DistillStudentUNet(io.ComfyNode):
             description=("Trains a student UNet toward its teacher by knowledge distillation (BK-SDM: denoising "
                          "loss + output KD + feature KD at every stage; A-SDM: incubation of the student's own "
                          "blocks, mid-block and VGG supervision) on latents and captions you give as ComfyUI "
-                         "values. Returns a new trained MODEL (the inputs are not changed), the loss curve for "
-                         "Plot Loss Graph, and a report. Realistic inside ComfyUI: retargeting a released student "
-                         "(e.g. bk-sdm-small) toward your fine-tune for a few thousand steps."),
+                         "values (LATENT + CONDITIONING, the lists of Make / Load Training Dataset or Resolution "
+                         "Bucket, or a dataset streamed by Load Distillation Dataset). Returns a new trained MODEL "
+                         "(the inputs are not changed), the loss curve for Plot Loss Graph, and a report. Realistic "
+                         "inside ComfyUI: retargeting a released student (e.g. bk-sdm-small) toward your fine-tune "
+                         "for a few thousand steps."),
+            is_input_list=True,  # latents/conditioning may be lists (Make Training Dataset): one run over all of them
             inputs=[
                 io.Model.Input("student", tooltip="The student: from Build Student UNet, or any loaded student of "
                                                   "the teacher's family (retargeting). Only read."),
                 io.Model.Input("teacher", tooltip="The teacher (e.g. your fine-tune from Load Checkpoint). Only read."),
-                io.Latent.Input("latents", tooltip="Training latents: VAE Encode of your images, or latents the "
-                                                   "teacher generated with a KSampler."),
-                io.Conditioning.Input("conditioning", tooltip="Their captions (CLIP Text Encode): one per latent, in "
-                                                              "order, or one for all."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Training latents: VAE Encode of your images or latents the teacher generated "
+                                        "with a KSampler (one LATENT batch), or the latents list of Make / Load "
+                                        "Training Dataset or Resolution Bucket (sizes may differ: each batch is "
+                                        "drawn from one size). Give these with conditioning, or data instead."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Their captions: CLIP Text Encode (one per latent, in order, or one for "
+                                              "all), or the conditioning list that came with the latents list."),
+                io.Custom(DISTILL_DATA).Input(
+                    "data", optional=True,
+                    tooltip="Instead of latents + conditioning: a dataset streamed shard by shard from ComfyUI's "
+                            "datasets folder (Load Distillation Dataset), for data that do not fit in memory. "
+                            "Prepared with the teacher; nothing is held out (connect held-out latents to measure "
+                            "progress)."),
                 io.Int.Input("steps", default=1000, min=1, max=10_000_000,
                              tooltip="Optimizer steps (BK-SDM: 50,000 at batch 256)."),
                 io.Int.Input("batch_size", default=2, min=1, max=1024, tooltip="Samples per forward pass."),
@@ -411,10 +414,10 @@ class DistillStudentUNet(io.ComfyNode):
                              tooltip="Write a resumable checkpoint every N steps (0 = never) under "
                                      "output/distilled_unets/distill_checkpoints/<run_name>; also on Cancel."),
                 io.Latent.Input("heldout_latents", optional=True,
-                                tooltip="Held-out latents to measure progress on (else the last ~10 % of the "
-                                        "training latents are held out)."),
+                                tooltip="Held-out latents to measure progress on, one LATENT or a list (else the "
+                                        "last ~10 % of in-memory training latents are held out)."),
                 io.Conditioning.Input("heldout_conditioning", optional=True,
-                                      tooltip="Captions of the held-out latents."),
+                                      tooltip="Captions of the held-out latents (one CONDITIONING or a list)."),
                 io.Combo.Input("resume_from", options=checkpoint_choices(), default=NONE, optional=True,
                                tooltip="A checkpoint to continue from (same student, data and settings reproduce "
                                        "the uninterrupted run exactly)."),
@@ -443,23 +446,34 @@ class DistillStudentUNet(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, student, teacher, latents, conditioning, steps, batch_size, gradient_accumulation,
-                learning_rate, loss_weights, feature_points, train, seed, ema_decay, gradient_checkpointing,
-                precision, checkpoint_every, heldout_latents=None, heldout_conditioning=None, resume_from=NONE,
-                run_name="distill", vgg16=NONE, task_weight=1.0, output_weight=1.0, feature_weight=1.0,
-                mid_weight=1.0, vgg_weight=1.0) -> io.NodeOutput:
+    def execute(cls, student, teacher, steps, batch_size, gradient_accumulation, learning_rate, loss_weights,
+                feature_points, train, seed, ema_decay, gradient_checkpointing, precision, checkpoint_every,
+                latents=None, conditioning=None, data=None, heldout_latents=None, heldout_conditioning=None,
+                resume_from=NONE, run_name="distill", vgg16=NONE, task_weight=1.0, output_weight=1.0,
+                feature_weight=1.0, mid_weight=1.0, vgg_weight=1.0) -> io.NodeOutput:
+        # is_input_list: the executor hands every input as a list; latents/conditioning stay lists (one value
+        # or Make Training Dataset's many), the others must be one value each
+        given = dict(locals())
+        args = {k: _single(k, v) for k, v in given.items()
+                if k not in ("cls", "latents", "conditioning", "heldout_latents", "heldout_conditioning")}
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         with node_errors(NODE, "student"):
             model, loss_map, report = distill(
-                student, teacher, latents, conditioning, steps=steps, batch_size=batch_size,
-                gradient_accumulation=gradient_accumulation, learning_rate=learning_rate, loss_weights=loss_weights,
-                feature_points=feature_points, train=train, seed=seed, ema_decay=ema_decay,
-                gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
-                precision=precision, heldout_latents=heldout_latents, heldout_conditioning=heldout_conditioning,
-                resume_from=resume_from or NONE, run_name=run_name or "distill", vgg16=vgg16 or NONE,
-                task_weight=task_weight, output_weight=output_weight, feature_weight=feature_weight,
-                mid_weight=mid_weight, vgg_weight=vgg_weight, node_id=node_id)
+                args.pop("student"), args.pop("teacher"), latents, conditioning,
+                heldout_latents=heldout_latents, heldout_conditioning=heldout_conditioning,
+                **dict(args, resume_from=args["resume_from"] or NONE, run_name=args["run_name"] or "distill",
+                       vgg16=args["vgg16"] or NONE), node_id=node_id)
         return io.NodeOutput(model, loss_map, report, ui=ui.PreviewText(report))
+
+
+def _single(name: str, value):
+    """One input's value (a list of one from the executor, the value itself from a direct call)."""
+    if not isinstance(value, list):
+        return value
+    if len(value) != 1:
+        raise D.DistillError(f"{len(value)} values arrive at {name}", f"connect one value to {name} (only latents "
+                             "and conditioning take lists)", node=NODE, input_name=name)
+    return value[0]
 
 
 NODES = [DistillStudentUNet]

@@ -186,6 +186,26 @@ def save_metadata(patcher, title: str) -> tuple[dict, dict]:
     return meta, extra
 
 
+def _non_finite(tensors: dict) -> list[str]:
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def refuse_non_finite(sd: dict, weights: dict, dtype: str) -> None:
+    """Never a file with NaN or infinite weights: a typed error naming the first bad tensor, before anything is
+    written (``sd``: the tensors as they would be saved, ``weights``: the model's own)."""
+    bad = _non_finite(sd)
+    if not bad:
+        return
+    own = _non_finite(weights)
+    if own:
+        raise PackError(f"{len(own)} of {len(weights)} weight tensors hold NaN or infinite values (first: {own[0]}); "
+                        "nothing was written", "distil again with a lower learning_rate or bf16/fp32 precision, or "
+                        "save the model the run started from", node="SaveStudentUNet", input_name="model")
+    raise PackError(f"{len(bad)} weight tensors do not fit {dtype} (values beyond its range, first: "
+                    f"{bad[0].removeprefix('model.diffusion_model.')}); nothing was written",
+                    "save as bf16 or fp32", node="SaveStudentUNet", input_name="dtype")
+
+
 def save_unet(model, filename_prefix: str, dtype: str, title: str = "") -> str:
     """Save a MODEL's UNet under models/diffusion_models in the ldm layout of ComfyUI's ModelSave."""
     out_dir = folder_paths.get_folder_paths("diffusion_models")[0]
@@ -196,8 +216,9 @@ def save_unet(model, filename_prefix: str, dtype: str, title: str = "") -> str:
                         "use a relative name such as 'students/my-student'", node="SaveStudentUNet",
                         input_name="filename_prefix") from e
     meta, extra = save_metadata(model, title.strip() or filename)
-    sd = {f"model.diffusion_model.{k}": v.to(SAVE_DTYPES[dtype]).contiguous()
-          for k, v in unet_weights(model).items()}
+    weights = unet_weights(model)
+    sd = {f"model.diffusion_model.{k}": v.to(SAVE_DTYPES[dtype]).contiguous() for k, v in weights.items()}
+    refuse_non_finite(sd, weights, dtype)
     sd.update(extra)
     path = save_new(sd, folder, lambda n: f"{filename}_{n:05}_.safetensors", meta, start=counter)
     log.info("SaveStudentUNet: wrote %s", path)

@@ -235,6 +235,28 @@ def _fp16(sd: dict) -> dict:
     return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
 
 
+#: the demo image+caption folder of the dataset workflow (Load Image-Text (from Folder) reads input/<folder>):
+#: (width, height, caption) per image; two sizes, so Make Training Dataset gives two resolution buckets
+DEMO_IMAGES = ((64, 64, "a red square on grey"), (64, 64, "a blue circle on white"),
+               (128, 64, "a green stripe, wide"), (128, 64, "a yellow stripe, wide"))
+
+
+def write_image_text_folder(folder: str | Path) -> Path:
+    """A small folder of random-noise PNGs with one ``.txt`` caption each, as ComfyUI's Load Image-Text (from
+    Folder) reads them: demo input for the dataset workflow, written into a server's OWN input folder (never a
+    ComfyUI installation's)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    for i, (w, h, caption) in enumerate(DEMO_IMAGES):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels, "RGB").save(folder / f"demo_{i:02d}.png")
+        (folder / f"demo_{i:02d}.txt").write_text(caption, encoding="utf-8")
+    return folder
+
+
 def write_sd15(root: Path) -> None:
     student = unet(TINY_SD, seed=0)
     folder = root / "diffusion_models" / STUDENT_FOLDER

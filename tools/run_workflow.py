@@ -71,6 +71,30 @@ DEMO_SUBSTITUTES = {
 }
 
 
+#: nodes that read a folder of images (and captions) from ComfyUI's input folder: (node type, input)
+INPUT_FOLDER_NODES = (("LoadImageTextDataSetFromFolder", "folder"), ("LoadImageDataSetFromFolder", "folder"))
+
+
+def demo_input_folders(server: ComfyServer, prompt: dict) -> list[Path]:
+    """For every image-folder node whose folder the server's own input folder lacks, a small demo folder there
+    (``demo_weights.write_image_text_folder``: noise images with captions); returns the folders written."""
+    made = []
+    input_dir = (server.workdir / "input").resolve()
+    for node in prompt.values():
+        for ctype, inp in INPUT_FOLDER_NODES:
+            name = node["inputs"].get(inp) if node["class_type"] == ctype else None
+            folder = (input_dir / name).resolve() if isinstance(name, str) and name else None
+            if folder is None or folder.exists() or input_dir not in folder.parents:
+                continue
+            import demo_weights
+
+            demo_weights.write_image_text_folder(folder)
+            log.info("node %s: input folder %r is not there, using demo images (noise) written in %s", ctype, name,
+                     folder)
+            made.append(folder)
+    return made
+
+
 class WorkflowError(RuntimeError):
     """The workflow could not be run; the message says why and what to do."""
 
@@ -152,6 +176,7 @@ def prepare(server: ComfyServer, workflow: dict, demo_dir: Path | None, *, steps
     """API prompt for ``workflow`` on ``server``, with demo weights swapped in when models are missing."""
     object_info = server.object_info()
     prompt = convert(workflow, object_info)
+    demo_input_folders(server, prompt)
     missing = missing_models(prompt, object_info)
     swaps = []
     if missing or force_demo:

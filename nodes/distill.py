@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import re
 import time
@@ -175,6 +176,15 @@ def _weights(preset: str, task: float, out: float, feat: float, mid: float, vgg:
     return D.LossWeights(base.task, base.out, base.feat)
 
 
+def _plottable(values) -> list[float]:
+    """Loss values for Plot Loss Graph: a non-finite value (a skipped step) repeats the last finite one."""
+    out, last = [], 0.0
+    for v in values:
+        last = v if math.isfinite(v) else last
+        out.append(last)
+    return out
+
+
 def _run_name(name: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", (name or "").strip()).strip("._") or "distill"
     return name[:80]
@@ -316,9 +326,9 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
                                     attachments={BLOCK_MAP_KEY: bm, RECIPE_KEY: recipe})
     if "model_sampling" in student.object_patches:
         trained.add_object_patch("model_sampling", student.get_model_object("model_sampling"))
-    loss_map = {"loss": list(res.losses)}
-    for k, v in res.parts.items():
-        loss_map[f"loss_{k}"] = list(v)
+    loss_map = {"loss": _plottable(res.losses)}  # a skipped (non-finite) step keeps the last value; the report
+    for k, v in res.parts.items():                 # lists the skipped steps
+        loss_map[f"loss_{k}"] = _plottable(v)
     if res.heldout_curve:
         loss_map["heldout"] = [e for _, e in res.heldout_curve]
     seen = res.samples_seen + res.resumed_from * batch_size * gradient_accumulation

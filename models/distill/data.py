@@ -36,7 +36,7 @@ def _lcm(values) -> int:
 
 
 def check_finite(t: torch.Tensor, what: str, *, node: str | None = None, input_name: str | None = None,
-                 path: str | None = None) -> None:
+                 path: str | None = None, fix: str | None = None) -> None:
     """Refuse non-finite values (NaN, inf) in training inputs, naming the input and the first bad sample."""
     if not t.is_floating_point():
         return
@@ -45,8 +45,8 @@ def check_finite(t: torch.Tensor, what: str, *, node: str | None = None, input_n
         first = int(bad.nonzero()[0, 0])
         raise DistillError(f"{what} hold NaN or infinite values ({int(bad.sum())} of {bad.numel()} samples, the "
                            f"first is sample {first})",
-                           "remake them (an fp16 VAE can overflow: encode in fp32 or bf16) or leave those samples "
-                           "out", node=node, input_name=input_name, path=path)
+                           fix or "remake them (an fp16 VAE can overflow: encode in fp32 or bf16) or leave those "
+                           "samples out", node=node, input_name=input_name, path=path)
 
 
 class KDData:
@@ -100,10 +100,11 @@ class KDData:
         for i, x in enumerate(lat if isinstance(lat, list) else [lat]):
             check_finite(x[None] if x.ndim == 3 else x, "the latents" if isinstance(lat, torch.Tensor)
                          else f"the latents (sample {i})", node=node, input_name=inputs[0])
+        fix = "re-encode those captions (CLIP Text Encode) or leave those samples out"
         for c in ctx:
-            check_finite(c[None], "the conditioning", node=node, input_name=inputs[1])
+            check_finite(c[None], "the conditioning", node=node, input_name=inputs[1], fix=fix)
         if y is not None:
-            check_finite(y, "the pooled/size conditioning", node=node, input_name=inputs[1])
+            check_finite(y, "the pooled/size conditioning", node=node, input_name=inputs[1], fix=fix)
 
     def __len__(self) -> int:
         return len(self._shapes)

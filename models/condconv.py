@@ -113,6 +113,7 @@ INIT_GATE = 0.5  # sigmoid(0): every gate of an untrained (``from_conv``) module
 PARAM_NAMES = ("weight", "bias", "routing_weight", "routing_bias")
 BATCH_MODES = ("auto", "per_sample", "grouped", "expert_sum")
 _HALF = (torch.float16, torch.bfloat16)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)  # torch < 2.3: never
 
 
 def mix_dtype(input_dtype: torch.dtype, param_dtype: torch.dtype) -> torch.dtype:
@@ -127,7 +128,11 @@ def mix_dtype(input_dtype: torch.dtype, param_dtype: torch.dtype) -> torch.dtype
 
 def auto_batch_mode(device_type: str, batch: int, num_experts: int) -> str:
     """The ``batch_mode`` ``"auto"`` picks for a batch whose rows are routed differently (module docstring,
-    "Speed")."""
+    "Speed"): on the CPU one grouped convolution (oneDNN runs it as fast as one plain convolution per sample:
+    docs/benchmarks.md, full-width tiny-sd, batch 2-8; one call instead of ``B``); elsewhere one plain
+    convolution per sample (the plain conv's FLOPs and kernels; cuDNN's grouped convolutions with hundreds of
+    channels per group ran about 1.7x slower on an H100, ``expert_sum`` costs ``num_experts`` times the FLOPs).
+    ``bench/bench_condconv.py`` times all three on its device."""
     return "grouped" if device_type == "cpu" else "per_sample"
 
 
@@ -354,7 +359,7 @@ class CondConv2d(nn.Module):
         # every row routed alike: checked only where that is free (the CPU: no device sync) and without autograd
         # (a shared kernel would hand every row's gate gradient to row 0)
         if (x.device.type == "cpu" and not (r.requires_grad and torch.is_grad_enabled())
-                and not torch.compiler.is_compiling() and bool((r == r[:1]).all())):
+                and not _compiling() and bool((r == r[:1]).all())):
             return "one"
         mode = self.batch_mode
         if mode == "auto":
@@ -368,23 +373,36 @@ class CondConv2d(nn.Module):
         """The convolution with the given (already cast) parameters."""
         if x.ndim != 4:
             raise ValueError(f"CondConv2d expects [B, C, H, W] input, got shape {tuple(x.shape)}")
-        r = self.gates(x, routing_weight, routing_bias)  # [B, K] in the mixing dtype
-        path = "one" if x.shape[0] == 1 else self.batch_path(x, r)
-        K, out, cdt = self.num_experts, self.out_channels, x.dtype
+        cdt = x.dtype
+        md = mix_dtype(cdt, routing_weight.dtype)
+        if self.routing_override is None:  # gates() inlined: this is the hot path of a launch-bound step
+            if routing_weight.dtype != md:
+                routing_weight, routing_bias = routing_weight.to(md), routing_bias.to(md)
+            r = torch.sigmoid(F.linear(x.mean(dim=(2, 3), dtype=md), routing_weight, routing_bias))
+        else:
+            r = self._override(x.device, md).expand(x.shape[0], self.num_experts)
+        B = x.shape[0]
+        path = "one" if B == 1 else self.batch_path(x, r)
+        K, out = self.num_experts, self.out_channels
         shape = (out, self.in_channels // self.groups, *self.kernel_size)
+        if weight.dtype != md:
+            weight, bias = weight.to(md), None if bias is None else bias.to(md)
         if path == "one":  # one kernel for the batch: the plain convolution, as the replaced conv ran it
-            kernel = torch.mm(r[:1], weight.reshape(K, -1).to(r.dtype)).to(cdt).view(shape)
-            kbias = None if bias is None else torch.mm(r[:1], bias.to(r.dtype)).to(cdt).view(out)
+            r1 = r if B == 1 else r[:1]
+            kernel = torch.mm(r1, weight.reshape(K, -1)).view(shape)
+            kbias = None if bias is None else torch.mm(r1, bias).view(out)
+            if md != cdt:
+                kernel, kbias = kernel.to(cdt), None if kbias is None else kbias.to(cdt)
             return F.conv2d(x, kernel, kbias, self.stride, self.padding, self.dilation, self.groups)
-        B, C, H, W = x.shape
+        C, H, W = x.shape[1:]
         if path == "expert_sum":  # linear in the kernel: sum_k r_k conv(x, W_k) = conv(x, sum_k r_k W_k)
             y = F.conv2d(x, weight.reshape(K * out, *shape[1:]).to(cdt),
                          None if bias is None else bias.reshape(K * out).to(cdt), self.stride, self.padding,
                          self.dilation, 1)
             h, w = y.shape[-2:]
             return torch.bmm(r.to(cdt).view(B, 1, K), y.view(B, K, out * h * w)).view(B, out, h, w)
-        kernels = torch.mm(r, weight.reshape(K, -1).to(r.dtype)).to(cdt)  # [B, out * in/g * kh * kw]
-        kbias = None if bias is None else torch.mm(r, bias.to(r.dtype)).to(cdt)
+        kernels = torch.mm(r, weight.reshape(K, -1)).to(cdt)  # [B, out * in/g * kh * kw]
+        kbias = None if bias is None else torch.mm(r, bias).to(cdt)
         if path == "per_sample":
             kernels = kernels.view(B, *shape)
             return torch.cat([F.conv2d(x[i:i + 1], kernels[i], None if kbias is None else kbias[i], self.stride,

@@ -148,7 +148,6 @@ def conv_geometry(conv: nn.Module) -> dict:
     return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
 
 
-
 def _compensate(target: torch.Tensor, others: list[torch.Tensor], dtype: torch.dtype
                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[tuple[float, float]]]:
     """Expert 1 of the half-gate init, ``target - sum(others)``, from float64 tensors holding values of

@@ -70,6 +70,8 @@ class ComfyCondConv2d(CondConv2d, comfy.ops.CastWeightBiasOp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _RUN_EVERY_OP is not None:
             _RUN_EVERY_OP()  # as ComfyUI's ops do on versions that have it (interrupt checks)
+        if not self._comfy_casts():  # the stored parameters as they are: no context manager on the hot path
+            return self.conv_forward(x, self.weight, self.bias, self.routing_weight, self.routing_bias)
         return super().forward(x)
 
     @classmethod
@@ -83,6 +85,8 @@ class ComfyCondConv2d(CondConv2d, comfy.ops.CastWeightBiasOp):
             for name, p in m.named_parameters(recurse=False):
                 getattr(new, name).copy_(p)
         new.routing_override = m.routing_override
+        if "batch_mode" in vars(m):
+            new.batch_mode = m.batch_mode
         new.expert_sources = tuple(m.expert_sources)
         new.comfy_cast_weights = comfy_cast_weights
         return new

@@ -1,5 +1,5 @@
-"""CLME-CondConv students end to end in a real ComfyUI: built from a teacher, identical before training, distilled,
-saved and loaded back, refused by ComfyUI's own loader, and reported as not LoRA-mappable."""
+"""CLME-CondConv students end to end in a real ComfyUI: built from a teacher, identical before training (in fp32, fp16
+and bf16), distilled, saved and loaded back, refused by ComfyUI's own loader, and reported as not LoRA-mappable."""
 
 from __future__ import annotations
 
@@ -55,6 +55,34 @@ def test_built_student_is_identical_until_trained_and_inherits_the_merged_layers
     assert "teacher input_blocks.2.0.in_layers.2" in info
     recipe = cc.get_attachment("distilled_unets.recipe")
     assert recipe["condconv"]["experts"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_student_is_identical_at_init(tm, dtype):
+    """A teacher in fp16/bf16 (ComfyUI's GPU default) gives a CondConv student whose experts sum to the plain
+    student's kernels exactly: run in that dtype (CPU half-precision kernels), it computes what the plain student
+    computes, within 1e-3 of the output's largest value (in fact bit for bit on the CPU), at batch 1 and 3."""
+    from distilled_unets.nodes.students import build_student
+
+    with torch.inference_mode():
+        teacher = tm.build("sd15", S.SD1, model_channels=32, seed=31)
+        teacher.model.diffusion_model.to(dtype)
+        plain, _ = build_student(teacher, "bk-small")
+        cc, info = build_student(teacher, "bk-small", condconv_experts=2)
+        assert f"for an exact identity in {str(dtype)[6:]}" in info
+        outs = []
+        for student in (plain, cc):
+            unet = student.model.diffusion_model
+            unet.to(dtype)
+            unet.dtype = dtype  # ComfyUI's UNetModel casts its input to this
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(3, 4, 16, 16, generator=g).to(dtype)
+            ctx = torch.randn(3, 8, 768, generator=g).to(dtype)
+            t = torch.tensor([900.0, 500.0, 20.0])
+            outs.append([unet(x[:n], timesteps=t[:n], context=ctx[:n]).float() for n in (1, 3)])
+    for a, b in zip(*outs):
+        assert torch.isfinite(a).all() and a.abs().max() > 0
+        assert (a - b).abs().max() <= 1e-3 * a.abs().max()
 
 
 def test_save_load_bit_exact_and_comfyui_refuses_the_file(built, models_dir):

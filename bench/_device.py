@@ -208,6 +208,14 @@ class Phases:
             self.measure_s += now - self._t
         self._phase, self._t = to, now
 
+    def count_as_setup(self, seconds: float) -> None:
+        """Move ``seconds`` of the stretch now running into setup (e.g. a worker process's imports and build
+        inside a measuring loop)."""
+        if self._phase == "setup":
+            return
+        self.setup_s += seconds
+        self.measure_s -= seconds
+
     def measuring(self) -> None:
         self._switch("measure")
 
@@ -246,3 +254,25 @@ def steady_rounds(fns: dict, rounds: int, max_rounds: int, goal: float = SPREAD_
         for k, fn in fns.items():
             times[k].append(fn())
     return times
+
+
+# bf16 dense tensor-core peaks (TFLOP/s) of the cards a model FLOP utilisation is printed for; matched on
+# torch.cuda.get_device_name, first match wins (an unknown card: no MFU)
+PEAK_TFLOPS_BF16 = (
+    (("h100", "pcie"), 756.0),
+    (("h100", "nvl"), None),  # other clocks and power: not in this table
+    (("h100",), 989.0),       # SXM (the name says "HBM3")
+    (("h200",), 989.0),
+    (("a100",), 312.0),
+)
+
+
+def peak_tflops(device) -> float | None:
+    """The card's bf16 dense peak in TFLOP/s from :data:`PEAK_TFLOPS_BF16`, or None (a CPU, an unknown card)."""
+    if not is_cuda(device):
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for words, peak in PEAK_TFLOPS_BF16:
+        if all(w in name for w in words):
+            return peak
+    return None

@@ -123,7 +123,7 @@ class Models:
         teacher = _comfy_unet(self.tt, sd_t, self.t_dtype, dev)
         self.pack_teacher = teacher.diffusion_model
         self.pack_student = _comfy_unet(self.st, sd_s, torch.float32, dev).diffusion_model
-        self.schedule = D.NoiseSchedule(teacher.model_sampling, prediction="eps")
+        self.schedule = D.NoiseSchedule(teacher.model_sampling.to(dev), prediction="eps")  # on the device, as loaded
         del sd_t, sd_s
         self.labels = [p.label for p in D.feature_plan(self.tt, self.st).points]
         # the data: host tensors, as the node's encoded latents and conditioning are
@@ -164,7 +164,9 @@ def run_variant(a, m: Models, impl: str, ckpt: bool, batch: int) -> dict:
         d = D.Distiller(teacher=m.pack_teacher, student=m.pack_student, teacher_topology=m.tt,
                         student_topology=m.st, schedule=m.schedule, data=m.data, config=cfg, device=dev,
                         teacher_dtype=m.t_dtype)
+        t_est = time.perf_counter()
         out["estimate"] = d.estimate_memory(teacher_resident=True).total
+        out["estimate_s"] = time.perf_counter() - t_est
         stamps = []
 
         def progress(step, total, loss):
@@ -257,6 +259,7 @@ def run_variant(a, m: Models, impl: str, ckpt: bool, batch: int) -> dict:
             student.zero_grad(set_to_none=True)
             opt = ema = None
     out["times"] = times[a.warmup:]
+    out["first"] = times[0]  # the first step: the run's own setup (trainable copy, optimizer) and first calls
     out["losses"] = losses
     gc.collect()
     if cuda:
@@ -305,8 +308,8 @@ def _table(a, preset, m: Models, results: dict, variants, device_name, peak_tf):
     print("peak = memory the step needs above the resident teacher and inputs "
           + ("(torch.cuda.max_memory_allocated)" if m.cuda else
              "(RSS, each variant in a fresh process)" if not a.in_process else "(RSS, indicative: one process)"))
-    print(f"{'batch':>5} {'ckpt':>4} {'impl':>10} {'ms/step':>8} {'best':>8} {'spread':>6} {'rounds':>6} "
-          f"{'samples/s':>9} {'MFU':>6} {'peak MiB':>9} {'time vs diff.':>13} {'memory vs diff.':>15} "
+    print(f"{'batch':>5} {'ckpt':>4} {'impl':>10} {'1st step':>8} {'ms/step':>8} {'best':>8} {'spread':>6} "
+          f"{'rounds':>6} {'samples/s':>9} {'MFU':>6} {'peak MiB':>9} {'time vs diff.':>13} {'memory vs diff.':>15} "
           f"{'estimate/peak':>13} {'loss diff':>9}")
     batches = sorted({v[2] for v in variants})
     for b in batches:
@@ -326,10 +329,17 @@ def _table(a, preset, m: Models, results: dict, variants, device_name, peak_tf):
                     la, lb = rs[0]["losses"], ref[0]["losses"]
                     diff = f"{max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la, lb)):.1e}"
                 est = f"{rs[0]['estimate'] / mem:.3f}" if "estimate" in rs[0] and mem > 0 else ""
-                print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {_device.ms3(med):>8} {_device.ms3(best):>8} "
-                      f"{_device.spread(times):>6.1%} {len(rs):>6} {sps:>9.3g} {mfu:>6} {mem / 2 ** 20:>9.0f} "
+                first = _device.ms3(min(r["first"] for r in rs))
+                print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {first:>8} {_device.ms3(med):>8} "
+                      f"{_device.ms3(best):>8} {_device.spread(times):>6.1%} {len(rs):>6} {sps:>9.3g} {mfu:>6} "
+                      f"{mem / 2 ** 20:>9.0f} "
                       f"{(f'{med / ref_t:.3f}' if ref_t else ''):>13} {(f'{mem / ref_m:.3f}' if ref_m else ''):>15} "
                       f"{est:>13} {diff:>9}")
+    ests = [r["estimate_s"] for v in variants for r in results[v] if "estimate_s" in r]
+    if ests:
+        print(f"before its first step each pack run spends {statistics.median(ests):.2f} s in the engine's memory "
+              "estimate (a pass on the meta device); '1st step' (ms, best of the rounds) holds the run's own setup: "
+              "the trainable copy, the optimizer, the first kernels")
     print(GOALS)
 
 
@@ -395,7 +405,12 @@ def main(argv=None):
         variants = [(i, c, b) for b in batches for c in ckpts for i in impls]
         results: dict = {v: [] for v in variants}
         shared = cuda or a.in_process
+        t_build = time.perf_counter()
         m = Models(a, preset, dev, max(batches)) if shared else None
+        if shared:
+            _device.sync(dev)
+            print(f"{preset}: teacher and student built on {dev} (both sides) in {time.perf_counter() - t_build:.1f} s",
+                  flush=True)
 
         def one(v, models=m):
             if shared:

@@ -91,6 +91,20 @@ def test_peak_tflops_by_card_name(dev, monkeypatch, name, peak):
     assert dev.peak_tflops("cpu") is None
 
 
+class _Exited:
+    """A bench process that has exited with status 0."""
+
+    def wait(self, timeout=None):
+        return 0
+
+
+class _Pumped:
+    """Its output thread, done."""
+
+    def join(self, timeout=None):
+        pass
+
+
 def _fake_comfyui(root: Path, files: dict) -> Path:
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -137,15 +151,7 @@ def test_summary_reads_phases_peak_and_workflows(run_all):
     res.output = [f"{run_all.WORKFLOW_PREFIX} a.json 3.2 s ok (1 image(s))", dev.phase_line(10.0, 4.5),
                   f"{dev.PEAK_PREFIX} 123 MiB (max RSS of the process, cpu)"]
 
-    class Done:
-        def wait(self, timeout=None):
-            return 0
-
-    class Joined:
-        def join(self, timeout=None):
-            pass
-
-    run_all._finish(Done(), res, Joined(), 0.0, None)
+    run_all._finish(_Exited(), res, _Pumped(), 0.0, None)
     assert (res.status, res.phases, res.peak) == ("ok", (10.0, 4.5), "123 MiB")
     text = run_all.summary([res], "cpu (fp32)", 20.0)
     assert "10.0" in text and "4.5" in text and "a.json 3.2 s ok" in text
@@ -157,3 +163,13 @@ def test_every_bench_has_a_gpu_limit_and_they_fit_the_budget(run_all):
     assert {b.name for b in run_all.BENCHES} >= {"multi_unet", "gri", "dynamic_vram", "builder", "distill",
                                                   "condconv", "loader", "lora_coverage", "workflows"}
     assert all("quick" in b.args for b in run_all.BENCHES)
+
+
+def test_a_gpu_only_check_that_skips_is_reported_skipped(run_all):
+    b = next(x for x in run_all.BENCHES if x.name == "dynamic_vram")
+    skipped, table = run_all.Result(b, "cmd"), run_all.Result(b, "cmd")
+    skipped.output = ["dynamic VRAM check: skipped (no CUDA device here)"]
+    table.output = ["sdxl: skipped rows are not a skipped check"]
+    for r in (skipped, table):
+        run_all._finish(_Exited(), r, _Pumped(), 0.0, None)
+    assert (skipped.status, table.status) == ("skipped", "ok")

@@ -19,7 +19,10 @@ phase line with :func:`parse_phase_line` into its summary table's ``setup s`` / 
 
 Timing helpers for the tables: :func:`ms3` (a time in milliseconds to three significant figures, the
 GPU tables' unit), :func:`spread` ((median - best) / best) and :func:`steady_rounds` (keep adding
-interleaved rounds, up to a bound, until every row's spread is at most 5 %).
+interleaved rounds, up to a bound, until every row's spread is at most 5 %). Full-size random UNets built
+and drawn on the device they run on (never on the CPU of a GPU run): ``_pack.random_unet`` (ComfyUI's own
+model of a Topology), ``_pack.random_state_dict`` and ``_pack.randomize``. :func:`peak_tflops`: the card's
+bf16 dense peak, for a model FLOP utilisation.
 """
 
 from __future__ import annotations

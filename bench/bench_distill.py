@@ -314,11 +314,14 @@ def _table(a, preset, m: Models, results: dict, variants, device_name, peak_tf):
     batches = sorted({v[2] for v in variants})
     for b in batches:
         for c in sorted({v[1] for v in variants}):
-            ref = results.get(("diffusers", c, b))
+            ref = [r for r in results.get(("diffusers", c, b), []) if "error" not in r]
             ref_t = statistics.median([x for r in ref for x in r["times"]]) if ref else None
             ref_m = max(r["peak"] for r in ref) if ref else None
             for i in [v[0] for v in variants if v[1] == c and v[2] == b]:
-                rs = results[(i, c, b)]
+                rs = [r for r in results[(i, c, b)] if "error" not in r]
+                if not rs:
+                    print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {results[(i, c, b)][0]['error']}")
+                    continue
                 times = [x for r in rs for x in r["times"]]
                 med, best = statistics.median(times), min(times)
                 mem = max(r["peak"] for r in rs)
@@ -414,7 +417,12 @@ def main(argv=None):
 
         def one(v, models=m):
             if shared:
-                return run_variant(a, models, *v)
+                try:
+                    return run_variant(a, models, *v)
+                except torch.OutOfMemoryError as e:  # one variant out of memory must not hide the others
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    return {"error": f"out of memory ({str(e).splitlines()[0][:80]})"}
             r = _run_worker(a, preset, *v)
             ph.count_as_setup(r["wall"] - sum(r["times"]))  # the worker's imports, build and warm-up
             return r
@@ -424,9 +432,12 @@ def main(argv=None):
             for v in variants:
                 results[v].append(one(v))
         # a (batch, checkpointing) group with a variant above the spread goal gets another round, up to max_reps
+        def unsteady(v) -> bool:
+            times = [x for r in results[v] for x in r.get("times", [])]
+            return bool(times) and _device.spread(times) > _device.SPREAD_GOAL
+
         for _ in range(a.max_reps - a.reps):
-            groups = {(c, b) for (i, c, b) in variants
-                      if _device.spread([x for r in results[(i, c, b)] for x in r["times"]]) > _device.SPREAD_GOAL}
+            groups = {(c, b) for (i, c, b) in variants if unsteady((i, c, b))}
             if not groups:
                 break
             for v in variants:

@@ -173,3 +173,34 @@ def test_a_gpu_only_check_that_skips_is_reported_skipped(run_all):
     for r in (skipped, table):
         run_all._finish(_Exited(), r, _Pumped(), 0.0, None)
     assert (skipped.status, table.status) == ("skipped", "ok")
+
+
+@pytest.mark.parametrize("device, cpu_flag, extra", [("cuda", False, []), ("cuda:1", False, ["--cuda-device", "1"]),
+                                                     ("cpu", True, [])])
+def test_workflow_server_runs_on_the_bench_device(run_all, tmp_path, monkeypatch, device, cpu_flag, extra):
+    import comfy_server
+
+    started = []
+
+    class Started(Exception):
+        pass
+
+    def record(cmd, *args, **kwargs):
+        started.append(list(cmd))
+        raise Started
+
+    monkeypatch.setattr(comfy_server.subprocess, "Popen", record)
+    comfy = _fake_comfyui(tmp_path / "ComfyUI", {"comfy/model_patcher.py": ""})
+    server = run_all._server(comfy, [], device)
+    try:
+        with pytest.raises(Started):
+            server.start()
+    finally:
+        server.cleanup()
+    cmd = started[0]
+    assert ("--cpu" in cmd) == cpu_flag
+    if extra:
+        assert cmd[-len(extra):] == extra
+    else:
+        assert "--cuda-device" not in cmd
+    assert comfy_server.subprocess.Popen is record  # the GPU server's own patch is gone after its start

@@ -388,9 +388,8 @@ def main(argv=None):
         preset, impl, ckpt, batch = a.worker.split(",")
         a.size = a.size or (16 if PRESETS[preset][0] == "sdxl" else 32)
         m = Models(a, preset, dev, int(batch))
-        setup_s = time.perf_counter() - ph._t
         r = run_variant(a, m, impl, bool(int(ckpt)), int(batch))
-        r.update(setup_s=setup_s, labels=m.labels)
+        r.update(labels=m.labels)
         print("RESULT " + json.dumps(r))
         return 0
     presets = (a.preset or ("bk-small,vega" if cuda else "bk-small")).split(",")
@@ -427,15 +426,15 @@ def main(argv=None):
             ph.count_as_setup(r["wall"] - sum(r["times"]))  # the worker's imports, build and warm-up
             return r
 
+        def unsteady(v) -> bool:
+            times = [x for r in results[v] for x in r.get("times", [])]
+            return bool(times) and _device.spread(times) > _device.SPREAD_GOAL
+
         ph.measuring()
         for _ in range(a.reps):
             for v in variants:
                 results[v].append(one(v))
         # a (batch, checkpointing) group with a variant above the spread goal gets another round, up to max_reps
-        def unsteady(v) -> bool:
-            times = [x for r in results[v] for x in r.get("times", [])]
-            return bool(times) and _device.spread(times) > _device.SPREAD_GOAL
-
         for _ in range(a.max_reps - a.reps):
             groups = {(c, b) for (i, c, b) in variants if unsteady((i, c, b))}
             if not groups:

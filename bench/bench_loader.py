@@ -2,7 +2,7 @@
 """Per-step UNet time of loaded students: our build vs ComfyUI's own build vs the teacher.
 
 For each model, random weights in the real (full-size) structure are drawn on the device (a GPU draws
-them itself) and kept in RAM as a diffusers-layout state dict, as a file read from disk would be; they are
+them itself) and kept in RAM in fp16 as a diffusers-layout state dict, as a file read from disk would be; they are
 loaded through the pack's loader path (detection -> ComfyUI's UNetModel), and, where ComfyUI 0.3.64 can
 detect the structure itself, through ``comfy.sd.load_diffusion_model_state_dict`` on the ldm layout: each
 model built once. One UNet evaluation (batch 2: cond + uncond) is timed for each, after warm-up,
@@ -130,7 +130,8 @@ def main():
             e = entries[mid] = registry.by_id(mid)
             cfg = diffusers_config(e.structure)
             shapes = {k: v.shape for k, v in diffusers_model(cfg, device="meta").state_dict().items()}
-            sd = random_state_dict(shapes, dtype, dev, seed=i, to="cpu")
+            # the "file": fp16 as most downloads are (half the RAM of fp32), cast by each build to --dtype
+            sd = random_state_dict(shapes, torch.float16, dev, seed=i, to="cpu")
             det = detect({k: tuple(v.shape) for k, v in sd.items()})
             ours = build_model(det.topology, {det.key_map[k]: v for k, v in sd.items()}, weight_dtype=args.dtype)
             theirs = None

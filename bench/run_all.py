@@ -74,7 +74,9 @@ class Bench:
 # 30 ms (0.60 s per 20 CFG steps); building a UNet on the device costs its module construction (0.1-0.3 s
 # on the CPU on `meta`, the same work) and milliseconds of drawing. Per bench:
 # * multi_unet 50: 38 s alone on the H100 (its owner moves the drawing to the device: less).
-# * gri 70, condconv 40: ran within these on the H100.
+# * gri 70: ran within it on the H100.
+# * condconv 45: ran within 40 s on the H100 at batch 1/2 in fp16; now fp16 and bf16 at batch 1/2/4/8 (its
+#   defaults on CUDA), rounds 3-12 of a ~5-40 ms step pair and the conv passes: ~+5 s.
 # * dynamic_vram 40: 9 s + 2 s drawing two UNets on the GPU and moving them to RAM (a file's worth) +
 #   3 cases x (~3 s loading, 2 warm-up steps, 2-4 rounds x 20 steps x ~30 ms) ~= 30 s.
 # * builder 40: 9 s + 17 UNets built on the device (~5 s) + 14 presets x (3-9 rounds x 2 calls at
@@ -86,13 +88,14 @@ class Bench:
 # * loader 55: 9 s + 13 models x (draw on the device, 11 G parameters in all moved to RAM as a file's
 #   worth ~3 s, both builds ~10 s, loads ~4 s) + 13 x 2 builds x (2 warm-up + 3-9 rounds) x 30-80 ms
 #   <= 14 s ~= 40 s.
-# * workflows 75: the server's start ~15 s (demo weights written beside the GPU benches, on the CPU,
+# * workflows 85: the server's start ~15 s (demo weights written beside the GPU benches, on the CPU,
 #   from the run's start), 7 workflows at 4 steps and 128 px; on 2 loaded CPU cores they took 48 s
 #   (build_student_sd15: loads the 1.9 GB teacher checkpoint, copies and hashes its weights on the CPU
 #   whatever the device), 19 s (multi_unet_sdxl: 1.9 GB checkpoint with a full CLIP-G), 1-4 s each
 #   for the rest; on the GPU host's faster CPU with the sampling on the GPU ~= 40 s; distill_student_sd15
-#   (the same build + 4 steps) ~= 10 s; ~= 58 s.
-# Sum 455 s of the 480 s budget; lora_coverage runs on the CPU beside them.
+#   (the same build + 4 steps) ~= 10 s; ~= 58 s; an eighth, distill_from_dataset_sd15 (4 images encoded,
+#   a dataset saved and loaded, 4 steps), ~= 10 s more.
+# Sum 470 s of the 480 s budget; lora_coverage runs on the CPU beside them.
 BENCHES = [
     Bench("multi_unet", "Multi-UNet sampling (A-SDM): tiny-sd early, SD1.5 late", "bench_multi_unet.py", {
         "cuda": ["--channels", "320", "--size", "64", "--steps", "20", "--reps", "5"],
@@ -125,10 +128,10 @@ BENCHES = [
     }, gpu_limit_s=85),
     Bench("condconv", "CondConv (A-SDM CLME): per-step cost of a tiny-sd student, with and without",
           "bench_condconv.py", {
-        "cuda": ["--device", "cuda", "--batches", "1,2", "--reps", "10", "--conv-reps", "20"],
-        "cpu": ["--reps", "3", "--conv-reps", "5", "--threads", "2"],
-        "quick": ["--channels", "32", "--size", "16", "--reps", "1", "--conv-reps", "1"],
-    }, gpu_limit_s=40),
+        "cuda": ["--device", "cuda", "--batches", "1,2,4,8"],
+        "cpu": ["--size", "32", "--reps", "3", "--conv-reps", "1", "--threads", "1"],
+        "quick": ["--channels", "32", "--size", "16", "--batches", "1,2", "--reps", "1", "--conv-reps", "1"],
+    }, gpu_limit_s=45),
     Bench("loader", "Loading: our build vs ComfyUI's own build vs the teacher", "bench_loader.py", {
         "cuda": ["--families", "sd1,sd2,sdxl", "--px", "512", "--sdxl-px", "1024", "--rounds", "3"],
         "cpu": ["--families", "sd1,sd2", "--px", "256", "--rounds", "5", "--threads", "1"],
@@ -144,7 +147,7 @@ BENCHES = [
         "cuda": ["--check", "workflows"],
         "cpu": ["--check", "workflows"],
         "quick": ["--check", "workflows", "--quick"],
-    }, gpu_limit_s=75),
+    }, gpu_limit_s=85),
 ]
 
 

@@ -5,13 +5,34 @@ Whatever device is there: CUDA with fp16 when a GPU is visible, the CPU in fp32 
 override. ``setup()`` exports ``BENCH_DEVICE`` so that ``_pack.setup_comfy()`` (called after it) puts
 ComfyUI on the same device. Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's
 resident set on the CPU (polled, since torch's CPU allocator has no counter).
+
+The lines run_all.py reads back (every bench prints both, the phase line once at the end, before the
+peak line)::
+
+    bench phases: setup 12.3 s, measure 45.6 s        <- phase_line(setup_s, measure_s)
+    bench peak memory: 5123 MiB (...)                 <- peak_line(device)
+
+``setup`` is everything before the clock (imports, building and seeding models on their device,
+writing files, warm-up runs); ``measure`` the timed rounds and what sits between them. A bench that
+alternates (one model after another) adds both up, e.g. with :class:`Phases`. run_all.py parses the
+phase line with :func:`parse_phase_line` into its summary table's ``setup s`` / ``measure s`` columns.
+
+Timing helpers for the tables: :func:`ms3` (a time in milliseconds to three significant figures, the
+GPU tables' unit), :func:`spread` ((median - best) / best) and :func:`steady_rounds` (keep adding
+interleaved rounds, up to a bound, until every row's spread is at most 5 %). Full-size random UNets built
+and drawn on the device they run on (never on the CPU of a GPU run): ``_pack.random_unet`` (ComfyUI's own
+model of a Topology), ``_pack.random_state_dict`` and ``_pack.randomize``. :func:`peak_tflops`: the card's
+bf16 dense peak, for a model FLOP utilisation.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import re
 import resource
+import statistics
 import threading
 import time
 
@@ -20,6 +41,9 @@ import torch
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the line every bench ends with; run_all.py reads it back for its summary
 PEAK_PREFIX = "bench peak memory:"
+# the line every bench prints before it: seconds spent setting up and measuring (run_all.py reads it back)
+PHASE_PREFIX = "bench phases:"
+SPREAD_GOAL = 0.05  # a row whose spread is above this gets more rounds (steady_rounds)
 
 
 def pick_device() -> str:
@@ -130,3 +154,128 @@ def process_peak_mib(device) -> float:
 def peak_line(device) -> str:
     what = "torch.cuda.max_memory_allocated" if is_cuda(device) else "max RSS of the process"
     return f"{PEAK_PREFIX} {process_peak_mib(device):.0f} MiB ({what}, {torch.device(device)})"
+
+
+# ------------------------------------------------------------------------------------------------
+# phases and timing
+
+
+def phase_line(setup_s: float, measure_s: float) -> str:
+    """``bench phases: setup 12.3 s, measure 45.6 s``: print it once, at the end, before ``peak_line``."""
+    return f"{PHASE_PREFIX} setup {setup_s:.1f} s, measure {measure_s:.1f} s"
+
+
+_PHASES = re.compile(re.escape(PHASE_PREFIX) + r" setup ([0-9.]+) s, measure ([0-9.]+) s")
+
+
+def parse_phase_line(line: str) -> tuple[float, float] | None:
+    """(setup s, measure s) of a :func:`phase_line`, or None for any other line."""
+    m = _PHASES.match(line.strip())
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def process_start() -> float:
+    """``time.perf_counter()`` of the moment this process started (so the interpreter's and torch's imports
+    count as setup); now, where psutil cannot tell."""
+    now, wall = time.perf_counter(), time.time()
+    try:
+        import psutil
+
+        return now - max(0.0, wall - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - no psutil: the clock starts at the first Phases()
+        return now
+
+
+class Phases:
+    """Seconds spent setting up and measuring, summed over as many stretches as a bench has::
+
+        ph = Phases()            # setup counts from the process's start (imports included)
+        ... build ...
+        ph.measuring()           # setup stops, measure starts
+        ... timed rounds ...
+        ph.setting_up()          # back to setup (the next model), and so on
+        print(ph.line())         # stops the clock: phase_line(setup, measure)
+    """
+
+    def __init__(self, start: float | None = None):
+        self.setup_s = 0.0
+        self.measure_s = 0.0
+        self._phase = "setup"
+        self._t = process_start() if start is None else start
+
+    def _switch(self, to: str) -> None:
+        now = time.perf_counter()
+        if self._phase == "setup":
+            self.setup_s += now - self._t
+        else:
+            self.measure_s += now - self._t
+        self._phase, self._t = to, now
+
+    def count_as_setup(self, seconds: float) -> None:
+        """Move ``seconds`` of the stretch now running into setup (e.g. a worker process's imports and build
+        inside a measuring loop)."""
+        if self._phase == "setup":
+            return
+        self.setup_s += seconds
+        self.measure_s -= seconds
+
+    def measuring(self) -> None:
+        self._switch("measure")
+
+    def setting_up(self) -> None:
+        self._switch("setup")
+
+    def line(self) -> str:
+        self._switch(self._phase)
+        return phase_line(self.setup_s, self.measure_s)
+
+
+def ms3(seconds: float) -> str:
+    """A time in milliseconds with three significant figures (0.0123 s -> ``12.3``, 1.234 s -> ``1230``)."""
+    ms = seconds * 1e3
+    if not math.isfinite(ms) or ms == 0:
+        return f"{ms:g}"
+    decimals = 2 - math.floor(math.log10(abs(ms)))
+    return f"{ms:.{decimals}f}" if decimals >= 0 else f"{round(ms, decimals):.0f}"
+
+
+def spread(times) -> float:
+    """(median - best) / best of a row's times: 0 when every round took the same time."""
+    best = min(times)
+    return (statistics.median(times) - best) / best if best > 0 else 0.0
+
+
+def steady_rounds(fns: dict, rounds: int, max_rounds: int, goal: float = SPREAD_GOAL) -> dict:
+    """Interleaved timing rounds: ``fns`` maps a row's name to a callable returning its own seconds
+    (it syncs the device itself). Runs ``rounds`` rounds (each calls every row once, in order), then
+    one more round at a time while any row's :func:`spread` is above ``goal``, up to ``max_rounds`` in
+    all. Returns ``{name: [seconds per round]}``; a row still above ``goal`` shows its spread in the table."""
+    times: dict = {k: [] for k in fns}
+    for i in range(max(rounds, max_rounds)):
+        if i >= rounds and all(spread(v) <= goal for v in times.values()):
+            break
+        for k, fn in fns.items():
+            times[k].append(fn())
+    return times
+
+
+# bf16 dense tensor-core peaks (TFLOP/s) of the cards a model FLOP utilisation is printed for; matched on
+# torch.cuda.get_device_name, first match wins (an unknown card: no MFU)
+PEAK_TFLOPS_BF16 = (
+    (("h100", "pcie"), 756.0),
+    (("h100", "nvl"), None),  # other clocks and power: not in this table
+    (("h100",), 989.0),       # SXM (the name says "HBM3")
+    (("h200",), 989.0),
+    (("a100",), 312.0),
+)
+
+
+def peak_tflops(device) -> float | None:
+    """The card's bf16 dense peak in TFLOP/s from :data:`PEAK_TFLOPS_BF16`, or None (a CPU, an unknown card)."""
+    if not is_cuda(device):
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for words, peak in PEAK_TFLOPS_BF16:
+        if all(w in name for w in words):
+            return peak
+    return None

@@ -1,46 +1,58 @@
 # ruff: noqa: T201  (bench scripts print their tables)
-"""Bench: one knowledge-distillation training step of the pack's engine (models/distill.py on ComfyUI's own
-UNet) against the same step written directly on diffusers' UNet2DConditionModel (BK-SDM's recipe).
+"""Bench: one knowledge-distillation training step of the pack's engine (``distilled_unets.models.distill`` on
+ComfyUI's own UNet) against the same step written directly on diffusers' UNet2DConditionModel (BK-SDM's recipe).
 
 Both sides get the same teacher and student weights (random, in the real structures: SD1.5 teacher and
-BK-SDM-Small student, or SDXL teacher and SSD-1B student), the same samples, timesteps and noise (the pack's
-``draw_batch``), and do the same work per step: teacher forward (no grad), student forward, loss = task MSE +
-output KD + feature KD over BK-SDM's 8 stage outputs, backward, grad-norm clip 1, AdamW (lr 5e-5, weight decay
-1e-2), EMA (diffusers' EMAModel on the diffusers side, as BK-SDM). The diffusers side uses its default SDPA
-attention; the pack runs with its SDPA override (``pack``) and with ComfyUI's own attention backend
-(``pack-host``: the sub-quadratic one on CPU) to show why the override exists.
+BK-SDM-Small student, or the SDXL teacher and a Segmind-Vega / KOALA-700M / SSD-1B student), the same
+samples, timesteps and noise (the engine's ``draw_batch``), and do the same work per step: teacher forward
+(no grad), student forward, loss = task MSE + output KD + feature KD over BK-SDM's stage outputs, backward,
+grad-norm clip 1, AdamW (lr 5e-5, weight decay 1e-2), EMA (diffusers' EMAModel on the diffusers side, as
+BK-SDM). The diffusers side uses its default SDPA attention; the pack runs with its SDPA override (``pack``)
+and, on the CPU, with ComfyUI's own attention backend (``pack-host``: the sub-quadratic one) to show why the
+override exists.
 
-Reported per variant: best and median s/step after warm-up (ratios on the best: the least disturbed
-measurement on a shared machine), peak memory (CUDA: ``torch.cuda.max_memory_allocated``
-over the run; CPU: peak RSS over the steps minus the RSS before them, sampled every millisecond, each
-variant in a fresh process), the ratios pack / diffusers, and how far the two implementations' losses are
-apart (same weights and draws: they compute the same thing).
+Where the models live: every UNet is built once per process per preset, directly on the device and drawn
+there (``tests/layouts.diffusers_model`` under ``torch.device``; the pack's UNets are ComfyUI's own, built on
+the device from the same tensors). On a GPU every variant runs in this one process: the pack copies its
+student itself (the input stays unchanged), the diffusers student is trained in place and reset from a saved
+device copy before each variant. On the CPU each variant runs in a fresh process (the peak resident set
+cannot be measured otherwise) that builds its own tiny-width models. Only the data (latents, text
+conditioning, timesteps, noise) crosses from the host, as in the node.
+
+Reported per variant: median ms per step after warm-up (three significant figures) with its spread
+((median - best) / best; a variant above 5 % gets more rounds, up to ``--max-reps``), samples/s, the model
+FLOP utilisation (MFU: samples/s x the pack's cost model ``models/cost.py`` per sample, teacher forward +
+3x student forward, over the card's bf16 dense peak; CUDA cards of the table in ``_device.peak_tflops``
+only), the peak memory the step needs above the resident teacher (CUDA: ``torch.cuda.max_memory_allocated``;
+CPU: peak RSS over the run; the diffusers side counts the student weights it trains in place, as the pack
+counts its trainable copy), the ratios pack / diffusers, the engine's up-front estimate over the measured
+peak (goal within +-15 %), and how far the two sides' losses are apart (same weights and draws).
 
     python bench/bench_distill.py                          # CPU, fp32, reduced width (channels / 10)
-    BENCH_DEVICE=cuda python bench/bench_distill.py --width full --size 64 --batch 1,2,4,8
-    BENCH_DEVICE=cuda python bench/bench_distill.py --preset sdxl-ssd1b --width full --size 128 --batch 1,2
-
-CPU memory caveat: the pack trains a copy of the student while the input MODEL stays in RAM (ComfyUI holds
-it), so its CPU figure includes one extra set of student weights (printed); on a GPU the input stays on
-the CPU and only the trained copy is on the device, as diffusers' trained model is.
+    BENCH_DEVICE=cuda python bench/bench_distill.py --preset bk-small,vega   # full width, 512 px and 1024 px
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import warnings
 
+import _device
 from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
 
-PRESETS = {"bk-small": ("sd1", None, "nota-ai/bk-sdm-small"), "sdxl-ssd1b": ("sdxl", None, "segmind/SSD-1B")}
+# preset -> (teacher family, registry id of the student)
+PRESETS = {"bk-small": ("sd1", "nota-ai/bk-sdm-small"), "vega": ("sdxl", "segmind/Segmind-Vega"),
+           "koala-700m": ("sdxl", "etri-vilab/koala-700m"), "sdxl-ssd1b": ("sdxl", "segmind/SSD-1B")}
 IMPLS = ("pack", "pack-host", "diffusers")
+GOALS = "goals: time <= 1.00x diffusers, peak memory <= 0.80x, estimate/peak within 0.85-1.15, bk-small at " \
+        "512 px >= 60 samples/s on one H100"
 
 
 def _setup(device: str):
@@ -50,53 +62,9 @@ def _setup(device: str):
     sys.path.insert(0, str(ROOT))
 
 
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-class _RSSPeak:
-    """Peak RSS over a window, sampled by a thread every millisecond."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def __enter__(self):
-        self.base = _rss()
-        self.peak = self.base
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _configs(a):
-    from distilled_unets.models import structures as S
-    from distilled_unets.models.registry import by_id
-    from distilled_unets.models.topology import diffusers_config
-
-    from tests.layouts import tiny_config
-
-    family, _, student_id = PRESETS[a.preset]
-    t_cfg, s_cfg = diffusers_config(S.TEACHERS[family]), diffusers_config(by_id(student_id).structure)
-    if a.width == "tiny":
-        t_cfg, s_cfg = tiny_config(t_cfg), tiny_config(s_cfg)
-    return family, t_cfg, s_cfg
-
-
 def _structure(dm):
-    """(Topology, ldm state dict) of a diffusers UNet, through the pack's own detection."""
+    """(Topology, ldm state dict) of a diffusers UNet, through the pack's own detection (the tensors are
+    the model's own)."""
     from distilled_unets.models.detect import detect
 
     sd = dm.state_dict()
@@ -106,89 +74,125 @@ def _structure(dm):
                           if k.startswith(det.prefix) and k[n:] in det.key_map}
 
 
-def run_variant(a, impl: str, ckpt: bool, batch: int) -> dict:
-    """One variant in this process: build, train warm-up + measured steps, return times, peak and losses."""
+def _comfy_unet(topology, sd: dict, dtype, device):
+    """ComfyUI's own UNet (and its BaseModel, for the noise schedule) of ``topology`` built on ``device``
+    and holding a copy of ``sd`` (ldm names) in ``dtype``: a device-to-device copy."""
     import torch
+    from distilled_unets.nodes._glue import comfy_model
 
-    torch.set_num_threads(a.threads)
-    warnings.filterwarnings("ignore")
-    import comfy.model_management as mm
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
-    from distilled_unets.models import distill as D
-    from distilled_unets.nodes._glue import build_model
+    model = comfy_model(topology, dtype, None, device=device)
+    with torch.no_grad():
+        missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ComfyUI's UNet of {topology.describe()} does not take the converted weights: "
+                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.diffusion_model.requires_grad_(False)
+    return model
 
-    from tests.layouts import diffusers_model
 
-    dev = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
-    cuda = dev.type == "cuda"
-    family, t_cfg, s_cfg = _configs(a)
-    steps = a.warmup + a.steps
-    n = batch * steps
-    g = torch.Generator().manual_seed(0)
-    lat = torch.randn(n, 4, a.size, a.size, generator=g)
-    ctx = torch.randn(n, 77, t_cfg["cross_attention_dim"], generator=g)
-    teacher_d = diffusers_model(t_cfg, seed=1)
-    student_d = diffusers_model(s_cfg, seed=2)
-    added = None
-    y = None
-    if family == "sdxl":
-        pooled = torch.randn(n, 1280, generator=g)
-        time_ids = torch.tensor([[a.size * 8, a.size * 8, 0, 0, a.size * 8, a.size * 8]] * n, dtype=torch.float32)
+class Models:
+    """Everything a preset's variants share, built once: both sides' teacher and student on the device,
+    the data on the host."""
+
+    def __init__(self, a, preset: str, dev, max_batch: int):
+        import torch
+        from distilled_unets.models import distill as D
+        from distilled_unets.models import structures as S
+        from distilled_unets.models.registry import by_id
+        from distilled_unets.models.topology import diffusers_config
+
+        from tests.layouts import diffusers_model, tiny_config
+
+        self.preset, self.dev, self.cuda = preset, dev, dev.type == "cuda"
+        self.family, student_id = PRESETS[preset]
+        t_cfg, s_cfg = diffusers_config(S.TEACHERS[self.family]), diffusers_config(by_id(student_id).structure)
+        if a.width == "tiny":
+            t_cfg, s_cfg = tiny_config(t_cfg), tiny_config(s_cfg)
+        self.t_dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.precision = "bf16" if self.cuda else "fp32"
+        self.amp = torch.bfloat16 if self.cuda else None
+        # diffusers' side, constructed and drawn on the device
+        self.teacher_d = diffusers_model(t_cfg, device=dev, seed=1).to(self.t_dtype).requires_grad_(False)
+        self.student_d = diffusers_model(s_cfg, device=dev, seed=2)
         with torch.no_grad():
-            y = torch.cat([pooled, student_d.add_time_proj(time_ids.flatten()).reshape(n, -1)], dim=1)
-        added = (pooled, time_ids)
-    precision = "bf16" if cuda else "fp32"
-    amp = torch.bfloat16 if cuda else None
+            self.student_init = {k: v.detach().clone() for k, v in self.student_d.state_dict().items()}
+        self.student_bytes = sum(p.numel() * p.element_size() for p in self.student_d.parameters())
+        # the pack's side: ComfyUI's UNets of the detected structures, copies of the same tensors
+        self.tt, sd_t = _structure(self.teacher_d)
+        self.st, sd_s = _structure(self.student_d)
+        teacher = _comfy_unet(self.tt, sd_t, self.t_dtype, dev)
+        self.pack_teacher = teacher.diffusion_model
+        self.pack_student = _comfy_unet(self.st, sd_s, torch.float32, dev).diffusion_model
+        self.schedule = D.NoiseSchedule(teacher.model_sampling.to(dev), prediction="eps")  # on the device, as loaded
+        del sd_t, sd_s
+        self.labels = [p.label for p in D.feature_plan(self.tt, self.st).points]
+        # the data: host tensors, as the node's encoded latents and conditioning are
+        self.n = max_batch * (a.warmup + a.steps)
+        g = torch.Generator().manual_seed(0)
+        self.lat = torch.randn(self.n, 4, a.size, a.size, generator=g)
+        self.ctx = torch.randn(self.n, 77, t_cfg["cross_attention_dim"], generator=g)
+        self.added, y = None, None
+        if self.family == "sdxl":
+            pooled = torch.randn(self.n, 1280, generator=g)
+            px = a.size * 8
+            time_ids = torch.tensor([[px, px, 0, 0, px, px]] * self.n, dtype=torch.float32)
+            with torch.no_grad():
+                proj = self.student_d.add_time_proj(time_ids.flatten().to(dev)).reshape(self.n, -1).cpu()
+            y = torch.cat([pooled, proj.float()], dim=1)
+            self.added = (pooled, time_ids)
+        self.data = D.KDData(self.lat, self.ctx, y)
+
+    def free(self):
+        for k in list(vars(self)):
+            delattr(self, k)
+        gc.collect()
+
+
+def run_variant(a, m: Models, impl: str, ckpt: bool, batch: int) -> dict:
+    """One variant on the shared models: warm-up + measured steps; times, peak, losses, estimate."""
+    import torch
+    from distilled_unets.models import distill as D
+
+    dev, cuda = m.dev, m.cuda
+    steps = a.warmup + a.steps
     seed = 7
-    t_labels = []
     out: dict = {"impl": impl, "ckpt": ckpt, "batch": batch}
     if impl.startswith("pack"):
-        tt, sd_t = _structure(teacher_d)
-        st, sd_s = _structure(student_d)
-        teacher = build_model(tt, sd_t, weight_dtype="bf16" if cuda else "fp32")
-        student = build_model(st, sd_s, weight_dtype="fp32")
-        del teacher_d, student_d, sd_t, sd_s
-        if cuda:
-            mm.load_models_gpu([teacher])
-        data = D.KDData(lat, ctx, y)
         cfg = D.DistillConfig(steps=steps, batch_size=batch, learning_rate=5e-5, ema_decay=0.9999, seed=seed,
-                              gradient_checkpointing=ckpt, precision=precision,
+                              gradient_checkpointing=ckpt, precision=m.precision,
                               attention="host" if impl == "pack-host" else "sdpa")
-        d = D.Distiller(teacher=teacher.model.diffusion_model, student=student.model.diffusion_model,
-                        teacher_topology=tt, student_topology=st,
-                        schedule=D.NoiseSchedule(teacher.model.model_sampling, prediction="eps"), data=data,
-                        config=cfg, device=dev)
-        out["estimate"] = d.estimate_memory(teacher_resident=cuda).total
-        out["student_weight_bytes"] = sum(p.numel() * 4 for p in student.model.diffusion_model.parameters())
+        d = D.Distiller(teacher=m.pack_teacher, student=m.pack_student, teacher_topology=m.tt,
+                        student_topology=m.st, schedule=m.schedule, data=m.data, config=cfg, device=dev,
+                        teacher_dtype=m.t_dtype)
+        t_est = time.perf_counter()
+        out["estimate"] = d.estimate_memory(teacher_resident=True).total
+        out["estimate_s"] = time.perf_counter() - t_est
         stamps = []
 
         def progress(step, total, loss):
-            if cuda:
-                torch.cuda.synchronize()
+            _device.sync(dev)
             stamps.append(time.perf_counter())
 
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        with _RSSPeak() as rss:
+        with _device.PeakMemory(dev) as pm:
+            _device.sync(dev)
             t0 = time.perf_counter()
             res = d.run(progress=progress)
+        out["peak"] = pm.mib * 2 ** 20
         times = [b - a_ for a_, b in zip([t0] + stamps[:-1], stamps)]
         losses = res.losses
-        t_labels = [p.label for p in d.plan.points]
+        del d, res
     else:
-        from distilled_unets.models.distill import feature_plan
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
 
-        tt, st = _structure(teacher_d)[0], _structure(student_d)[0]
-        t_labels = [p.label for p in feature_plan(tt, st).points]
-        if any("↔" in lbl or "proj_out" in lbl for lbl in t_labels):
+        if any("↔" in lbl or "proj_out" in lbl for lbl in m.labels):
             raise SystemExit("this preset needs a non-stage feature pairing; the diffusers side does stages only")
         sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000)
-        teacher = teacher_d.to(dev, torch.bfloat16 if cuda else torch.float32).requires_grad_(False)
-        student = student_d.to(dev)
+        teacher, student = m.teacher_d, m.student_d
+        with torch.no_grad():  # the same initial weights as every other variant
+            for k, v in student.state_dict().items():
+                v.copy_(m.student_init[k])
         student.train()
         if ckpt:
             student.enable_gradient_checkpointing()
@@ -199,141 +203,255 @@ def run_variant(a, impl: str, ckpt: bool, batch: int) -> dict:
                 mem[name] = output
             return fn
 
-        for lbl in t_labels:
-            teacher.get_submodule(lbl).register_forward_hook(hook(acts_t, lbl))
-            student.get_submodule(lbl).register_forward_hook(hook(acts_s, lbl))
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        handles = [teacher.get_submodule(lbl).register_forward_hook(hook(acts_t, lbl)) for lbl in m.labels]
+        handles += [student.get_submodule(lbl).register_forward_hook(hook(acts_s, lbl)) for lbl in m.labels]
         times, losses = [], []
-        with _RSSPeak() as rss:
-            opt = torch.optim.AdamW(student.parameters(), lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-            ema = EMAModel(student.parameters(), decay=0.9999)
-            for step in range(steps):
-                t0 = time.perf_counter()
-                idx, t, noise = D.draw_batch(seed, step, 0, n_data=n, batch_size=batch, grad_accum=1,
-                                             num_timesteps=1000, sample_shape=tuple(lat.shape[1:]))
-                x0, c, noise, t = lat[idx].to(dev), ctx[idx].to(dev), noise.to(dev), t.to(dev)
-                noisy = sched.add_noise(x0, noise, t)
-                kw_s, kw_t = {}, {}
-                if added is not None:
-                    kw_s = {"added_cond_kwargs": {"text_embeds": added[0][idx].to(dev),
-                                                  "time_ids": added[1][idx].to(dev)}}
-                    kw_t = {"added_cond_kwargs": {k: v.to(teacher.dtype) for k, v in kw_s["added_cond_kwargs"].items()}}
-                with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                    pred = student(noisy, t, c, **kw_s).sample
-                    with torch.no_grad():
-                        pred_t = teacher(noisy.to(teacher.dtype), t, c.to(teacher.dtype), **kw_t).sample
-                loss_sd = torch.nn.functional.mse_loss(pred.float(), noise.float())
-                loss_out = torch.nn.functional.mse_loss(pred.float(), pred_t.float())
-                feats = []
-                for lbl in t_labels:
-                    a_t, a_s = acts_t[lbl], acts_s[lbl]
-                    a_t = a_t[0] if isinstance(a_t, tuple) else a_t
-                    a_s = a_s[0] if isinstance(a_s, tuple) else a_s
-                    feats.append(torch.nn.functional.mse_loss(a_s.float(), a_t.detach().float()))
-                loss = loss_sd + loss_out + sum(feats)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad()
-                ema.step(student.parameters())
-                losses.append(float(loss.detach()))
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
+        lat, ctx = m.lat, m.ctx
+        try:
+            with _device.PeakMemory(dev) as pm:
+                opt = torch.optim.AdamW(student.parameters(), lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2,
+                                        eps=1e-8)
+                ema = EMAModel(student.parameters(), decay=0.9999)
+                for step in range(steps):
+                    _device.sync(dev)
+                    t0 = time.perf_counter()
+                    idx, t, noise = D.draw_batch(seed, step, 0, n_data=m.n, batch_size=batch, grad_accum=1,
+                                                 num_timesteps=1000, sample_shape=tuple(lat.shape[1:]))
+                    x0, c, noise, t = lat[idx].to(dev), ctx[idx].to(dev), noise.to(dev), t.to(dev)
+                    noisy = sched.add_noise(x0, noise, t)
+                    kw_s, kw_t = {}, {}
+                    if m.added is not None:
+                        kw_s = {"added_cond_kwargs": {"text_embeds": m.added[0][idx].to(dev),
+                                                      "time_ids": m.added[1][idx].to(dev)}}
+                        kw_t = {"added_cond_kwargs": {k: v.to(teacher.dtype)
+                                                      for k, v in kw_s["added_cond_kwargs"].items()}}
+                    with torch.autocast(dev.type, dtype=m.amp, enabled=m.amp is not None):
+                        pred = student(noisy, t, c, **kw_s).sample
+                        with torch.no_grad():
+                            pred_t = teacher(noisy.to(teacher.dtype), t, c.to(teacher.dtype), **kw_t).sample
+                    loss_sd = torch.nn.functional.mse_loss(pred.float(), noise.float())
+                    loss_out = torch.nn.functional.mse_loss(pred.float(), pred_t.float())
+                    feats = []
+                    for lbl in m.labels:
+                        a_t, a_s = acts_t[lbl], acts_s[lbl]
+                        a_t = a_t[0] if isinstance(a_t, tuple) else a_t
+                        a_s = a_s[0] if isinstance(a_s, tuple) else a_s
+                        feats.append(torch.nn.functional.mse_loss(a_s.float(), a_t.detach().float()))
+                    loss = loss_sd + loss_out + sum(feats)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                    opt.step()
+                    opt.zero_grad()
+                    ema.step(student.parameters())
+                    losses.append(float(loss.detach()))
+                    acts_t.clear()
+                    acts_s.clear()
+                    _device.sync(dev)
+                    times.append(time.perf_counter() - t0)
+            # the trained model's weights are resident before the clock: count them, as the pack's copy is
+            out["peak"] = pm.mib * 2 ** 20 + m.student_bytes
+        finally:
+            for h in handles:
+                h.remove()
+            if ckpt:
+                student.disable_gradient_checkpointing()
+            student.eval()
+            student.zero_grad(set_to_none=True)
+            opt = ema = None
     out["times"] = times[a.warmup:]
+    out["first"] = times[0]  # the first step: the run's own setup (trainable copy, optimizer) and first calls
     out["losses"] = losses
-    out["labels"] = t_labels
+    gc.collect()
     if cuda:
-        out["peak"] = torch.cuda.max_memory_allocated()
-        out["base"] = base
-    else:
-        out["peak"] = rss.peak - rss.base
+        torch.cuda.empty_cache()
     return out
 
 
-def _worker_cmd(a, impl, ckpt, batch):
-    return [sys.executable, __file__, "--worker", f"{impl},{int(ckpt)},{batch}", "--preset", a.preset,
-            "--width", a.width, "--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup),
-            "--threads", str(a.threads)]
+def _worker_cmd(a, preset, impl, ckpt, batch):
+    return [sys.executable, __file__, "--worker", f"{preset},{impl},{int(ckpt)},{batch}", "--width", a.width,
+            "--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
+
+
+def _run_worker(a, preset, impl, ckpt, batch) -> dict:
+    """One CPU variant in a fresh process (its own peak RSS); its setup and measuring seconds come back."""
+    t0 = time.perf_counter()
+    p = subprocess.run(_worker_cmd(a, preset, impl, ckpt, batch), capture_output=True, text=True, cwd=str(ROOT))
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"worker {preset} {impl} ckpt={ckpt} batch={batch} failed")
+    r = json.loads(line[0][len("RESULT "):])
+    r["wall"] = time.perf_counter() - t0
+    return r
+
+
+def _tflop_per_sample(m: Models, size: int) -> float:
+    """One sample of a KD step in FLOP, by the pack's cost model: teacher forward + student forward and backward
+    (about 3x its forward), 2 FLOP per multiply-accumulate."""
+    from distilled_unets.models.cost import unet_cost
+
+    return 2 * (unet_cost(m.tt, size, size).macs + 3 * unet_cost(m.st, size, size).macs) / 1e12
+
+
+def _table(a, preset, m: Models, results: dict, variants, device_name, peak_tf):
+    flop = _tflop_per_sample(m, a.size)
+    from distilled_unets.models.cost import unet_cost
+
+    print(f"\nKD step, preset {preset} ({a.width} width): {m.family} teacher "
+          f"({unet_cost(m.tt).params / 1e6:.0f}M parameters), student {unet_cost(m.st).params / 1e6:.0f}M; "
+          f"{a.size * 8} px (latent {a.size}x{a.size}); {device_name}; "
+          f"{'bf16 autocast, teacher bf16' if m.cuda else 'fp32'}; {a.steps} steps after {a.warmup} warm-up, "
+          f"{a.reps}-{a.max_reps} rounds per variant (more while spread > {_device.SPREAD_GOAL:.0%})")
+    print(f"feature points: {', '.join(m.labels)}; cost model {flop:.3g} TFLOP per sample"
+          + (f", device peak {peak_tf:g} TFLOP/s bf16 dense" if peak_tf else ", MFU not printed (device peak "
+             "unknown)"))
+    print("peak = memory the step needs above the resident teacher and inputs "
+          + ("(torch.cuda.max_memory_allocated)" if m.cuda else
+             "(RSS, each variant in a fresh process)" if not a.in_process else "(RSS, indicative: one process)"))
+    print(f"{'batch':>5} {'ckpt':>4} {'impl':>10} {'1st step':>8} {'ms/step':>8} {'best':>8} {'spread':>6} "
+          f"{'rounds':>6} {'samples/s':>9} {'MFU':>6} {'peak MiB':>9} {'time vs diff.':>13} {'memory vs diff.':>15} "
+          f"{'estimate/peak':>13} {'loss diff':>9}")
+    batches = sorted({v[2] for v in variants})
+    for b in batches:
+        for c in sorted({v[1] for v in variants}):
+            ref = [r for r in results.get(("diffusers", c, b), []) if "error" not in r]
+            ref_t = statistics.median([x for r in ref for x in r["times"]]) if ref else None
+            ref_m = max(r["peak"] for r in ref) if ref else None
+            for i in [v[0] for v in variants if v[1] == c and v[2] == b]:
+                rs = [r for r in results[(i, c, b)] if "error" not in r]
+                if not rs:
+                    print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {results[(i, c, b)][0]['error']}")
+                    continue
+                times = [x for r in rs for x in r["times"]]
+                med, best = statistics.median(times), min(times)
+                mem = max(r["peak"] for r in rs)
+                sps = b / med
+                mfu = f"{sps * flop / peak_tf:.1%}" if peak_tf else "-"
+                diff = ""
+                if ref and i != "diffusers":
+                    la, lb = rs[0]["losses"], ref[0]["losses"]
+                    diff = f"{max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la, lb)):.1e}"
+                est = f"{rs[0]['estimate'] / mem:.3f}" if "estimate" in rs[0] and mem > 0 else ""
+                first = _device.ms3(min(r["first"] for r in rs))
+                print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {first:>8} {_device.ms3(med):>8} "
+                      f"{_device.ms3(best):>8} {_device.spread(times):>6.1%} {len(rs):>6} {sps:>9.3g} {mfu:>6} "
+                      f"{mem / 2 ** 20:>9.0f} "
+                      f"{(f'{med / ref_t:.3f}' if ref_t else ''):>13} {(f'{mem / ref_m:.3f}' if ref_m else ''):>15} "
+                      f"{est:>13} {diff:>9}")
+    ests = [r["estimate_s"] for v in variants for r in results[v] if "estimate_s" in r]
+    if ests:
+        print(f"before its first step each pack run spends {statistics.median(ests):.2f} s in the engine's memory "
+              "estimate (a pass on the meta device); '1st step' (ms, best of the rounds) holds the run's own setup: "
+              "the trainable copy, the optimizer, the first kernels")
+    print(GOALS)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="bk-small", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default=None, help=f"comma-separated, of {', '.join(PRESETS)} "
+                    "(default: bk-small,vega on CUDA, bk-small on the CPU)")
     ap.add_argument("--width", default=None, choices=["tiny", "full"],
                     help="tiny: channels / 10 (default on CPU); full: the real widths (default on CUDA)")
-    ap.add_argument("--size", type=int, default=None, help="latent side (CPU default 32 = 256 px, CUDA 64)")
-    ap.add_argument("--batch", default=None, help="comma-separated batch sizes (CPU default 2, CUDA 1,2,4,8)")
-    ap.add_argument("--steps", type=int, default=4, help="measured steps per variant")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=2, help="rounds over all variants (interleaved)")
-    ap.add_argument("--impls", default=",".join(IMPLS))
-    ap.add_argument("--checkpointing", default="off,on")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=None,
+                    help="latent side (default: CUDA 64 = 512 px for SD, 128 = 1024 px for SDXL; CPU 32 / 16)")
+    ap.add_argument("--batch", default=None, help="comma-separated batch sizes for SD presets (CUDA 1,4,8; CPU 2)")
+    ap.add_argument("--sdxl-batch", default=None, help="batch sizes for SDXL presets (CUDA 1,2; CPU 2)")
+    ap.add_argument("--steps", type=int, default=4, help="measured steps per round")
+    ap.add_argument("--warmup", type=int, default=2, help="steps before the clock, every round")
+    ap.add_argument("--reps", type=int, default=1, help="rounds over all variants (interleaved)")
+    ap.add_argument("--max-reps", type=int, default=0, help="bound on the rounds of a variant whose spread is "
+                    "above 5 %% (default --reps + 2)")
+    ap.add_argument("--impls", default=None, help="default: pack,diffusers on CUDA; pack,pack-host,diffusers on CPU")
+    ap.add_argument("--checkpointing", default="off,on", help="gradient checkpointing for SD presets")
+    ap.add_argument("--sdxl-checkpointing", default=None, help="for SDXL presets (default: as --checkpointing)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--in-process", action="store_true",
+                    help="on the CPU too, every variant in this process on models built once, as on a GPU (the CPU "
+                         "peak is then only indicative: freed memory stays with the process)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    ph = _device.Phases()
     device = os.environ.get("BENCH_DEVICE", "cpu")
-    cuda = device == "cuda"
+    cuda = device.startswith("cuda")
     a.width = a.width or ("full" if cuda else "tiny")
-    a.size = a.size or (64 if cuda else 32)
+    a.max_reps = max(a.max_reps or a.reps + 2, a.reps)
     _setup(device)
-    if a.worker:
-        impl, ckpt, batch = a.worker.split(",")
-        print("RESULT " + json.dumps(run_variant(a, impl, bool(int(ckpt)), int(batch))))
+    import torch
+
+    torch.set_num_threads(a.threads)
+    warnings.filterwarnings("ignore")
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    dev = torch.device(device)
+    if a.worker:  # one CPU variant: build, run, report
+        preset, impl, ckpt, batch = a.worker.split(",")
+        a.size = a.size or (16 if PRESETS[preset][0] == "sdxl" else 32)
+        m = Models(a, preset, dev, int(batch))
+        r = run_variant(a, m, impl, bool(int(ckpt)), int(batch))
+        r.update(labels=m.labels)
+        print("RESULT " + json.dumps(r))
         return 0
-    batches = [int(b) for b in (a.batch or ("1,2,4,8" if cuda else "2")).split(",")]
-    impls = a.impls.split(",")
-    ckpts = [c == "on" for c in a.checkpointing.split(",")]
-    variants = [(i, c, b) for b in batches for c in ckpts for i in impls]
-    results: dict = {v: [] for v in variants}
-    for _ in range(a.reps):
-        for v in variants:
-            if cuda:  # one GPU: in this process, peak stats reset per variant
-                import gc
+    presets = (a.preset or ("bk-small,vega" if cuda else "bk-small")).split(",")
+    impls = (a.impls or ("pack,diffusers" if cuda else ",".join(IMPLS))).split(",")
+    peak_tf = _device.peak_tflops(dev) if cuda else None
+    device_name = _device.describe(dev, torch.bfloat16 if cuda else torch.float32)
+    size_arg = a.size
+    for preset in presets:
+        sdxl = PRESETS[preset][0] == "sdxl"
+        a.size = size_arg or ((128 if sdxl else 64) if cuda else (16 if sdxl else 32))
+        batch_arg = a.sdxl_batch if sdxl else a.batch
+        batches = [int(b) for b in (batch_arg or (("1,2" if sdxl else "1,4,8") if cuda else "2")).split(",")]
+        ckpt_arg = (a.sdxl_checkpointing or a.checkpointing) if sdxl else a.checkpointing
+        ckpts = [c == "on" for c in ckpt_arg.split(",")]
+        variants = [(i, c, b) for b in batches for c in ckpts for i in impls]
+        results: dict = {v: [] for v in variants}
+        shared = cuda or a.in_process
+        t_build = time.perf_counter()
+        m = Models(a, preset, dev, max(batches)) if shared else None
+        if shared:
+            _device.sync(dev)
+            print(f"{preset}: teacher and student built on {dev} (both sides) in {time.perf_counter() - t_build:.1f} s",
+                  flush=True)
 
-                import torch
+        def one(v, models=m):
+            if shared:
+                try:
+                    return run_variant(a, models, *v)
+                except torch.OutOfMemoryError as e:  # one variant out of memory must not hide the others
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    return {"error": f"out of memory ({str(e).splitlines()[0][:80]})"}
+            r = _run_worker(a, preset, *v)
+            ph.count_as_setup(r["wall"] - sum(r["times"]))  # the worker's imports, build and warm-up
+            return r
 
-                results[v].append(run_variant(a, *v))
-                gc.collect()
-                torch.cuda.empty_cache()
-            else:
-                p = subprocess.run(_worker_cmd(a, *v), capture_output=True, text=True, cwd=str(ROOT))
-                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                if p.returncode or not line:
-                    print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
-                    raise SystemExit(f"worker {v} failed")
-                results[v].append(json.loads(line[0][len("RESULT "):]))
-    gib = 1024 ** 3
-    print(f"KD step, preset {a.preset} ({a.width} width), latent {a.size}x{a.size}, device {device}, "
-          f"{'bf16 autocast' if cuda else 'fp32'}, threads {a.threads}, {a.steps} steps x {a.reps} rounds, "
-          f"feature points: {', '.join(results[variants[0]][0]['labels'])}")
-    print(f"{'batch':>5} {'ckpt':>4} {'impl':>10} {'best s/step':>12} {'median':>8} {'peak MiB':>9} "
-          f"{'time vs diffusers':>18} {'memory':>7} {'max rel loss diff':>18}")
-    for b in batches:
-        for c in ckpts:
-            ref = results.get(("diffusers", c, b))
-            ref_t = min(x for r in ref for x in r["times"]) if ref else None
-            ref_m = statistics.median([r["peak"] for r in ref]) if ref else None
-            for i in impls:
-                rs = results[(i, c, b)]
-                times = [x for r in rs for x in r["times"]]
-                t, med = min(times), statistics.median(times)
-                m = statistics.median([r["peak"] for r in rs])
-                diff = ""
-                if ref and i != "diffusers":
-                    la, lb = rs[0]["losses"], ref[0]["losses"]
-                    diff = f"{max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la, lb)):.2e}"
-                ratio_t = f"{t / ref_t:.3f}" if ref_t else ""
-                ratio_m = f"{m / ref_m:.3f}" if ref_m else ""
-                print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {t:>12.4f} {med:>8.4f} {m / 2**20:>9.1f} "
-                      f"{ratio_t:>18} {ratio_m:>7} {diff:>18}")
-            if ("pack", c, b) in results:
-                e = results[("pack", c, b)][0]
-                note = f"; input student weights {e['student_weight_bytes'] / 2**20:.1f} MiB" if not cuda else ""
-                print(f"{'':>16} pack's up-front estimate {e['estimate'] / gib:.3f} GiB{note}")
+        def unsteady(v) -> bool:
+            times = [x for r in results[v] for x in r.get("times", [])]
+            return bool(times) and _device.spread(times) > _device.SPREAD_GOAL
+
+        ph.measuring()
+        for _ in range(a.reps):
+            for v in variants:
+                results[v].append(one(v))
+        # a (batch, checkpointing) group with a variant above the spread goal gets another round, up to max_reps
+        for _ in range(a.max_reps - a.reps):
+            groups = {(c, b) for (i, c, b) in variants if unsteady((i, c, b))}
+            if not groups:
+                break
+            for v in variants:
+                if (v[1], v[2]) in groups:
+                    results[v].append(one(v))
+        ph.setting_up()
+        if not shared:  # the table needs the structures: a tiny build here is cheap
+            m = Models(a, preset, dev, max(batches))
+        _table(a, preset, m, results, variants, device_name, peak_tf)
+        m.free()
+        del m
+        if cuda:
+            torch.cuda.empty_cache()
+    print(ph.line())
+    print(_device.peak_line(dev))
     return 0
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: T201  (bench scripts print their tables)
 """LoRA coverage table: our DistilledLoraLoader key map next to ComfyUI's own LoraLoader mapping.
 
 For each student (full-size structure, built on the meta device through ComfyUI's own classes), each
@@ -22,9 +23,10 @@ import logging
 import math
 import sys
 
+import _device
 import torch
-
 from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
 
@@ -91,15 +93,16 @@ def main():
     ap.add_argument("--formats", default="kohya,kohya-ldm,diffusers-new,peft,loha")
     ap.add_argument("--students", default=",".join(STUDENTS))
     args = ap.parse_args()
+    ph = _device.Phases()
     torch.set_num_threads(1)
     _setup()
     logging.disable(logging.WARNING)
     import comfy.lora
-
     from distilled_unets.models import lora_keys as lk
     from distilled_unets.models import names
     from distilled_unets.models import structures as S
     from distilled_unets.models.blockmap import CERTAIN, derive
+
     from tests._lora_fixtures import LDM_FORMATS
 
     teacher_models = {}
@@ -107,6 +110,7 @@ def main():
            f"{'wrong':>5} | {'ComfyUI: applied':>16} {'dropped':>7} {'shape':>5} {'wrong':>5} {'unsure':>6}")
     print(hdr)
     print("-" * len(hdr))
+    ph.measuring()  # the structures are built on the meta device inside the loop: all of it is the measurement
     for sname in args.students.split(","):
         student = getattr(S, STUDENTS[sname])
         teacher = S.TEACHERS[student.family]
@@ -158,6 +162,8 @@ def main():
                       f"{ours[3]:>5} | {theirs[0]:>10}/{n:<5} {theirs[1]:>7} {theirs[2]:>5} {theirs[3]:>5} "
                       f"{theirs[4]:>6}")
         print()
+    print(ph.line())
+    print(_device.peak_line("cpu"))
 
 
 if __name__ == "__main__":

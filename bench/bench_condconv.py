@@ -36,7 +36,6 @@ import time
 T_START = time.perf_counter()  # setup counts from here (imports included)
 
 import argparse  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -44,7 +43,6 @@ import sys  # noqa: E402
 from _pack import import_pack, setup_comfy  # noqa: E402
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-SPREAD_GOAL = 0.05
 MODES = ("per_sample", "grouped", "expert_sum")
 
 
@@ -83,30 +81,6 @@ def _put(unet, path: str, module) -> None:
     setattr(unet.get_submodule(parent), name, module)
 
 
-def ms3(seconds: float) -> str:
-    """Milliseconds to three significant figures."""
-    ms = seconds * 1e3
-    if not math.isfinite(ms) or ms <= 0:
-        return f"{ms:g}"
-    decimals = 2 - math.floor(math.log10(ms))
-    return f"{ms:.{decimals}f}" if decimals >= 0 else f"{round(ms, decimals):.0f}"
-
-
-def spread(times) -> float:
-    return (statistics.median(times) - min(times)) / min(times)
-
-
-def rounds(fns: dict, first: int, most: int) -> dict:
-    """``{name: [seconds per round]}``: ``first`` interleaved rounds, then more while a row's spread is above 5 %."""
-    times = {k: [] for k in fns}
-    for i in range(max(first, most)):
-        if i >= first and all(spread(v) <= SPREAD_GOAL for v in times.values()):
-            break
-        for k, fn in fns.items():
-            times[k].append(fn())
-    return times
-
-
 def ratio(times: dict, a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
@@ -132,6 +106,7 @@ def main(argv=None) -> int:
     _setup(a.device)
     import _device
     import torch
+    from _device import ms3, spread
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -253,8 +228,8 @@ def main(argv=None) -> int:
                         fn()  # warm-up (the cond variant now routed per sample)
                 t0 = time.perf_counter()
                 if not a.skip_unet:
-                    steps = rounds(step_fns, a.reps, a.max_reps)
-                convs = rounds(conv_fns, a.reps, a.max_reps)
+                    steps = _device.steady_rounds(step_fns, a.reps, a.max_reps)
+                convs = _device.steady_rounds(conv_fns, a.reps, a.max_reps)
                 measure_s += time.perf_counter() - t0
                 rows.append((batch, steps, convs, err, ops, path, spread_rows))
         use(plain)
@@ -306,8 +281,7 @@ def main(argv=None) -> int:
         if dtype in (torch.float16, torch.bfloat16):
             line += f"; the half-precision kernel mix equals the fp32 mix rounded once: {'yes' if mix_exact else 'NO'}"
         print(line)
-    phase = getattr(_device, "phase_line", None)  # bench/_device.py's helper, where this checkout has it
-    print(phase(setup_s, measure_s) if phase else f"bench phases: setup {setup_s:.1f} s, measure {measure_s:.1f} s")
+    print(_device.phase_line(setup_s, measure_s))
     print(_device.peak_line(dev))
     return 0
 

@@ -191,6 +191,15 @@ def _broadcast(value, rank: int):
     return box[0]
 
 
+def _everywhere(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank."""
+    if not dist.is_initialized():
+        return ok
+    t = torch.tensor([1.0 if ok else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
 class Stopper:
     """SIGINT / SIGTERM set a flag; the engine's cancel callback (before every step) agrees on it across ranks and
     raises KeyboardInterrupt on all of them at the same step, so the engine writes a checkpoint between steps. A
@@ -564,7 +573,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     import comfy.model_management as mm
     from distilled_unets.models import distill as D
     from distilled_unets.models.distill.checkpoints import read_history
-    from distilled_unets.models.distill.datasets import ShardedDataset
+    from distilled_unets.models.distill.datasets import ShardedDataset, shard_files
     from distilled_unets.models.errors import IncompatibleModelsError
     from distilled_unets.nodes._glue import RECIPE_KEY, topology_of
     from distilled_unets.nodes.distill import BK_SDM_SAMPLES, _block_map, _student_unet, _trainable
@@ -586,6 +595,13 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         if path and not os.path.exists(path):
             raise D.DistillError("the file does not exist", "give the path of a UNet or checkpoint file", path=path,
                                  input_name=flag)
+    for flag, folder in (("--data", args.data), ("--heldout-data", args.heldout_data)):
+        try:
+            if folder:
+                shard_files(folder)  # a wrong folder fails here, before the models load
+        except D.DistillError as e:
+            e.input_name = flag
+            raise
     teacher, student, student_what = _load_models(args, device)
     tt, st = topology_of(teacher), topology_of(student)
     pred_t, zsnr_t = sampling_of(teacher, "tools/distill.py", "teacher")
@@ -629,6 +645,9 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
                  cfg.steps)
         return EXIT_OK
     resume = decision["resume"]
+    if not _everywhere(resume is None or os.path.isfile(resume)):
+        raise D.CheckpointError("the checkpoint to resume from is not visible on every node", "put --out on a file "
+                                "system every node shares (at the same path)", path=resume, input_name="out")
     start = int(D.read_checkpoint_meta(resume)["step"]) if resume else 0
 
     est = d.estimate_memory(teacher_resident=True)

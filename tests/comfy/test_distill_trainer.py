@@ -425,10 +425,11 @@ def test_a_preset_student_from_a_checkpoint_loads_with_its_recipe(files, tmp_pat
     args = ["--teacher", str(tmp_path / "sd15.safetensors"), "--preset", "bk-small", "--data", files["data"],
             "--out", str(out), "--steps", "1", "--batch-size", "1", "--checkpoint-every", "0", "--save-dtype",
             "fp16", "--comfyui", files["comfyui"], "--no-progress"]
-    assert inproc(args) == 0
+    assert inproc(args + ["--heldout-data", files["data"]]) == 0
     assert sorted(os.listdir(out)) == ["losses.csv", "student-00001.safetensors"]
     model, info = load_distilled_unet(str(out / "student-00001.safetensors"))
     assert "preset bk-small" in info and "Distilled here: 1 steps, 1 samples" in info
+    assert "held-out output-KD error" in info
     assert model.get_attachment("distilled_unets.block_map") is not None
     # a second run into the same folder never overwrites the student
     assert inproc(args + ["--resume", "none", "--seed", "1"]) == 0

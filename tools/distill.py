@@ -191,19 +191,21 @@ def _broadcast(value, rank: int):
     return box[0]
 
 
-def _everywhere(ok: bool) -> bool:
+def _everywhere(ok: bool, device: torch.device | None = None) -> bool:
     """Whether ``ok`` holds on every rank."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return ok
-    t = torch.tensor([1.0 if ok else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if ok else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)
 
 
 class Stopper:
-    """SIGINT / SIGTERM set a flag; the engine's cancel callback (before every step) agrees on it across ranks and
-    raises KeyboardInterrupt on all of them at the same step, so the engine writes a checkpoint between steps. A
-    second signal stops at once."""
+    """SIGINT / SIGTERM set a flag; the engine's cancel callback (called before every step) agrees on it across
+    ranks, so every rank stops at the same step, after the engine wrote a checkpoint. A second signal stops at
+    once (KeyboardInterrupt, no checkpoint)."""
 
     def __init__(self, device: torch.device):
         self.flag = False
@@ -231,14 +233,7 @@ class Stopper:
                     self.signame)
 
     def __call__(self) -> bool:
-        stop = self.flag
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([1.0 if stop else 0.0], device=self._device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            stop = bool(t.item() > 0)
-        if stop:
-            raise KeyboardInterrupt
-        return False
+        return not _everywhere(not self.flag, self._device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -670,18 +665,24 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     progress = Progress(rank=rank, start=start, total=cfg.steps, samples_per_step=global_batch * cfg.grad_accum,
                         losses=losses, bar=not args.no_progress)
     stopper = Stopper(device).install()
+    stopped = False
     try:
         res = d.run(cancel=stopper, resume=resume, on_step=progress)
-    except KeyboardInterrupt:
-        found = checkpoints_in(out) if rank == 0 else []
-        log.warning("stopped (%s) at step %d; %s", stopper.signame or "interrupt", progress.times[-1][0],
-                    f"the same command resumes from {found[-1][2]}" if found else "no checkpoint was written")
-        return EXIT_SIGNAL
+        stopped = res.cancelled
+    except KeyboardInterrupt:  # a second signal: stopped at once
+        stopped = True
     finally:
         stopper.uninstall()
         progress.close()
         if losses is not None:
             losses.close()
+    if stopped:
+        if rank == 0:
+            found = checkpoints_in(out)
+            log.warning("stopped (%s) at step %d; %s", stopper.signame or "a signal to another rank",
+                        progress.times[-1][0], f"the same command resumes from {found[-1][2]}" if found else
+                        "no checkpoint was written")
+        return EXIT_SIGNAL
     for line in res.report:
         log.info("%s", line)
     seen = res.steps_done * global_batch * cfg.grad_accum

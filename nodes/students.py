@@ -206,6 +206,19 @@ def refuse_non_finite(sd: dict, weights: dict, dtype: str) -> None:
                     "save as bf16 or fp32", node="SaveStudentUNet", input_name="dtype")
 
 
+def write_unet(model, folder: str, name_for, dtype: str, title: str, *, start: int = 0,
+               extra_metadata: dict[str, str] | None = None) -> str:
+    """Write a MODEL's UNet as ``folder/name_for(n)`` (the first free ``n >= start``, never over a file) in the
+    ldm layout of ComfyUI's ModelSave, with the pack's metadata (+ ``extra_metadata``). Returns the path."""
+    meta, extra = save_metadata(model, title)
+    meta.update(extra_metadata or {})
+    weights = unet_weights(model)
+    sd = {f"model.diffusion_model.{k}": v.to(SAVE_DTYPES[dtype]).contiguous() for k, v in weights.items()}
+    refuse_non_finite(sd, weights, dtype)
+    sd.update(extra)
+    return save_new(sd, folder, name_for, meta, start=start)
+
+
 def save_unet(model, filename_prefix: str, dtype: str, title: str = "") -> str:
     """Save a MODEL's UNet under models/diffusion_models in the ldm layout of ComfyUI's ModelSave."""
     out_dir = folder_paths.get_folder_paths("diffusion_models")[0]
@@ -215,12 +228,8 @@ def save_unet(model, filename_prefix: str, dtype: str, title: str = "") -> str:
         raise PackError(f"the name prefix {filename_prefix!r} would save outside models/diffusion_models",
                         "use a relative name such as 'students/my-student'", node="SaveStudentUNet",
                         input_name="filename_prefix") from e
-    meta, extra = save_metadata(model, title.strip() or filename)
-    weights = unet_weights(model)
-    sd = {f"model.diffusion_model.{k}": v.to(SAVE_DTYPES[dtype]).contiguous() for k, v in weights.items()}
-    refuse_non_finite(sd, weights, dtype)
-    sd.update(extra)
-    path = save_new(sd, folder, lambda n: f"{filename}_{n:05}_.safetensors", meta, start=counter)
+    path = write_unet(model, folder, lambda n: f"{filename}_{n:05}_.safetensors", dtype, title.strip() or filename,
+                      start=counter)
     log.info("SaveStudentUNet: wrote %s", path)
     return path
 

@@ -43,6 +43,30 @@ def read_checkpoint_meta(path: str) -> dict[str, str]:
     return meta
 
 
+def differences(meta: dict[str, str], config, global_batch: int) -> list[str]:
+    """The settings of ``config`` (and the global batch) that differ from a checkpoint's, by name: empty when a
+    run resumed from it reproduces the uninterrupted one (the data aside: compare ``meta["data"]``)."""
+    old, new = json.loads(meta["config"]), json.loads(config.to_json())
+    diff = [k for k in _REPRODUCING if old.get(k) != new.get(k)]
+    old_global = int(meta.get("global_batch", old.get("batch_size", 0)))
+    if old_global != global_batch:
+        diff.insert(0, f"global batch ({old_global} -> {global_batch})")
+    return diff
+
+
+def read_history(path: str) -> tuple[list[float], dict[str, list[float]], list[int]]:
+    """(loss per step, each loss term per step, the skipped steps) a checkpoint holds, from its first step."""
+    from safetensors import safe_open
+
+    meta = read_checkpoint_meta(path)
+    with safe_open(path, framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        losses = f.get_tensor("history.loss").tolist()
+        parts = {k[len("history."):]: f.get_tensor(k).tolist() for k in sorted(keys)
+                 if k.startswith("history.") and k not in ("history.loss", "history.heldout")}
+    return losses, parts, [int(s) for s in json.loads(meta.get("skipped_steps", "[]"))]
+
+
 def _tensors(run, model, step: int) -> tuple[dict, dict]:
     tensors = {f"student.{k}": v for k, v in model.state_dict().items()}
     for name, p in zip(run.train_names, run._params):
@@ -91,18 +115,14 @@ def restore(run, model, path: str) -> tuple[int, list[str]]:
     meta = read_checkpoint_meta(path)
     notes = []
     step = int(meta["step"])
-    if step >= run.cfg.steps:
+    if step > run.cfg.steps:  # at ``steps`` exactly: nothing left to train, the run finishes from it
         raise CheckpointError(f"the checkpoint is at step {step}, the run asks for {run.cfg.steps} steps",
-                              f"set steps above {step}", path=path, input_name="steps")
+                              f"set steps to {step} or more", path=path, input_name="steps")
     names = json.loads(meta.get("trainable", "[]"))
     if names != run.train_names:
         raise CheckpointError("the checkpoint trained a different set of student parameters",
                               "resume with the same student and 'train' choice", path=path, input_name="resume")
-    old, new = json.loads(meta["config"]), json.loads(run.cfg.to_json())
-    diff = [k for k in _REPRODUCING if old.get(k) != new.get(k)]
-    old_global = int(meta.get("global_batch", old.get("batch_size", 0)))
-    if old_global != run.cfg.batch_size * run.world_size:
-        diff.insert(0, f"global batch ({old_global} -> {run.cfg.batch_size * run.world_size})")
+    diff = differences(meta, run.cfg, run.cfg.batch_size * run.world_size)
     if diff:
         notes.append("settings changed since the checkpoint (the run will not reproduce an uninterrupted "
                      "one): " + ", ".join(diff))

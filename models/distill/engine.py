@@ -278,15 +278,18 @@ class Distiller:
 
     # ---- the run --------------------------------------------------------------------------------
     def run(self, *, progress: Callable[[int, int, float], None] | None = None,
-            cancel: Callable[[], bool] | None = None, resume: str | None = None) -> TrainResult:
+            cancel: Callable[[], bool] | None = None, resume: str | None = None,
+            on_step: Callable[[int, dict[str, float], bool], None] | None = None) -> TrainResult:
         """Train. ``cancel()`` is called before every step: True stops after the last finished step (the
         result is returned, a checkpoint written when checkpointing is on); an exception it raises is
-        re-raised after that checkpoint. ``progress(step, total, loss)`` is called after every step.
+        re-raised after that checkpoint. ``progress(step, total, loss)`` is called after every step, and
+        ``on_step(step, terms, applied)`` with the step's loss terms (``loss`` included, averaged over processes)
+        and whether it was applied (False: skipped, non-finite). A checkpoint at ``steps`` resumes into the result.
 
         Several steps in a row with a non-finite loss or gradient raise :class:`NonFiniteError` (with the last
         good weights and a checkpoint of them); a step with one alone is skipped (no update)."""
         with torch.inference_mode(False), torch.enable_grad():
-            return self._run(progress, cancel, resume)
+            return self._run(progress, cancel, resume, on_step)
 
     def _save(self, model, step: int) -> str | None:
         """A checkpoint at ``step``, written by rank 0 (the others wait for it); its path on rank 0."""
@@ -314,7 +317,7 @@ class Distiller:
         if self.semantic is not None:
             self.semantic = self.semantic.to(self.device)
 
-    def _run(self, progress, cancel, resume) -> TrainResult:
+    def _run(self, progress, cancel, resume, on_step=None) -> TrainResult:
         cfg = self.cfg
         t0 = time.perf_counter()
         model = self._trainable_copy()
@@ -376,6 +379,8 @@ class Distiller:
                     self._curve.append((done, self._heldout_error(model)))
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                     written.append(self._save(model, done))
+                if on_step is not None:
+                    on_step(done, parts, finite)
                 if progress is not None:
                     progress(done, cfg.steps, parts["loss"])
             phases["steps"] = time.perf_counter() - t_steps

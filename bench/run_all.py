@@ -132,6 +132,14 @@ BENCHES = [
         "cpu": ["--size", "32", "--reps", "3", "--conv-reps", "1", "--threads", "1"],
         "quick": ["--channels", "32", "--size", "16", "--batches", "1,2", "--reps", "1", "--conv-reps", "1"],
     }, gpu_limit_s=45),
+    Bench("distill_scale", "Distillation at scale: samples/s at 1 vs 2 processes (CPU), per-GPU rate of bk-small at "
+          "512 px", "bench_distill_scale.py", {
+        # on a GPU machine its CPU part runs beside the GPU benches (the per-GPU rate of one process is
+        # bench_distill's samples/s column; `bench_distill_scale.py --parts gpu` alone measures it under DDP)
+        "cuda": ["--parts", "cpu", "--reps", "2"],
+        "cpu": ["--parts", "cpu", "--reps", "3"],
+        "quick": ["--parts", "cpu", "--reps", "1", "--steps", "3", "--batch", "4"],
+    }, gpu_limit_s=GPU_BUDGET_S, device_free=True),
     Bench("loader", "Loading: our build vs ComfyUI's own build vs the teacher", "bench_loader.py", {
         "cuda": ["--families", "sd1,sd2,sdxl", "--px", "512", "--sdxl-px", "1024", "--rounds", "3"],
         "cpu": ["--families", "sd1,sd2", "--px", "256", "--rounds", "5", "--threads", "1"],

@@ -50,7 +50,14 @@ def test_workflows_exist():
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_runs_in_server(comfy_server, demo_models, path, tmp_path):
+    """Writes PNGs (a few KB) to tmp_path and, for the student workflows, a student of the demo teacher (about
+    1 GB) to the server's own models folder, deleted after the test."""
     res = run_one(comfy_server, path, tmp_path, demo_models, steps=2, size=SIZE, force_demo=True, timeout=300)
+    savers = [n for n in res["prompt"].values() if n["class_type"] == "SaveStudentUNet"]
+    saved = sorted((comfy_server.models_out / "diffusion_models").rglob("*.safetensors"))
+    # the student lands in the server's folder (listed first), never in the ComfyUI installation's models/
+    assert sorted(p.name.rsplit("_", 2)[0] for p in saved) == sorted(
+        n["inputs"]["filename_prefix"].rsplit("/", 1)[-1] for n in savers), saved
     assert res["images"], f"{path.name} produced no image"
     sizes = expected_sizes(res["prompt"])
     assert sizes == {SIZE}

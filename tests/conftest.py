@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from _host import REPO, comfyui_version, find_comfyui, import_pack, missing_reason, setup_comfy
+from comfy_server import WRITTEN_MODEL_FOLDERS  # the model folders whose first path savers write to
 
 from ._user_folders import changes, listing, report
 
@@ -32,9 +33,6 @@ COMFYUI = find_comfyui()
 _HOST_ERROR: str | None = None
 _BEFORE: dict | None = None  # the listing of COMFYUI's folders when the session started
 _PRIVATE: tuple | None = None  # (temporary folder, what folder_paths held before) while redirected
-
-#: model folders whose FIRST path a saver writes to (Save Student UNet, ComfyUI 0.33's SaveTrainingDataset)
-WRITTEN_MODEL_FOLDERS = ("diffusion_models", "checkpoints", "loras", "datasets")
 
 
 def _private_comfyui_folders() -> None:

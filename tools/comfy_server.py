@@ -214,6 +214,15 @@ class ComfyServer:
             raise ServerError(f"GET {path} -> HTTP {status}")
         return body
 
+    def free(self, settle: float = 1.0) -> None:
+        """Unload the models and drop the executor's cache (ComfyUI's POST /free), so the next prompt starts from
+        empty memory: the student workflows hold a full-size teacher and student each. The worker thread acts on
+        it when idle; ``settle`` seconds let it do so before another prompt is queued."""
+        status, body = self._request("/free", {"unload_models": True, "free_memory": True})
+        if status != 200:
+            raise ServerError(f"POST /free -> HTTP {status}: {body[:200]!r}")
+        time.sleep(settle)
+
     def object_info(self) -> dict:
         return self.get_json("/object_info")
 

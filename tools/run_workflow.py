@@ -302,8 +302,10 @@ def main(argv=None) -> int:
     try:
         with ComfyServer(comfyui, server_model_dirs(args.models, args.demo_dir), python=args.python, workdir=work,
                          models_out=models_out, output_dir=output) as server:
-            for f in files:
+            for i, f in enumerate(files):
                 try:
+                    if i:
+                        server.free()  # the last workflow's models out of memory first
                     results.append(run_one(server, f, args.out, args.demo_dir, steps=args.steps, size=size,
                                            force_demo=args.demo))
                 except (WorkflowError, ConversionError, PromptRejected, ServerError) as e:

@@ -96,11 +96,13 @@ def comfy_server(comfyui_root, demo_models, bad_models, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _saved_models_deleted(request):
     """Models a test's workflows saved (students of the 1.7 GB demo teacher: about 1 GB each) are deleted
-    after it, so the session never holds more than one test's."""
+    after it, so the session never holds more than one test's. Files only: ComfyUI's file-list cache stats
+    every folder it listed, and a removed folder makes /object_info fail."""
     yield
     if "comfy_server" in request.fixturenames:
-        for folder in request.getfixturevalue("comfy_server").models_out.iterdir():
-            shutil.rmtree(folder, ignore_errors=True)
+        for f in request.getfixturevalue("comfy_server").models_out.rglob("*"):
+            if not f.is_dir():
+                f.unlink()
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import comfy.model_sampling
 import folder_paths
@@ -219,9 +220,17 @@ def write_unet(model, folder: str, name_for, dtype: str, title: str, *, start: i
     return save_new(sd, folder, name_for, meta, start=start)
 
 
+def save_folder() -> str:
+    """The first diffusion_models folder (a user's ``is_default`` extra path comes first), except that ComfyUI's
+    own legacy ``models/unet``, which it lists before its ``models/diffusion_models``, gives way to the latter."""
+    paths = folder_paths.get_folder_paths("diffusion_models")
+    legacy, current = (os.path.join(folder_paths.models_dir, f) for f in ("unet", "diffusion_models"))
+    return current if paths[0] == legacy and current in paths else paths[0]
+
+
 def save_unet(model, filename_prefix: str, dtype: str, title: str = "") -> str:
     """Save a MODEL's UNet under models/diffusion_models in the ldm layout of ComfyUI's ModelSave."""
-    out_dir = folder_paths.get_folder_paths("diffusion_models")[0]
+    out_dir = save_folder()
     try:
         folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
     except Exception as e:  # ComfyUI refuses prefixes that leave the folder

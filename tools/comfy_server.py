@@ -4,7 +4,21 @@ Client side uses only the standard library (``urllib``). Used by ``tools/run_wor
 server and browser tests. The pack is made visible to ComfyUI through an extra-model-paths
 ``custom_nodes:`` entry pointing at a temporary folder that holds one symlink named
 ``distilled_unets`` to this checkout, unless ComfyUI already has the checkout in its own
-``custom_nodes/``; nothing is written inside the ComfyUI tree.
+``custom_nodes/``.
+
+Nothing is written inside the ComfyUI tree: every folder the server writes to is the server's own,
+through ComfyUI's command-line flags (the same in 0.3.64 and 0.33) and one extra-model-paths entry:
+
+* ``--output-directory`` (images, the distiller's checkpoints under ``distilled_unets/``),
+  ``--temp-directory``, ``--input-directory``, ``--user-directory`` (settings, workflows) and
+  ``--database-url sqlite:///:memory:`` (else ComfyUI creates ``user/comfyui.db`` in its own folder);
+* ``models_out`` (default ``<workdir>/models``), listed FIRST (``is_default: true``) for the model
+  folders that savers write to: ``diffusion_models`` (Save Student UNet writes to the first one),
+  ``checkpoints``, ``loras`` and ``datasets`` (ComfyUI 0.33's SaveTrainingDataset writes to the
+  first one). ComfyUI's own ``models/`` stays readable (listed after).
+
+``--base-directory`` is not used: it would also move ``models/`` and ``custom_nodes/``, hiding the
+user's models and other packs from the quick start.
 """
 
 from __future__ import annotations
@@ -29,6 +43,9 @@ from _host import PACK as PACK_FOLDER
 from _host import REPO
 
 log = logging.getLogger("distilled_unets.tools")
+
+#: model folders listed first on the server from ``models_out``: where savers that pick a model folder write
+WRITTEN_MODEL_FOLDERS = ("diffusion_models", "checkpoints", "loras", "datasets")
 
 
 class ServerError(RuntimeError):
@@ -59,12 +76,15 @@ class ComfyServer:
     """A ComfyUI ``main.py`` subprocess on 127.0.0.1 with its own user/input/output/temp directories.
 
     ``model_dirs`` are extra models roots (each laid out like ``ComfyUI/models``: ``checkpoints/``,
-    ``diffusion_models/``, ``loras/`` ...). Use as a context manager, or call :meth:`start` /
-    :meth:`stop`.
+    ``diffusion_models/``, ``loras/`` ...), read only. ``models_out`` is where the models a workflow
+    saves go (:data:`WRITTEN_MODEL_FOLDERS` under it), ``output_dir`` ComfyUI's output folder; both
+    default to folders of ``workdir`` (a new temporary folder unless given, removed by
+    :meth:`cleanup`). Use as a context manager, or call :meth:`start` / :meth:`stop`.
     """
 
     def __init__(self, comfyui: Path, model_dirs=(), *, python: str | None = None, workdir: Path | None = None,
-                 extra_args=(), startup_timeout: float = 180.0):
+                 models_out: Path | None = None, output_dir: Path | None = None, extra_args=(),
+                 startup_timeout: float = 180.0):
         self.comfyui = Path(comfyui)
         self.model_dirs = [Path(d).expanduser().resolve() for d in model_dirs]
         self.python = python or sys.executable
@@ -75,12 +95,15 @@ class ComfyServer:
         self.port = None
         self.proc: subprocess.Popen | None = None
         self.client_id = uuid.uuid4().hex
-        self.output_dir = self.workdir / "output"
+        self.output_dir = Path(output_dir).resolve() if output_dir else self.workdir / "output"
+        self.models_out = Path(models_out).resolve() if models_out else self.workdir / "models"
         self.log_path = self.workdir / "server.log"
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _write_config(self) -> Path:
-        cfg = {}
+        # first (is_default): the models this server writes, never the ComfyUI installation's models/
+        cfg = {"distilled_unets_written": {"base_path": str(self.models_out), "is_default": True,
+                                           **{f: f for f in WRITTEN_MODEL_FOLDERS}}}
         for i, d in enumerate(self.model_dirs):
             sub = {"base_path": str(d)}
             for folder in ("checkpoints", "diffusion_models", "unet", "loras", "vae", "text_encoders", "clip",
@@ -101,13 +124,14 @@ class ComfyServer:
         return path
 
     def start(self) -> "ComfyServer":
-        for d in ("output", "input", "user", "temp"):
-            (self.workdir / d).mkdir(parents=True, exist_ok=True)
+        for d in (self.output_dir, self.workdir / "input", self.workdir / "user", self.workdir / "temp",
+                  self.models_out):  # the savers make their model folders when they first write
+            d.mkdir(parents=True, exist_ok=True)
         cfg = self._write_config()
         self.port = free_port()
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--extra-model-paths-config", str(cfg),
-               "--output-directory", str(self.workdir / "output"), "--input-directory", str(self.workdir / "input"),
+               "--output-directory", str(self.output_dir), "--input-directory", str(self.workdir / "input"),
                "--user-directory", str(self.workdir / "user"), "--temp-directory", str(self.workdir / "temp"),
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", "--log-stdout", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -189,6 +213,15 @@ class ComfyServer:
         if status != 200:
             raise ServerError(f"GET {path} -> HTTP {status}")
         return body
+
+    def free(self, settle: float = 1.0) -> None:
+        """Unload the models and drop the executor's cache (ComfyUI's POST /free), so the next prompt starts from
+        empty memory: the student workflows hold a full-size teacher and student each. The worker thread acts on
+        it when idle; ``settle`` seconds let it do so before another prompt is queued."""
+        status, body = self._request("/free", {"unload_models": True, "free_memory": True})
+        if status != 200:
+            raise ServerError(f"POST /free -> HTTP {status}: {body[:200]!r}")
+        time.sleep(settle)
 
     def object_info(self) -> dict:
         return self.get_json("/object_info")

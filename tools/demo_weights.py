@@ -29,12 +29,16 @@ Written under ``<models dir>`` (laid out like ``ComfyUI/models``):
   and distil from (block removal needs every block of the real UNet).
 
 ``python tools/demo_weights.py DIR [--sdxl] [--teacher]``. Re-running is cheap: files already written by the
-same version are kept (``DEMO_WEIGHTS.json`` records what is there).
+same version are kept (``DEMO_WEIGHTS.json`` records what is there), so they are written once per machine into
+one cache, ``~/.cache/distilled_unets/demo-models`` (``tools/run_workflow.py``'s ``--demo-dir`` default, also used
+by the server tests; never a ComfyUI folder): 0.3 GB, 4 GB with ``--sdxl --teacher``. Concurrent writers (two
+test runs) take turns on a lock file there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -318,10 +322,33 @@ def write_sdxl(root: Path) -> None:
     _save(_fp16(ck), root / "checkpoints" / SDXL_CKPT)
 
 
+@contextlib.contextmanager
+def _locked(root: Path):
+    """An exclusive lock on ``root/.lock`` (another process writing the same cache waits); none where the OS
+    has no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(root / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def ensure(root: str | Path, sdxl: bool = False, teacher: bool = False) -> Path:
     """Write the demo models under ``root`` unless this version already wrote them; returns ``root``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    with _locked(root):
+        _ensure(root, sdxl, teacher)
+    return root
+
+
+def _ensure(root: Path, sdxl: bool, teacher: bool) -> None:
     stamp = root / STAMP
     have = json.loads(stamp.read_text()) if stamp.is_file() else {}
     if have.get("version") != VERSION:
@@ -339,7 +366,6 @@ def ensure(root: str | Path, sdxl: bool = False, teacher: bool = False) -> Path:
             log.info("%s demo weights written in %.1f s", part, time.perf_counter() - t)
     finally:
         torch.set_num_threads(torch_threads)
-    return root
 
 
 def main(argv=None) -> int:

@@ -3,13 +3,20 @@
     python tools/run_workflow.py workflows/distilled_unet_sd15.json
     python tools/run_workflow.py --all --out my_images/
 
-Starts a real ComfyUI server (``main.py --cpu`` on 127.0.0.1, a free port, throw-away user /
-input / output directories) with this pack loaded, converts the UI-format workflow to the API
-format with the server's ``/object_info``, queues it, waits for it, and copies the PNGs to
-``--out`` as ``<workflow>_<saver prefix>_<counter>_.png``, numbered like ComfyUI's own savers (a
-second run adds files, never replaces them). The model files the workflow names are looked up in
-ComfyUI's own ``models/`` and in ``--models``; when one is missing, tiny random DEMO weights are
-generated (``tools/demo_weights.py``) and every model file in the workflow is swapped for its demo
+Starts a real ComfyUI server (``main.py --cpu`` on 127.0.0.1, a free port) with this pack loaded,
+converts the UI-format workflow to the API format with the server's ``/object_info``, queues it,
+waits for it, and copies the PNGs to ``--out`` as ``<workflow>_<saver prefix>_<counter>_.png``,
+numbered like ComfyUI's own savers (a second run adds files, never replaces them).
+
+Nothing is written into the ComfyUI installation: every folder the server writes to is under
+``--out`` (default ``./distilled_unets_output/``): ``models/`` for the models a workflow saves (Save
+Student UNet's student: ``models/diffusion_models/...``), ``output/`` for ComfyUI's own output (the
+images as ComfyUI saved them, the distiller's checkpoints), and a ``.comfyui-*`` working folder (user,
+input, temp, the server's log) removed when the run ends. The files a run saved are listed at the end.
+
+The model files the workflow names are looked up in ComfyUI's own ``models/`` and in ``--models``; when
+one is missing, tiny random DEMO weights are generated once (``tools/demo_weights.py``, into
+``~/.cache/distilled_unets/demo-models``) and every model file in the workflow is swapped for its demo
 counterpart, so the run exercises the whole pipeline but THE IMAGE IS NOISE. Client side: standard
 library only.
 """
@@ -19,8 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +40,7 @@ from ui_to_api import ConversionError, convert
 
 log = logging.getLogger("distilled_unets.tools")
 
+#: the one cache of demo weights (the quick start and the server tests share it; never in ComfyUI's folders)
 DEFAULT_DEMO_DIR = Path.home() / ".cache" / "distilled_unets" / "demo-models"
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "loras", "vae", "text_encoders", "clip", "diffusers")
 DEMO_STEPS, DEMO_SIZE = 4, (128, 128)
@@ -247,6 +258,23 @@ def copy_numbered(src: Path, out_dir: Path, prefix: str) -> Path:
             continue
 
 
+def files_under(*roots: Path) -> dict[Path, tuple[int, int]]:
+    """``{file: (size, mtime_ns)}`` of every file under ``roots`` (missing roots are empty)."""
+    out = {}
+    for root in roots:
+        for base, _, files in os.walk(root):
+            for f in files:
+                st = os.stat(os.path.join(base, f))
+                out[Path(base) / f] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def saved_files(before: dict, after: dict, skip=(".png",)) -> list[Path]:
+    """Files new or rewritten between two :func:`files_under` listings (images left out: they are reported
+    as the copies made of them)."""
+    return sorted(f for f, st in after.items() if before.get(f) != st and f.suffix.lower() not in skip)
+
+
 def server_model_dirs(models: Path | None, demo_dir: Path | None) -> list[Path]:
     dirs = []
     if models is not None:
@@ -266,7 +294,9 @@ def main(argv=None) -> int:
     ap.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH, the enclosing ComfyUI, or ~/ComfyUI)")
     ap.add_argument("--models", type=Path, help="your models folder, laid out like ComfyUI/models "
                                                 "(ComfyUI's own models/ is always searched)")
-    ap.add_argument("--out", type=Path, default=Path("distilled_unets_output"), help="where to copy the PNGs")
+    ap.add_argument("--out", type=Path, default=Path("distilled_unets_output"),
+                    help="where the PNGs are copied and everything the server writes goes: models/ (saved students), "
+                         "output/ (ComfyUI's output: images as saved, distiller checkpoints)")
     ap.add_argument("--demo-dir", type=Path, default=DEFAULT_DEMO_DIR,
                     help=f"where demo weights are generated when models are missing (default {DEFAULT_DEMO_DIR})")
     ap.add_argument("--demo", action="store_true", help="use demo weights even when your models are there")
@@ -277,6 +307,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.demo_dir = args.demo_dir.expanduser().resolve()
     args.models = args.models.expanduser().resolve() if args.models else None
+    args.out = args.out.expanduser().resolve()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
 
@@ -289,20 +320,36 @@ def main(argv=None) -> int:
         sys.stderr.write(f"error: {missing_reason(args.comfyui)}; pass --comfyui PATH or set COMFYUI_PATH\n")
         return 2
     results, failures = [], []
-    with ComfyServer(comfyui, server_model_dirs(args.models, args.demo_dir), python=args.python) as server:
-        for f in files:
-            try:
-                results.append(run_one(server, f, args.out, args.demo_dir, steps=args.steps, size=size,
-                                       force_demo=args.demo))
-            except (WorkflowError, ConversionError, PromptRejected, ServerError) as e:
-                failures.append((f, str(e)))
-                log.error("%s: %s", f.name, e)
+    models_out, output = args.out / "models", args.out / "output"
+    args.out.mkdir(parents=True, exist_ok=True)
+    before = files_under(models_out, output)
+    work = Path(tempfile.mkdtemp(prefix=".comfyui-", dir=args.out))  # user, input, temp, log: removed at the end
+    try:
+        with ComfyServer(comfyui, server_model_dirs(args.models, args.demo_dir), python=args.python, workdir=work,
+                         models_out=models_out, output_dir=output) as server:
+            for i, f in enumerate(files):
+                try:
+                    if i:
+                        server.free()  # the last workflow's models out of memory first
+                    results.append(run_one(server, f, args.out, args.demo_dir, steps=args.steps, size=size,
+                                           force_demo=args.demo))
+                except (WorkflowError, ConversionError, PromptRejected, ServerError) as e:
+                    failures.append((f, str(e)))
+                    log.error("%s: %s", f.name, e)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    saved = saved_files(before, files_under(models_out, output))
     for r in results:
         for img in r["images"]:
             print(f"wrote {img}  ({r['workflow'].name}, {r['seconds']:.1f} s)")  # noqa: T201
         if r["swaps"]:
             print("  these images are NOISE: made with random demo weights, because the workflow's models "  # noqa: T201
                   "are not installed (" + ", ".join(sorted({o for _, _, o, _ in r["swaps"]})) + ")")
+    for path in saved:
+        print(f"saved {path}  ({path.stat().st_size / 2**20:.0f} MB)")  # noqa: T201
+    if saved and any(r["swaps"] for r in results):
+        print("  saved from random demo weights: delete them when done (nothing was written into "  # noqa: T201
+              f"{comfyui})")
     for f, e in failures:
         print(f"FAILED {f}: {e}")  # noqa: T201
     return 1 if failures else 0

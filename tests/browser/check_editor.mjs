@@ -10,7 +10,7 @@
 //      only compares names with the server's listing), the page is reloaded, and each workflow is
 //      loaded again: nodes, widgets and the loader's info widget are checked and a screenshot taken.
 import { chromium } from "playwright-core";
-import { readFileSync, writeFileSync, mkdirSync, mkdtempSync } from "node:fs";
+import { readFileSync, writeFileSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { basename, join } from "node:path";
 import { tmpdir } from "node:os";
 
@@ -232,5 +232,6 @@ try {
   }
 } finally {
   await context.close();
+  rmSync(userDataDir, { recursive: true, force: true });
   writeFileSync(reportPath, JSON.stringify(report, null, 1));
 }

@@ -8,7 +8,9 @@ workflows/ twice (``check_editor.mjs``):
   ``properties.models``, with its folder and download URL, and nothing else;
 * with its models present (empty files under those names): no missing-models notice, no missing
   nodes, widgets line up, every model name is an option of its combo; a screenshot of each goes to
-  test-artifacts/screenshots/<ComfyUI version>/ (docs/screenshots holds the current frontend's).
+  test-artifacts/screenshots/<ComfyUI version>/ (docs/screenshots holds the current frontend's; about
+  1 MB). Everything else (the server's folders, the placeholder model files, Chromium's profile) is in a
+  temporary folder removed when the report is read.
 
 Skipped with a reason when Chromium, playwright-core or ComfyUI is absent.
 Setup: ``apt-get install -y chromium`` and ``(cd tests/browser && npm ci)``.
@@ -59,13 +61,15 @@ def report(tmp_path_factory):
     # no first-run template browser; no minimap over the screenshots
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}))
     shots = SHOTS / comfyui_version(comfyui)
+    # the Chromium profile (tens of MB) goes to this module's temporary folder, removed below with the server's
     with ComfyServer(comfyui, [models], workdir=workdir) as server:
         object_info = server.object_info()
         r = subprocess.run(["node", str(HERE / "check_editor.mjs"), server.url, str(shots), str(out), str(models),
                             *map(str, WORKFLOWS)], cwd=HERE, capture_output=True, text=True, timeout=500,
-                           env=dict(os.environ, CHROMIUM_PATH=CHROMIUM))
+                           env=dict(os.environ, CHROMIUM_PATH=CHROMIUM, TMPDIR=str(tmp)))
     assert r.returncode == 0, f"check_editor.mjs failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     rep = json.loads(out.read_text())
+    shutil.rmtree(tmp, ignore_errors=True)
     rep["pack_nodes"] = sorted(k for k, v in object_info.items()
                                if str(v.get("python_module", "")).endswith("distilled_unets"))
     return rep

@@ -72,8 +72,16 @@ def _dataset_workflow_ready(server, object_info, path) -> Path | None:
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_runs_in_server(comfy_server, object_info, demo_models, path, tmp_path):
+    """Writes PNGs (a few KB) to tmp_path and, for the student workflows, a student of the demo teacher (about
+    1 GB) to the server's own models folder, deleted after the test."""
     datasets = _dataset_workflow_ready(comfy_server, object_info, path)
+    comfy_server.free()  # the distillation needs ~6 GB on top of its teacher: nothing else held in memory
     res = run_one(comfy_server, path, tmp_path, demo_models, steps=2, size=SIZE, force_demo=True, timeout=300)
+    savers = [n for n in res["prompt"].values() if n["class_type"] == "SaveStudentUNet"]
+    saved = sorted((comfy_server.models_out / "diffusion_models").rglob("*.safetensors"))
+    # the student lands in the server's folder (listed first), never in the ComfyUI installation's models/
+    assert sorted(p.name.rsplit("_", 2)[0] for p in saved) == sorted(
+        n["inputs"]["filename_prefix"].rsplit("/", 1)[-1] for n in savers), saved
     if datasets is not None:  # saved, then (in the same run, loaded after the save) distilled from
         saver = next(n for n in res["prompt"].values() if n["class_type"] == "SaveTrainingDataset")
         folder = datasets / saver["inputs"]["folder_name"]

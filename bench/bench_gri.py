@@ -31,7 +31,9 @@ up to --max-rounds. Times in milliseconds, three significant figures.
         [--unet-sizes 1024,2048] [--reps 3] [--max-rounds 12] [--threads 1] [--skip-unet]
 
 Device: CUDA in fp16 when a GPU is there, else the CPU in fp32 (bench/_device.py; BENCH_DEVICE /
-BENCH_DTYPE override). On 2 CPU cores a full-width 2048 px forward takes minutes per column (exact
+BENCH_DTYPE override). Times: wall time on a GPU; on a CPU the process's CPU time (CPU machines here
+are shared, and wall time there measures the neighbours), so run CPU measurements with --threads 1.
+On 2 CPU cores a full-width 2048 px forward takes minutes per column (exact
 attention alone about 5 min for SD1.5), so CPU runs use --unet-sizes 512,1024; 2048 px whole-UNet rows
 are a GPU measurement.
 
@@ -54,6 +56,17 @@ from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
 T0 = time.perf_counter()
 DEVICE, DTYPE = None, None  # set by _setup()
 SPREAD_TARGET = 5.0  # %: rows above it get more rounds
+
+
+def clock_for(device):
+    """The clock of a timed section: wall time on a GPU (after a sync); on a CPU the process's CPU time,
+    since the CPU machines these benches run on are shared and wall time there measures the neighbours
+    (run with --threads 1: with more threads, idle worker threads spinning would count too)."""
+    return time.process_time if str(device).split(":")[0] == "cpu" else time.perf_counter
+
+
+def clock_name(device) -> str:
+    return "CPU time of the process" if clock_for(device) is time.process_time else "wall time"
 
 
 def _setup():
@@ -177,13 +190,14 @@ class measuring:
 
 def _time(fn, reps):
     best = math.inf
+    now = clock_for(DEVICE)
     with measuring():
         for _ in range(reps):
             _device.sync(DEVICE)
-            t = time.perf_counter()
+            t = now()
             fn()
             _device.sync(DEVICE)
-            best = min(best, time.perf_counter() - t)
+            best = min(best, now() - t)
     return best
 
 
@@ -347,6 +361,7 @@ def unet_part(args):
 
     rounds = Rounds(args.reps, args.max_rounds)
     cuda = DEVICE.type == "cuda"
+    now = clock_for(DEVICE)
     print(f"\n## whole UNet: one forward, batch 1, full width, random weights; window {args.window}, "
           f"pool {args.pool or 'auto'}; ms, median of the {args.reps} fastest interleaved rounds (more rounds "
           f"while a spread is above {SPREAD_TARGET:g} %, at most {rounds.max_rounds})")
@@ -379,11 +394,11 @@ def unet_part(args):
                 to = dict(p.model_options["transformer_options"])
                 to["sigmas"] = sigma
                 _device.sync(DEVICE)
-                t = time.perf_counter()
+                t = now()
                 with torch.no_grad():
                     p.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to, **extra)
                 _device.sync(DEVICE)
-                return time.perf_counter() - t
+                return now() - t
 
             runs = {"gri": fast, "ht": ht, "exact": base, "bound": bound}
             for p in runs.values():  # warm-up, off the clock: kernels picked, layouts and masks built
@@ -445,7 +460,7 @@ def main():
     import logging
 
     logging.getLogger("distilled_unets").setLevel(logging.WARNING)
-    print(_device.describe(DEVICE, DTYPE))
+    print(f"{_device.describe(DEVICE, DTYPE)}; times: {clock_name(DEVICE)}")
     if not args.skip_attention:
         attention_part(args)
     if not args.skip_own_cost:

@@ -21,7 +21,8 @@ on each UNet before MultiUNetModel, against each compiled UNet alone and their m
 the warm-up (setup), and the graph count is checked unchanged while measuring (nothing recompiles).
 
 Device: CUDA in fp16 when a GPU is there, else the CPU in fp32 (bench/_device.py; BENCH_DEVICE /
-BENCH_DTYPE override); on a GPU each run's peak memory (torch.cuda.max_memory_allocated) is a column.
+BENCH_DTYPE override); times are wall time on a GPU and the process's CPU time on a CPU (run those with
+--threads 1; see bench_gri.clock_for); on a GPU each run's peak memory (torch.cuda.max_memory_allocated) is a column.
 The last two lines are the ones run_all.py reads back: the phase line (setup: imports, building,
 compiling and warm-up; measure: the timed rounds) and the peak memory.
 """
@@ -36,7 +37,7 @@ import warnings
 
 import _device
 from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
-from bench_gri import T0, Rounds, build_unet, ms, print_phases  # noqa: E402  (shared bench helpers)
+from bench_gri import T0, Rounds, build_unet, clock_for, clock_name, ms, print_phases  # noqa: E402
 
 
 def _setup():
@@ -61,12 +62,13 @@ def _router_us(by_step, steps: int) -> float:
           "sample_sigmas": sample_sigmas, "patches": {}, "wrappers": {}, "callbacks": {}}
     call_args = (None, torch.tensor([3.0, 3.0]), None, "ctx", None, to)
     n_calls = 20000
-    t0 = time.perf_counter()
+    now = clock_for("cpu")  # host work only
+    t0 = now()
     for _ in range(n_calls):
         _x, t_, c_ = _split_apply_args(call_args, {})
         router.stage(float(t_.reshape(-1)[0]), sample_sigmas)
         stage_transformer_options(early_p, to, by_step.model_options["transformer_options"])
-    return (time.perf_counter() - t0) / n_calls * 1e6
+    return (now() - t0) / n_calls * 1e6
 
 
 def _compile(model, backend: str):
@@ -140,14 +142,16 @@ def main():
 
     peaks: dict[str, float] = {}
 
+    now = clock_for(device)
+
     def run(tag):
         with _device.PeakMemory(device) if gpu else _NoPeak() as pm:
             _device.sync(device)
-            t = time.perf_counter()
+            t = now()
             comfy.sample.sample(runs[tag], noise, a.steps, 7.0, a.sampler, "karras", pos, neg, lat, seed=0,
                                 disable_pbar=True)
             _device.sync(device)
-            t = time.perf_counter() - t
+            t = now() - t
         peaks[tag] = max(peaks.get(tag, 0.0), pm.mib)
         return t
 
@@ -178,7 +182,8 @@ def main():
     print(f"multi-UNet bench: {a.sampler}/karras, {a.steps} steps, cfg 7 (batch 2), latent {a.size}x{a.size} "
           f"({a.size * 8} px), "
           + (f"REDUCED WIDTH model_channels={a.channels} (real SD1.5: 320), " if a.channels != 320 else "full width, ")
-          + f"{_device.describe(device, dtype)}; median of the {a.reps} fastest interleaved rounds")
+          + f"{_device.describe(device, dtype)}; {clock_name(device)}, median of the {a.reps} fastest interleaved "
+          "rounds")
     n_params = [sum(p.numel() for p in m.model.parameters()) / 1e6 for m in (student, teacher)]
     print(f"early: tiny-sd topology ({n_params[0]:.1f}M params), late: SD1.5 topology ({n_params[1]:.1f}M params); "
           f"built on {device} in {t_build:.1f} s, warm-up {t_warm:.1f} s"

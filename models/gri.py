@@ -32,6 +32,15 @@ wholly outside a window (the node's defaults up to 1024 px: window 16, auto pool
 otherwise (auto pool 32 at 2048 px: one cell spans 2x2 windows) a partly covered cell keeps its full
 mean key/value with the reduced weight ``count - overlap``.
 
+What a call costs beyond the softmax itself (it matters on a GPU, where the attention of 320 keys per
+query is cheap): one strided copy of each of q, k, v into the windows (into the compute dtype), two
+pools and two strided writes of the pooled keys/values into their key slots, one copy of the result
+back to the grid; the mask is built once per grid setting and dtype (none at all for whole windows
+without a global part), and the replace reads the current sigma on the host only when its range is
+not the whole schedule, once per UNet forward (a device sync otherwise per patched block). A shift or
+a grid that is not a multiple of the window adds a padding copy of q, k, v, a crop of the result and
+a row and a column of windows.
+
 Layout as in ComfyUI's attention backends: q, k, v are ``[B, L, heads * dim_head]`` with
 ``L = H * W`` in row-major order; the result has the same shape (before ``to_out``).
 """

@@ -7,24 +7,38 @@ width (SD1.5 / tiny-sd: 320 ch, 8 heads x 40; SDXL: the 2x-down level, 640 ch, 1
   exact         full self-attention (ComfyUI's attention_pytorch)
   hypertile     what HyperTile does: q cut into window x window tiles, ComfyUI's backend
   gri           models/gri.py (windows + pooled global keys in one SDPA call)
-Exact attention at 2048 px is extrapolated from a slice of the queries (cost is linear in queries;
-marked "~"). Peak memory: process RSS above its level before the call, polled every 1 ms (psutil;
-tracemalloc does not see torch's allocator). Every attention, exact and HyperTile included, runs
-through ComfyUI's ``attention_pytorch`` (torch SDPA, ComfyUI's default on GPUs and with
---use-pytorch-cross-attention); ComfyUI's CPU default, sub-quadratic attention, is 4-7x slower still
-for exact attention, which would flatter GRI.
+Exact attention at 2048 px on a CPU is extrapolated from a slice of the queries (cost is linear in
+queries; marked "~"); a GPU runs it whole. Peak memory: torch.cuda.max_memory_allocated on a GPU, the
+process RSS above its level before the call on a CPU (psutil, polled every 1 ms). Every attention,
+exact and HyperTile included, runs through ComfyUI's ``attention_pytorch`` (torch SDPA, ComfyUI's
+default on GPUs and with --use-pytorch-cross-attention); ComfyUI's CPU default, sub-quadratic
+attention, is 4-7x slower still for exact attention, which would flatter GRI.
 
-Part 2, whole UNet: one UNet forward (batch 1: one conditioning, no CFG batch) through ComfyUI's
-own UNetModel at FULL width with random weights, unpatched / HyperTile node / GRIAttention node.
-Models: SD1.5 and tiny-sd topologies; for SDXL the Segmind-Vega topology (a real SDXL student,
-level-2 depth 2 instead of 10, so that a step fits on a CPU). Best of --reps.
+Part 2, GRI's own cost: one GRI call of SD1.5's top level per size, split by op with torch.profiler
+(device time on a GPU, CPU time on a CPU): the window copies in and out, the pooling, the softmax
+(SDPA) and the host syncs (none expected).
 
-    ~/venv/bin/python bench/bench_gri.py [--window 16] [--pool 4] [--sizes 512,1024,2048]
-        [--unet-sizes 512,1024] [--reps 2] [--threads 1] [--skip-unet]
+Part 3, whole UNet: one UNet forward (batch 1: one conditioning, no CFG batch) through ComfyUI's
+own UNetModel at FULL width with random weights, unpatched / HyperTile node / GRIAttention node / the
+bound (the patched level's self-attention replaced by nothing: what no attention patch can beat).
+Models: SD1.5 and tiny-sd; for SDXL the Segmind-Vega topology (a real SDXL student, level-2 depth 2
+instead of 10). Each UNet is built once, where it runs (ComfyUI's classes constructed on the device,
+weights drawn there from a seeded generator), and every column runs once before the clock starts.
+Interleaved rounds; a row whose spread (over the --reps fastest rounds) exceeds 5 % gets more rounds,
+up to --max-rounds. Times in milliseconds, three significant figures.
 
-Device: CUDA in fp16 when a GPU is there (peak memory: torch.cuda.max_memory_allocated; exact attention
-is then timed in full at every size), else the CPU in fp32 (bench/_device.py; BENCH_DEVICE / BENCH_DTYPE
-override).
+    python bench/bench_gri.py [--window 16] [--pool 0] [--sizes 512,1024,2048]
+        [--unet-sizes 1024,2048] [--reps 3] [--max-rounds 12] [--threads 1] [--skip-unet]
+
+Device: CUDA in fp16 when a GPU is there, else the CPU in fp32 (bench/_device.py; BENCH_DEVICE /
+BENCH_DTYPE override). Times: wall time on a GPU; on a CPU the process's CPU time (CPU machines here
+are shared, and wall time there measures the neighbours), so run CPU measurements with --threads 1.
+On 2 CPU cores a full-width 2048 px forward takes minutes per column (exact
+attention alone about 5 min for SD1.5), so CPU runs use --unet-sizes 512,1024; 2048 px whole-UNet rows
+are a GPU measurement.
+
+The last two lines are the ones run_all.py reads back: ``bench phases: setup X s, measure Y s`` (setup:
+imports, building the UNets, patching, warm-up; measure: the timed rounds) and the peak memory.
 """
 
 from __future__ import annotations
@@ -39,7 +53,20 @@ import warnings
 import _device
 from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
 
+T0 = time.perf_counter()
 DEVICE, DTYPE = None, None  # set by _setup()
+SPREAD_TARGET = 5.0  # %: rows above it get more rounds
+
+
+def clock_for(device):
+    """The clock of a timed section: wall time on a GPU (after a sync); on a CPU the process's CPU time,
+    since the CPU machines these benches run on are shared and wall time there measures the neighbours
+    (run with --threads 1: with more threads, idle worker threads spinning would count too)."""
+    return time.process_time if str(device).split(":")[0] == "cpu" else time.perf_counter
+
+
+def clock_name(device) -> str:
+    return "CPU time of the process" if clock_for(device) is time.process_time else "wall time"
 
 
 def _setup():
@@ -57,21 +84,128 @@ def _setup():
 ATTN_MODELS = [("sd15", 1, 320, 8, 5), ("tiny-sd", 1, 320, 8, 3), ("sdxl", 2, 640, 10, 10)]
 
 
+# ------------------------------------------------------------------------------------------------
+# shared by the benches (bench_multi_unet.py imports these)
+
+
+def sig3(x: float) -> str:
+    """``x`` rounded to three significant figures, without an exponent (0.0305 -> "0.0305", 39261 -> "39300")."""
+    if not math.isfinite(x) or x == 0:
+        return f"{x:g}"
+    e = math.floor(math.log10(abs(x)))
+    return f"{round(x, 2 - e):.{max(0, 2 - e)}f}"
+
+
+def ms(seconds: float) -> str:
+    return sig3(seconds * 1e3)
+
+
+def spread_pct(values) -> float:
+    """(max - min) / median of ``values``, in %."""
+    values = list(values)
+    return (max(values) - min(values)) / statistics.median(values) * 100 if len(values) > 1 else 0.0
+
+
+class Rounds:
+    """Interleaved timing rounds of several runs, more of them while a run's spread is above the target.
+
+    ``run(fns)``: every round calls each ``fns[tag]()`` once (it returns its own seconds), in the same
+    order; after ``reps`` rounds, a run's figure is the median of its ``reps`` fastest rounds and its
+    spread is (max - min) / median over those; while any spread is above ``target`` % and fewer than
+    ``max_rounds`` rounds ran, one more round runs. Keeps, per tag: the kept times, spread, rounds run.
+    """
+
+    def __init__(self, reps: int, max_rounds: int, target: float = SPREAD_TARGET):
+        self.reps, self.max_rounds, self.target = max(1, reps), max(reps, max_rounds), target
+
+    def run(self, fns: dict) -> dict:
+        times = {tag: [] for tag in fns}
+        while True:
+            for tag, fn in fns.items():
+                times[tag].append(fn())
+            n = len(next(iter(times.values())))
+            kept = {tag: sorted(v)[:self.reps] for tag, v in times.items()}
+            spreads = {tag: spread_pct(v) for tag, v in kept.items()}
+            if n >= self.reps and (max(spreads.values()) <= self.target or n >= self.max_rounds):
+                return {tag: {"s": statistics.median(kept[tag]), "spread": spreads[tag], "rounds": n,
+                              "all": times[tag]} for tag in fns}
+
+
+def build_unet(topology, family: str, *, device, dtype, seed: int, model_channels: int | None = None):
+    """A random-weight ComfyUI UNet of ``topology`` (full width unless ``model_channels``) built where it runs.
+
+    ComfyUI's own classes (the loader's ``comfy_model``) are constructed on ``device`` in ``dtype``, so no
+    full-size copy is ever made on the host for a GPU run; the weights are then drawn in place from a
+    generator seeded on that device (fan-in scaled, norms near 1). Returns a ModelPatcher.
+    """
+    import _tiny_models as tm
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import torch
+    from distilled_unets.nodes._glue import comfy_model
+
+    topo = tm.tiny(topology, family, model_channels=model_channels or topology.model_channels)
+    model = comfy_model(topo, dtype, None, "eps", device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+            elif name.endswith("weight"):  # norms
+                p.normal_(1.0, 0.05, generator=g)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def print_phases(setup_s: float, measure_s: float) -> None:
+    """The phase line run_all.py reads back (``_device.phase_line`` once bench/_device.py has it)."""
+    fn = getattr(_device, "phase_line", None)
+    if fn is None:
+        line = f"bench phases: setup {setup_s:.1f} s, measure {measure_s:.1f} s"
+    else:
+        line = fn(setup_s, measure_s)
+    if isinstance(line, str):
+        print(line, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+MEASURE = [0.0]  # seconds spent in timed rounds and peak-memory probes; the rest of the run is setup
+
+
+class measuring:
+    """``with measuring(): ...`` counts the block's wall time as measuring time (the phase line)."""
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        MEASURE[0] += time.perf_counter() - self.t
+        return False
+
+
 def _time(fn, reps):
     best = math.inf
-    for _ in range(reps):
-        _device.sync(DEVICE)
-        t = time.perf_counter()
-        fn()
-        _device.sync(DEVICE)
-        best = min(best, time.perf_counter() - t)
+    now = clock_for(DEVICE)
+    with measuring():
+        for _ in range(reps):
+            _device.sync(DEVICE)
+            t = now()
+            fn()
+            _device.sync(DEVICE)
+            best = min(best, now() - t)
     return best
 
 
 def _peak_mem(fn) -> float:
     """MiB above the level before the call: torch.cuda.max_memory_allocated on a GPU, else the process RSS
     sampled every 1 ms by a thread (psutil; tracemalloc does not see torch's allocator)."""
-    return _device.peak_mib(fn, DEVICE)
+    with measuring():
+        return _device.peak_mib(fn, DEVICE)
 
 
 def hypertile_attention(q, k, v, heads, h, w, tile, attn):
@@ -85,25 +219,30 @@ def hypertile_attention(q, k, v, heads, h, w, tile, attn):
     return rearrange(out, "b nh nw (h w) c -> b (nh h nw w) c", h=h // nh, w=w // nw)
 
 
+def _qkv(L, ch, seed):
+    import torch
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)  # drawn on the device, in its dtype
+    return tuple(torch.randn(2, L, ch, generator=g, device=DEVICE, dtype=DTYPE) for _ in range(3))
+
+
 def attention_part(args):
     import comfy.ldm.modules.attention as attn
-    import torch
     from distilled_unets.models import gri
 
     optimized_attention = attn.optimized_attention
 
     pool = args.pool or None
     print(f"\n## attention only: top self-attention level, batch 2, x blocks per UNet; window {args.window}, "
-          f"pool {args.pool or 'auto'}")
-    print(f"{'model':8} {'px':>5} {'grid':>8} {'pool':>4} | {'exact s':>9} {'hypertile s':>11} {'gri s':>8} "
-          f"{'shifted s':>9} | {'exact/gri':>9} {'ht/gri':>7} | {'MiB exact':>9} {'ht':>6} {'gri':>6}")
-    g = torch.Generator().manual_seed(0)
+          f"pool {args.pool or 'auto'}; ms, best of {args.reps}")
+    print(f"{'model':8} {'px':>5} {'grid':>8} {'pool':>4} | {'exact ms':>9} {'hypertile ms':>12} {'gri ms':>8} "
+          f"{'shifted ms':>10} | {'exact/gri':>9} {'ht/gri':>7} | {'MiB exact':>9} {'ht':>6} {'gri':>6}")
     for name, down, ch, heads, blocks in ATTN_MODELS:
         for px in args.sizes:
             side = px // 8 // down
             L = side * side
             p = gri.auto_pool(side, side, args.window) if pool is None else pool
-            q, k, v = (torch.randn(2, L, ch, generator=g).to(DEVICE, DTYPE) for _ in range(3))
+            q, k, v = _qkv(L, ch, 0)
             sub = 1
             # exact on a CPU: at most ~1/4 of the 1024-px SD1.5 work, then extrapolate (a GPU runs it all)
             while DEVICE.type == "cpu" and L * L // sub > 128 ** 4 // 4:
@@ -122,7 +261,8 @@ def attention_part(args):
                 return gri.gri_attention(q, k, v, heads, side, side, window=args.window, pool=p,
                                          shift=args.window // 2)
 
-            fast()
+            for fn in (fast, shifted, ht, exact):  # warm-up: layouts, allocator, kernels picked
+                fn()
             t_gri = _time(fast, args.reps) * blocks
             t_sh = _time(shifted, args.reps) * blocks
             t_ht = _time(ht, args.reps) * blocks
@@ -130,21 +270,75 @@ def attention_part(args):
             m_ex = _peak_mem(exact) if sub == 1 else float("nan")
             m_ht, m_gri = _peak_mem(ht), _peak_mem(fast)
             mark = "~" if sub > 1 else " "
-            print(f"{name:8} {px:5d} {side:>3}x{side:<4} {p:4d} | {mark}{t_ex:8.2f} {t_ht:11.2f} {t_gri:8.2f} "
-                  f"{t_sh:9.2f} | "
+            print(f"{name:8} {px:5d} {side:>3}x{side:<4} {p:4d} | {mark}{ms(t_ex):>8} {ms(t_ht):>12} {ms(t_gri):>8} "
+                  f"{ms(t_sh):>10} | "
                   f"{t_ex / t_gri:8.2f}x {t_ht / t_gri:6.2f}x | {m_ex:9.0f} {m_ht:6.0f} {m_gri:6.0f}", flush=True)
+            del q, k, v
+
+
+# what each aten op of a GRI call is for (the rest is listed as it is named)
+OP_ROLES = {"copy_": "window copies in (q, k, v) and out, pooled keys into their slots",
+            "avg_pool2d": "pooling k and v (global keys)",
+            "_local_scalar_dense": "HOST SYNC (a device value read on the host)"}
+
+
+def own_cost_part(args):
+    """Where one GRI call's time goes, by aten op (torch.profiler): device time on a GPU, CPU time on a CPU."""
+    from distilled_unets.models import gri
+    from torch.profiler import ProfilerActivity, profile
+
+    name, down, ch, heads, blocks = ATTN_MODELS[0]
+    cuda = DEVICE.type == "cuda"
+    what = "device (CUDA) time" if cuda else "CPU time"
+    n_calls = 5
+    for px in args.sizes:
+        side = px // 8 // down
+        p = gri.auto_pool(side, side, args.window) if not args.pool else args.pool
+        q, k, v = _qkv(side * side, ch, 0)
+
+        def call(q=q, k=k, v=v, side=side, p=p):
+            return gri.gri_attention(q, k, v, heads, side, side, window=args.window, pool=p)
+
+        call()
+        _device.sync(DEVICE)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with measuring(), profile(activities=acts) as prof:
+            for _ in range(n_calls):
+                call()
+            _device.sync(DEVICE)
+        rows = []
+        for e in prof.key_averages():
+            if not e.key.startswith("aten::"):
+                continue
+            t = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if cuda \
+                else e.self_cpu_time_total
+            if t > 0 or e.key == "aten::_local_scalar_dense":
+                rows.append((e.key[len("aten::"):], e.count / n_calls, t / n_calls / 1e3))
+        rows.sort(key=lambda r: -r[2])
+        total = sum(r[2] for r in rows)
+        syncs = sum(r[1] for r in rows if r[0] == "_local_scalar_dense")
+        print(f"\n## GRI's own cost: one call, {name} top level at {px} px ({side}x{side} tokens, {ch} ch, batch 2), "
+              f"window {args.window}, pool {p}; {what} by op, mean of {n_calls} calls; host syncs per call: {syncs:g}")
+        print(f"{'op':46} {'calls':>5} {'ms':>8} {'share':>6}  role")
+        shown = [r for r in rows if r[2] >= 0.005 * total or r[0] == "_local_scalar_dense"]
+        for op, calls, t in shown:
+            role = OP_ROLES.get(op, "the softmax over window + pooled keys" if op.startswith("_") and "attention"
+                                in op else "")
+            print(f"{op:46} {calls:5.0f} {sig3(t):>8} {t / total * 100:5.1f}%  {role}")
+        rest = total - sum(r[2] for r in shown)
+        print(f"{'the rest (views, allocation, dispatch)':46} {'':>5} {sig3(rest):>8} {rest / total * 100:5.1f}%")
+        print(f"{'total':46} {'':>5} {sig3(total):>8}")
+        del q, k, v
 
 
 def _unet(name):
-    import _tiny_models as tm
     from distilled_unets.models import registry
 
     vega = registry.by_id("segmind/Segmind-Vega").structure  # a real SDXL student: level-2 depth 2, not 10
-    if name == "sd15":
-        return _device.cast_unet(tm.build("sd15", tm.SD15_TOPOLOGY, model_channels=320), DTYPE), "sd15"
-    if name == "tiny-sd":
-        return _device.cast_unet(tm.build("sd15", tm.TINY_SD_TOPOLOGY, model_channels=320), DTYPE), "sd15"
-    return _device.cast_unet(tm.build("sdxl", vega, model_channels=320), DTYPE), "sdxl"
+    topo, family = {"sd15": (registry.TEACHERS["sd1"].structure, "sd15"),
+                    "tiny-sd": (registry.by_id("segmind/tiny-sd").structure, "sd15"),
+                    "sdxl": (vega, "sdxl")}[name]
+    return build_unet(topo, family, device=DEVICE, dtype=DTYPE, seed=0), family
 
 
 def _drop_attention(base):
@@ -165,17 +359,21 @@ def unet_part(args):
     from distilled_unets.models import gri
     from distilled_unets.nodes.attention import patch_gri
 
+    rounds = Rounds(args.reps, args.max_rounds)
+    cuda = DEVICE.type == "cuda"
+    now = clock_for(DEVICE)
     print(f"\n## whole UNet: one forward, batch 1, full width, random weights; window {args.window}, "
-          f"pool {args.pool or 'auto'}; median of {args.reps} interleaved rounds")
+          f"pool {args.pool or 'auto'}; ms, median of the {args.reps} fastest interleaved rounds (more rounds "
+          f"while a spread is above {SPREAD_TARGET:g} %, at most {rounds.max_rounds})")
     print("   bound = the same UNet with the patched level's self-attention removed (no attention work): no "
-          "attention patch can beat it")
-    cpu_default = args.cpu_default_exact and DEVICE.type == "cpu"
-    print(f"{'model':11} {'px':>5} | {'exact s':>8} {'ht s':>7} {'gri s':>7} {'bound s':>8} | {'gri/exact':>9} "
-          f"{'gri/ht':>7} {'ht/exact':>8} {'bound/exact':>11}" + (f" | {'cpu-default exact s':>19} {'gri vs it':>9}"
-                                                                  if cpu_default else "")
-          + (f" | {'peak MiB exact':>14} {'ht':>6} {'gri':>6}" if DEVICE.type == "cuda" else ""))
+          "attention patch can beat it; gri/bound = how far GRI is from it")
+    cpu_default = args.cpu_default_exact and not cuda
+    print(f"{'model':11} {'px':>5} | {'exact ms':>9} {'ht ms':>8} {'gri ms':>8} {'bound ms':>9} | {'gri/exact':>9} "
+          f"{'gri/ht':>7} {'ht/exact':>8} {'bound/exact':>11} {'gri/bound':>9} | {'spread %':>8} {'rounds':>6}"
+          + (f" | {'cpu-default exact ms':>20} {'gri vs it':>9}" if cpu_default else "")
+          + (f" | {'peak MiB exact':>14} {'ht':>6} {'gri':>6}" if cuda else ""), flush=True)
     for name in args.unet_models:
-        base, family = _unet(name)
+        base, family = _unet(name)  # built once per process, on the device
         sites = gri.attention_sites(base.model.diffusion_model)
         top_level = min(s.level for s in sites)
         res = HyperTile.execute(base, args.window * 8, 1, top_level, False)
@@ -184,48 +382,54 @@ def unet_part(args):
         bound = _drop_attention(base)
         for px in args.unet_sizes:
             side = px // 8
-            g = torch.Generator().manual_seed(1)
-            x = torch.randn(1, 4, side, side, generator=g).to(DEVICE)
+            g = torch.Generator(device=DEVICE).manual_seed(1)
+            x = torch.randn(1, 4, side, side, generator=g, device=DEVICE)
             ctx_w = 768 if family == "sd15" else 2048
-            ctx = torch.randn(1, 77, ctx_w, generator=g).to(DEVICE)
+            ctx = torch.randn(1, 77, ctx_w, generator=g, device=DEVICE)
             sigma = torch.tensor([5.0], device=DEVICE)
-            extra = {"y": torch.randn(1, 2816, generator=g).to(DEVICE)} if family == "sdxl" else {}
+            extra = {"y": torch.randn(1, 2816, generator=g, device=DEVICE)} if family == "sdxl" else {}
 
             def step(p, x=x, ctx=ctx, sigma=sigma, extra=extra):
-                mm.load_models_gpu([p])  # on a GPU: the weights on the device before the clock starts
+                mm.load_models_gpu([p])  # the weights on the device before the clock starts (a no-op here)
                 to = dict(p.model_options["transformer_options"])
                 to["sigmas"] = sigma
                 _device.sync(DEVICE)
-                t = time.perf_counter()
+                t = now()
                 with torch.no_grad():
                     p.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to, **extra)
                 _device.sync(DEVICE)
-                return time.perf_counter() - t
+                return now() - t
 
             runs = {"gri": fast, "ht": ht, "exact": base, "bound": bound}
-            times = {tag: [] for tag in runs}
-            for _ in range(args.reps):  # interleaved: machine noise hits every column alike
-                for tag, p in runs.items():
-                    times[tag].append(step(p))
-            t = {tag: statistics.median(v) for tag, v in times.items()}
+            for p in runs.values():  # warm-up, off the clock: kernels picked, layouts and masks built
+                for _ in range(2 if cuda else 1):
+                    step(p)
+            with measuring():
+                res = rounds.run({tag: (lambda p=p: step(p)) for tag, p in runs.items()})
+            t = {tag: r["s"] for tag, r in res.items()}
+            worst = max(r["spread"] for r in res.values())
             label = "sdxl(vega)" if name == "sdxl" else name
-            line = (f"{label:11} {px:5d} | {t['exact']:8.2f} {t['ht']:7.2f} {t['gri']:7.2f} {t['bound']:8.2f} | "
-                    f"{t['exact'] / t['gri']:8.2f}x {t['ht'] / t['gri']:6.2f}x {t['exact'] / t['ht']:7.2f}x "
-                    f"{t['exact'] / t['bound']:10.2f}x")
-            if DEVICE.type == "cuda":
-                peaks = [_peak_mem(lambda p=p: step(p)) for p in (base, ht, fast)]
-                line += " | " + f"{peaks[0]:14.0f} {peaks[1]:6.0f} {peaks[2]:6.0f}"
+            line = (f"{label:11} {px:5d} | {ms(t['exact']):>9} {ms(t['ht']):>8} {ms(t['gri']):>8} "
+                    f"{ms(t['bound']):>9} | {t['exact'] / t['gri']:8.2f}x {t['ht'] / t['gri']:6.2f}x "
+                    f"{t['exact'] / t['ht']:7.2f}x {t['exact'] / t['bound']:10.2f}x {t['gri'] / t['bound']:8.3f}x | "
+                    f"{worst:8.1f} {res['gri']['rounds']:6d}")
             if cpu_default:
                 # exact attention as ComfyUI runs it on a CPU by default (no --use-pytorch-cross-attention)
                 saved = attn.optimized_attention
                 attn.optimized_attention = attn.attention_sub_quad
                 try:
-                    t_cd = step(base)
+                    with measuring():
+                        t_cd = step(base)
                 finally:
                     attn.optimized_attention = saved
-                line += f" | {t_cd:19.2f} {t_cd / t['gri']:8.2f}x"
+                line += f" | {ms(t_cd):>20} {t_cd / t['gri']:8.2f}x"
+            if cuda:
+                peaks = [_peak_mem(lambda p=p: step(p)) for p in (base, ht, fast)]
+                line += " | " + f"{peaks[0]:14.0f} {peaks[1]:6.0f} {peaks[2]:6.0f}"
             print(line, flush=True)
+            del x, ctx, extra
         del base, ht, fast, bound
+        mm.soft_empty_cache()
 
 
 def main():
@@ -233,11 +437,13 @@ def main():
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--pool", type=int, default=0, help="0 = auto (models.gri.auto_pool), as the node's default")
     ap.add_argument("--sizes", default="512,1024,2048")
-    ap.add_argument("--unet-sizes", default="512,1024")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--unet-sizes", default="1024,2048")
+    ap.add_argument("--reps", type=int, default=3, help="rounds kept per row (the fastest ones)")
+    ap.add_argument("--max-rounds", type=int, default=12, help="at most this many rounds while a spread is > 5 %%")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-unet", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--skip-own-cost", action="store_true")
     ap.add_argument("--unet-models", default="sd15,tiny-sd,sdxl")
     ap.add_argument("--cpu-default-exact", action="store_true",
                     help="also time one exact step with ComfyUI's CPU-default attention (sub-quadratic; slow)")
@@ -254,11 +460,15 @@ def main():
     import logging
 
     logging.getLogger("distilled_unets").setLevel(logging.WARNING)
-    print(_device.describe(DEVICE, DTYPE))
+    print(f"{_device.describe(DEVICE, DTYPE)}; times: {clock_name(DEVICE)}")
     if not args.skip_attention:
         attention_part(args)
+    if not args.skip_own_cost:
+        own_cost_part(args)
     if not args.skip_unet:
         unet_part(args)
+    total = time.perf_counter() - T0
+    print_phases(total - MEASURE[0], MEASURE[0])
     print(_device.peak_line(DEVICE))
 
 

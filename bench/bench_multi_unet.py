@@ -2,17 +2,29 @@
 """Bench: end-to-end multi-UNet sampling (A-SDM) against the teacher alone and the step-weighted mix.
 
 Early UNet: tiny-sd topology (3 levels, 1 resnet per level, no mid block); late UNet: SD1.5 topology.
-Both are random-weight, built through ComfyUI's own classes at REDUCED WIDTH (model_channels 64
-instead of 320 by default), so absolute times are not those of the real models; the ratios measured
-side by side in one run are the point. Runs are interleaved; the best of --reps is reported (the
-spread column shows how disturbed the machine was).
+Both are random-weight, built through ComfyUI's own classes, once per process, where they run (the
+classes constructed on the device, the weights drawn there from a seeded generator: a GPU run never
+draws full-size weights on the CPU). --channels 320 is full width; smaller values (the CPU's quick
+settings) are said in the header. Every run is sampled twice before the clock starts; then interleaved
+rounds, more of them while a run's spread (over the --reps fastest rounds) is above 5 %, up to
+--max-rounds. Times in milliseconds, three significant figures.
 
-    ~/venv/bin/python bench/bench_multi_unet.py [--steps 20] [--switch 0.4] [--reps 7] [--size 16]
+    python bench/bench_multi_unet.py [--steps 20] [--switch 0.4] [--reps 5] [--max-rounds 15]
+        [--size 64] [--channels 320] [--compile auto|none|inductor|aot_eager|...]
+
+Routing overhead = multi-UNet time / (k/n * student time + (n-k)/n * teacher time) - 1, target <= 1 %;
+the per-round figure (each round runs every model back to back, so slow drift cancels) is the one
+judged, and "same UNet twice" isolates the router (identical UNet work to the teacher alone).
+
+Compiled rows (--compile; auto = inductor on a GPU, none on a CPU): ComfyUI's own TorchCompileModel node
+on each UNet before MultiUNetModel, against each compiled UNet alone and their mix; compiling happens in
+the warm-up (setup), and the graph count is checked unchanged while measuring (nothing recompiles).
 
 Device: CUDA in fp16 when a GPU is there, else the CPU in fp32 (bench/_device.py; BENCH_DEVICE /
-BENCH_DTYPE override); on a GPU each run's peak memory (torch.cuda.max_memory_allocated) is a column.
-
-Routing overhead = multi-UNet time / (k/n * student time + (n-k)/n * teacher time) - 1, target <= 1 %.
+BENCH_DTYPE override); times are wall time on a GPU and the process's CPU time on a CPU (run those with
+--threads 1; see bench_gri.clock_for); on a GPU each run's peak memory (torch.cuda.max_memory_allocated) is a column.
+The last two lines are the ones run_all.py reads back: the phase line (setup: imports, building,
+compiling and warm-up; measure: the timed rounds) and the peak memory.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import warnings
 
 import _device
 from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
+from bench_gri import T0, Rounds, build_unet, clock_for, clock_name, ms, print_phases  # noqa: E402
 
 
 def _setup():
@@ -35,15 +48,55 @@ def _setup():
     return device, dtype
 
 
+def _router_us(by_step, steps: int) -> float:
+    """Host time of the router's own work per model call (split, decide, early options), timed alone."""
+    import comfy.patcher_extension as pe
+    import torch
+    from distilled_unets.models.multi_unet import KEY_PREFIX, _split_apply_args, stage_transformer_options
+
+    (key,) = [k for k in by_step.additional_models if k.startswith(KEY_PREFIX)]
+    router = by_step.get_wrappers(pe.WrappersMP.APPLY_MODEL, key)[0]
+    early_p = by_step.get_additional_models_with_key(router.key)[0]
+    sample_sigmas = torch.linspace(14.6, 0.0, steps + 1)
+    to = {"cond_or_uncond": [1, 0], "uuids": [None, None], "sigmas": torch.tensor([3.0, 3.0]),
+          "sample_sigmas": sample_sigmas, "patches": {}, "wrappers": {}, "callbacks": {}}
+    call_args = (None, torch.tensor([3.0, 3.0]), None, "ctx", None, to)
+    n_calls = 20000
+    now = clock_for("cpu")  # host work only
+    t0 = now()
+    for _ in range(n_calls):
+        _x, t_, c_ = _split_apply_args(call_args, {})
+        router.stage(float(t_.reshape(-1)[0]), sample_sigmas)
+        stage_transformer_options(early_p, to, by_step.model_options["transformer_options"])
+    return (now() - t0) / n_calls * 1e6
+
+
+def _compile(model, backend: str):
+    """ComfyUI's own TorchCompileModel node on ``model`` (a patched clone; compiles at its first run)."""
+    from comfy_extras.nodes_torch_compile import TorchCompileModel
+
+    res = TorchCompileModel.execute(model, backend)
+    return res[0] if isinstance(res, tuple) else res.result[0]
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--switch", type=float, default=0.4, help="fraction of steps on the small UNet")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--size", type=int, default=16, help="latent side (16 = 128 px images)")
-    ap.add_argument("--channels", type=int, default=64, help="model_channels of both UNets (real: 320)")
+    ap.add_argument("--reps", type=int, default=5, help="rounds kept per run (the fastest ones)")
+    ap.add_argument("--max-rounds", type=int, default=15, help="at most this many rounds while a spread is > 5 %%")
+    ap.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px images)")
+    ap.add_argument("--channels", type=int, default=320, help="model_channels of both UNets (320 = full width)")
     ap.add_argument("--sampler", default="euler")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", default="auto", help="torch.compile backend for the compiled rows "
+                    "(TorchCompileModel); auto = inductor on a GPU, none on a CPU")
     a = ap.parse_args()
 
     device, dtype = _setup()
@@ -52,117 +105,138 @@ def main():
     if device.type == "cpu":
         torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("distilled_unets").setLevel(logging.WARNING)
     import _tiny_models as tm
     import comfy.sample
     import comfy.samplers
+    from distilled_unets.models import registry
+    from distilled_unets.models.multi_unet import steps_per_stage
     from distilled_unets.nodes.sampling import MultiUNetModel, SwitchPoint, make_multi_unet_model
 
-    student = _device.cast_unet(tm.build("sd15", tm.TINY_SD_TOPOLOGY, model_channels=a.channels, seed=1), dtype)
-    teacher = _device.cast_unet(tm.build("sd15", tm.SD15_TOPOLOGY, model_channels=a.channels, seed=2), dtype)
+    gpu = device.type == "cuda"
+    backend = ("inductor" if gpu else "none") if a.compile == "auto" else a.compile
+    t_build = time.perf_counter()
+    student = build_unet(registry.by_id("segmind/tiny-sd").structure, "sd15", device=device, dtype=dtype, seed=1,
+                         model_channels=a.channels)
+    teacher = build_unet(registry.TEACHERS["sd1"].structure, "sd15", device=device, dtype=dtype, seed=2,
+                         model_channels=a.channels)
+    _device.sync(device)
+    t_build = time.perf_counter() - t_build
     k = round(a.switch * a.steps)
     by_step = make_multi_unet_model(student, teacher, SwitchPoint.from_step(k), node="bench")
     by_percent = MultiUNetModel.execute(student, teacher, a.switch).result[0]
     # the same UNet as early and late: identical UNet work to the teacher alone, so the difference is the
     # router's own cost, free of the mix's modelling (the cleanest overhead measurement)
     twice = make_multi_unet_model(teacher, teacher, SwitchPoint.from_step(k), node="bench")
+    runs = {"teacher": teacher, "student": student, "multi_step": by_step, "multi_percent": by_percent,
+            "twice": twice}
+    if backend != "none":
+        c_student, c_teacher = _compile(student, backend), _compile(teacher, backend)
+        runs.update({"c_teacher": c_teacher, "c_student": c_student,
+                     "c_multi": MultiUNetModel.execute(c_student, c_teacher, a.switch).result[0]})
     pos, neg = tm.conditioning("sd15", tokens=77)
     lat = tm.latent(a.size)
     noise = comfy.sample.prepare_noise(lat, 0)
 
-    peaks: dict[int, float] = {}
+    peaks: dict[str, float] = {}
 
-    def run(model):
-        with _device.PeakMemory(device) if device.type == "cuda" else _NoPeak() as pm:
-            t = time.perf_counter()
-            comfy.sample.sample(model, noise, a.steps, 7.0, a.sampler, "karras", pos, neg, lat, seed=0,
+    now = clock_for(device)
+
+    def run(tag):
+        with _device.PeakMemory(device) if gpu else _NoPeak() as pm:
+            _device.sync(device)
+            t = now()
+            comfy.sample.sample(runs[tag], noise, a.steps, 7.0, a.sampler, "karras", pos, neg, lat, seed=0,
                                 disable_pbar=True)
             _device.sync(device)
-            t = time.perf_counter() - t
-        peaks[id(model)] = max(peaks.get(id(model), 0.0), pm.mib)
+            t = now() - t
+        peaks[tag] = max(peaks.get(tag, 0.0), pm.mib)
         return t
 
-    runs = {"teacher": teacher, "student": student, "multi_step": by_step, "multi_percent": by_percent,
-            "twice": twice}
-    for m in runs.values():  # warm-up (first load, allocator)
-        run(m)
-    times: dict[str, list[float]] = {n: [] for n in runs}
-    for _ in range(a.reps):
-        for n, m in runs.items():
-            times[n].append(run(m))
-    # best of N: on a shared machine the minimum is the least-disturbed run (medians drift with load)
-    med = {n: min(v) for n, v in times.items()}
-    # per-round ratios (each round runs every model back to back, so slow drift cancels), then the median
-    per_round_twice = statistics.median(t / p for t, p in zip(times["twice"], times["teacher"]))
+    t_warm = time.perf_counter()
+    for tag in runs:  # warm-up, off the clock: first load, allocator, kernels picked, torch.compile
+        run(tag)
+        run(tag)
+    t_warm = time.perf_counter() - t_warm
+    graphs_before = _graphs()
+    t_measure = time.perf_counter()
+    res = Rounds(a.reps, a.max_rounds).run({tag: (lambda tag=tag: run(tag)) for tag in runs})
+    route_us = _router_us(by_step, a.steps)
+    t_measure = time.perf_counter() - t_measure
+    new_graphs = _graphs() - graphs_before
 
-    # routing work per model call, timed alone (what the router adds on top of the UNet forward)
-    import comfy.patcher_extension as pe
-    from distilled_unets.models.multi_unet import KEY_PREFIX, _split_apply_args, stage_transformer_options
-
-    (key,) = [k for k in by_step.additional_models if k.startswith(KEY_PREFIX)]
-    router = by_step.get_wrappers(pe.WrappersMP.APPLY_MODEL, key)[0]
-    early_p = by_step.get_additional_models_with_key(router.key)[0]
-    sample_sigmas = torch.linspace(14.6, 0.0, a.steps + 1)
-    to = {"cond_or_uncond": [1, 0], "uuids": [None, None], "sigmas": torch.tensor([3.0, 3.0]),
-          "sample_sigmas": sample_sigmas, "patches": {}, "wrappers": {}, "callbacks": {}}
-    ts = torch.tensor([3.0, 3.0])
-    call_args = (None, ts, None, "ctx", None, to)
-    n_calls = 20000
-    t0 = time.perf_counter()
-    for _ in range(n_calls):  # what the router does per call before the UNet: split, decide, early options
-        _x, t_, c_ = _split_apply_args(call_args, {})
-        router.stage(float(t_.reshape(-1)[0]), sample_sigmas)
-        stage_transformer_options(early_p, to, by_step.model_options["transformer_options"])
-    route_us = (time.perf_counter() - t0) / n_calls * 1e6
-
+    best = {tag: r["s"] for tag, r in res.items()}
     sig = comfy.samplers.KSampler(teacher, a.steps, "cpu", a.sampler, "karras").sigmas.tolist()
-    from distilled_unets.models.multi_unet import steps_per_stage
-
     kp = steps_per_stage(sig, [teacher.get_model_object("model_sampling").percent_to_sigma(a.switch)])[0]
-    mix_k = k / a.steps * med["student"] + (a.steps - k) / a.steps * med["teacher"]
-    mix_p = kp / a.steps * med["student"] + (a.steps - kp) / a.steps * med["teacher"]
-    sp = lambda v: min(v) and (max(v) - min(v)) / statistics.median(v) * 100  # noqa: E731
 
-    print(f"multi-UNet bench: {a.sampler}/karras, {a.steps} steps, cfg 7 (batch 2), "
-          f"latent {a.size}x{a.size}, "
+    def mix(s_student, s_teacher, n_early):
+        return n_early / a.steps * s_student + (a.steps - n_early) / a.steps * s_teacher
+
+    def per_round(tag, student_tag, teacher_tag, n_early) -> float:
+        """Median over rounds of run / mix of that round's own student and teacher runs."""
+        return statistics.median(t / mix(s, te, n_early) for t, s, te in
+                                 zip(res[tag]["all"], res[student_tag]["all"], res[teacher_tag]["all"]))
+
+    print(f"multi-UNet bench: {a.sampler}/karras, {a.steps} steps, cfg 7 (batch 2), latent {a.size}x{a.size} "
+          f"({a.size * 8} px), "
           + (f"REDUCED WIDTH model_channels={a.channels} (real SD1.5: 320), " if a.channels != 320 else "full width, ")
-          + f"{_device.describe(device, dtype)}, best of {a.reps} interleaved runs")
+          + f"{_device.describe(device, dtype)}; {clock_name(device)}, median of the {a.reps} fastest interleaved "
+          "rounds")
     n_params = [sum(p.numel() for p in m.model.parameters()) / 1e6 for m in (student, teacher)]
-    print(f"early: tiny-sd topology ({n_params[0]:.1f}M params), "
-          f"late: SD1.5 topology ({n_params[1]:.1f}M params)")
+    print(f"early: tiny-sd topology ({n_params[0]:.1f}M params), late: SD1.5 topology ({n_params[1]:.1f}M params); "
+          f"built on {device} in {t_build:.1f} s, warm-up {t_warm:.1f} s"
+          + (f" (torch.compile backend {backend} included)" if backend != "none" else ""))
     print()
-    gpu = device.type == "cuda"
-    print(f"{'run':<36} {'best s':>9} {'spread %':>9} {'vs teacher':>11} {'vs mix':>9}"
+    print(f"{'run':<44} {'ms':>9} {'spread %':>9} {'rounds':>6} {'vs teacher':>11} {'vs mix':>8}"
           + (f" {'peak MiB':>9}" if gpu else ""))
-    rows = [("teacher alone", med["teacher"], times["teacher"], None, "teacher"),
-            ("student alone", med["student"], times["student"], None, "student"),
-            (f"step-weighted mix ({k}/{a.steps} student)", mix_k, None, None, None),
-            (f"MultiUNetKSampler path, step {k}", med["multi_step"], times["multi_step"], mix_k, "multi_step"),
-            (f"MultiUNetModel {a.switch:g} ({kp}/{a.steps} early)", med["multi_percent"],
-             times["multi_percent"], mix_p, "multi_percent"),
-            ("same UNet twice (vs teacher alone)", med["twice"], times["twice"], med["teacher"], "twice")]
-    for name, t, raw, mix, run_name in rows:
-        spread = f"{sp(raw):8.1f}" if raw else f"{'':>8}"
-        vs_mix = f"{t / mix:9.4f}" if mix else f"{'':>9}"
-        peak = (f" {peaks[id(runs[run_name])]:9.0f}" if run_name else f" {'':>9}") if gpu else ""
-        print(f"{name:<36} {t:9.4f} {spread} {med['teacher'] / t:10.3f}x {vs_mix}{peak}")
+
+    def row(name, tag, ref_teacher, vs_mix=None):
+        t = best[tag] if tag else vs_mix[1]
+        cells = (f"{res[tag]['spread']:9.1f} {res[tag]['rounds']:6d}" if tag else f"{'':>9} {'':>6}")
+        vm = f"{t / vs_mix[1]:8.4f}" if tag and vs_mix else f"{'':>8}"
+        peak = (f" {peaks[tag]:9.0f}" if tag else f" {'':>9}") if gpu else ""
+        print(f"{name:<44} {ms(t):>9} {cells} {best[ref_teacher] / t:10.3f}x {vm}{peak}")
+
+    mix_k = mix(best["student"], best["teacher"], k)
+    mix_p = mix(best["student"], best["teacher"], kp)
+    row("teacher alone", "teacher", "teacher")
+    row("student alone", "student", "teacher")
+    row(f"step-weighted mix ({k}/{a.steps} student)", None, "teacher", ("mix", mix_k))
+    row(f"MultiUNetKSampler path, step {k}", "multi_step", "teacher", ("mix", mix_k))
+    row(f"MultiUNetModel {a.switch:g} ({kp}/{a.steps} early)", "multi_percent", "teacher", ("mix", mix_p))
+    row("same UNet twice (vs teacher alone)", "twice", "teacher", ("teacher", best["teacher"]))
+    if backend != "none":
+        c_mix = mix(best["c_student"], best["c_teacher"], kp)
+        row(f"teacher alone, compiled ({backend})", "c_teacher", "teacher")
+        row(f"student alone, compiled ({backend})", "c_student", "teacher")
+        row(f"compiled step-weighted mix ({kp}/{a.steps})", None, "teacher", ("mix", c_mix))
+        row(f"MultiUNetModel {a.switch:g}, both UNets compiled", "c_multi", "teacher", ("mix", c_mix))
     print()
-    over_k = (med["multi_step"] / mix_k - 1) * 100
-    over_p = (med["multi_percent"] / mix_p - 1) * 100
-    print(f"speed-up vs teacher: {med['teacher'] / med['multi_step']:.3f}x (step {k}), "
-          f"{med['teacher'] / med['multi_percent']:.3f}x (percent {a.switch:g})")
-    per_call_student = med["student"] / a.steps * 1e6
+    over_k = (per_round("multi_step", "student", "teacher", k) - 1) * 100
+    over_p = (per_round("multi_percent", "student", "teacher", kp) - 1) * 100
+    over_twice = (statistics.median(t / te for t, te in zip(res["twice"]["all"], res["teacher"]["all"])) - 1) * 100
+    print(f"speed-up vs teacher: {best['teacher'] / best['multi_step']:.3f}x (step {k}), "
+          f"{best['teacher'] / best['multi_percent']:.3f}x (percent {a.switch:g})")
+    per_call_student = best["student"] / a.steps * 1e6
     print(f"router work per model call: {route_us:.1f} us = {route_us / per_call_student * 100:.2g} % of one "
-          f"student call ({per_call_student / 1e3:.1f} ms) at this size")
-    print(f"routing overhead over the step-weighted mix: {over_k:+.2f} % (step), {over_p:+.2f} % (percent); "
-          f"target <= 1 % -> {'OK' if max(over_k, over_p) <= 1.0 else 'ABOVE TARGET'}")
-    over_twice = (per_round_twice - 1) * 100
+          f"student call ({ms(per_call_student / 1e6)} ms) at this size")
+    print(f"routing overhead over the step-weighted mix (median of per-round ratios): {over_k:+.2f} % (step), "
+          f"{over_p:+.2f} % (percent); target <= 1 % -> {'OK' if max(over_k, over_p) <= 1.0 else 'ABOVE TARGET'}")
     print(f"routing overhead, same UNet twice vs that UNet alone (median of per-round ratios): {over_twice:+.2f} %; "
           f"target <= 1 % -> {'OK' if over_twice <= 1.0 else 'ABOVE TARGET'}")
-    noise = min(sp(times["teacher"]), sp(times["student"]))
-    if noise > 1.0:
-        print(f"note: run-to-run spread is {noise:.1f} % on this machine, larger than the 1 % target; the "
-              f"router's own per-call work above ({route_us / per_call_student * 100:.2g} %) bounds the "
-              "true overhead")
+    if backend != "none":
+        over_c = (per_round("c_multi", "c_student", "c_teacher", kp) - 1) * 100
+        print(f"compiled: routing overhead over the compiled mix {over_c:+.2f} % "
+              f"({'OK' if over_c <= 1.0 else 'ABOVE TARGET'}); speed-up vs the compiled teacher "
+              f"{best['c_teacher'] / best['c_multi']:.3f}x; graphs compiled while measuring: {new_graphs} "
+              f"({'none: nothing recompiled' if new_graphs == 0 else 'RECOMPILED'})")
+    worst = max(r["spread"] for r in res.values())
+    if worst > 5.0:
+        print(f"note: a spread of {worst:.1f} % remained after {max(r['rounds'] for r in res.values())} rounds "
+              f"(this machine is shared); the router's own per-call work above bounds the true overhead")
+    print_phases(time.perf_counter() - T0 - t_measure, t_measure)
     print(_device.peak_line(device))
 
 

@@ -32,6 +32,15 @@ wholly outside a window (the node's defaults up to 1024 px: window 16, auto pool
 otherwise (auto pool 32 at 2048 px: one cell spans 2x2 windows) a partly covered cell keeps its full
 mean key/value with the reduced weight ``count - overlap``.
 
+What a call costs beyond the softmax itself (it matters on a GPU, where the attention of 320 keys per
+query is cheap): one strided copy of each of q, k, v into the windows (into the compute dtype), two
+pools and two strided writes of the pooled keys/values into their key slots, one copy of the result
+back to the grid; the mask is built once per grid setting and dtype (none at all for whole windows
+without a global part), and the replace reads the current sigma on the host only when its range is
+not the whole schedule, once per UNet forward (a device sync otherwise per patched block). A shift or
+a grid that is not a multiple of the window adds a padding copy of q, k, v, a crop of the result and
+a row and a column of windows.
+
 Layout as in ComfyUI's attention backends: q, k, v are ``[B, L, heads * dim_head]`` with
 ``L = H * W`` in row-major order; the result has the same shape (before ``to_out``).
 """
@@ -39,14 +48,14 @@ Layout as in ComfyUI's attention backends: q, k, v are ``[B, L, heads * dim_head
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["GRILayout", "gri_attention", "exact_attention", "gri_layout", "attention_sites",
            "AttentionSite", "select_sites", "alternate_shift", "cost_ratio", "GRIReplace",
-           "auto_pool", "site_attention"]
+           "auto_pool", "site_attention", "SigmaRange"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,8 @@ class GRILayout:
     pool_w: int
     cell_count: torch.Tensor | None  # [pool_h, pool_w, 1] float32 tokens per cell (ragged edges < pool**2)
     bias: torch.Tensor  # [n_windows, 1, 1, T + G] float32: 0 / -inf window slots, log(n) / -inf pooled keys
+    # SDPA-ready masks per (dtype, batch): built once, never per call (see ``mask``)
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_windows(self) -> int:
@@ -79,6 +90,22 @@ class GRILayout:
     @property
     def n_global(self) -> int:
         return self.pool_h * self.pool_w
+
+    @property
+    def padded(self) -> bool:
+        return any(self.pad)
+
+    def mask(self, dtype: torch.dtype, batch: int) -> torch.Tensor | None:
+        """The key bias as SDPA's ``attn_mask`` for ``batch`` images, ``[batch * n_windows, 1, 1, T + G]``
+        in ``dtype`` (broadcast over heads and queries: never expanded to a full mask), cached; None when
+        the bias is all zeros (whole windows, no global part), so SDPA may pick its mask-free kernels."""
+        key = (dtype, batch)
+        if key not in self._masks:
+            if self.pool == 0 and not self.padded:
+                self._masks[key] = None
+            else:
+                self._masks[key] = self.bias.to(dtype).repeat(batch, 1, 1, 1)
+        return self._masks[key]
 
 
 _LAYOUT_CACHE: dict[tuple, GRILayout] = {}
@@ -164,10 +191,12 @@ def _pool_grid(x: torch.Tensor, lay: GRILayout) -> torch.Tensor:
     return pooled.permute(0, 2, 3, 1).reshape(B, lay.n_global, x.shape[-1])
 
 
-def _windows(x: torch.Tensor, lay: GRILayout, heads: int, extra: int = 0) -> torch.Tensor:
-    """[B, H, W, C] -> [B, n_windows, heads, T + extra, d]: the window tokens (zero-padded up to whole
-    windows) in the first T slots; the last ``extra`` slots are left for the caller to fill (written
-    in place, so the pooled keys need no second copy through ``torch.cat``)."""
+def _windows(x: torch.Tensor, lay: GRILayout, heads: int, extra: int = 0,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, H, W, C] -> [B, n_windows, heads, T + extra, d] in ``dtype``: the window tokens (zero-padded up
+    to whole windows) in the first T slots, written by ONE strided copy (the cast to ``dtype`` included);
+    the last ``extra`` slots are left for the caller to fill in place, so the pooled keys need no second
+    copy through ``torch.cat``."""
     B, H, W, C = x.shape
     d = C // heads
     pt, pb, pl, pr = lay.pad
@@ -175,9 +204,7 @@ def _windows(x: torch.Tensor, lay: GRILayout, heads: int, extra: int = 0) -> tor
         x = F.pad(x, (0, 0, pl, pr, pt, pb))
     x = x.view(B, lay.n_h, lay.win_h, lay.n_w, lay.win_w, heads, d).permute(0, 1, 3, 5, 2, 4, 6)
     T = lay.tokens_per_window
-    if not extra:
-        return x.reshape(B, lay.n_windows, heads, T, d)
-    out = x.new_empty(B, lay.n_h, lay.n_w, heads, T + extra, d)
+    out = x.new_empty(B, lay.n_h, lay.n_w, heads, T + extra, d, dtype=dtype or x.dtype)
     out[..., :T, :].view(B, lay.n_h, lay.n_w, heads, lay.win_h, lay.win_w, d).copy_(x)
     return out.view(B, lay.n_windows, heads, T + extra, d)
 
@@ -198,32 +225,36 @@ def gri_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     if C % heads:
         raise ValueError(f"GRI: width {C} is not a multiple of heads={heads}")
     out_dtype = q.dtype
+    dtype = q.dtype  # compute dtype: widened inside the window copies, never by a separate cast
     if attn_precision is not None and torch.finfo(attn_precision).bits > torch.finfo(q.dtype).bits:
-        q, k, v = q.to(attn_precision), k.to(attn_precision), v.to(attn_precision)
+        dtype = attn_precision
     lay = gri_layout(height, width, window, pool, shift, count_window_in_global=count_window_in_global,
                      device=q.device)
     d = C // heads
+    T = lay.tokens_per_window
     qg, kg, vg = (t.reshape(B, height, width, C) for t in (q, k, v))
-    qw = _windows(qg, lay, heads)
     G = lay.n_global if pool > 0 else 0
-    kw = _windows(kg, lay, heads, G)
-    vw = _windows(vg, lay, heads, G)
-    if G:
-        T = lay.tokens_per_window
-        kw[:, :, :, T:] = _pool_grid(kg, lay).view(B, 1, G, heads, d).transpose(2, 3)
-        vw[:, :, :, T:] = _pool_grid(vg, lay).view(B, 1, G, heads, d).transpose(2, 3)
+    # every copy GRI makes: q, k, v into windows (3), the pooled k, v into the last G key slots (2 pools,
+    # 2 strided writes), the result back to the grid (1); the mask is cached per layout
+    qw = _windows(qg, lay, heads, 0, dtype)
+    kw = _windows(kg, lay, heads, G, dtype)
+    vw = _windows(vg, lay, heads, G, dtype)
+    if G:  # pooled in the compute dtype (a wider attn_precision averages the widened tokens)
+        kw[:, :, :, T:] = _pool_grid(kg.to(dtype), lay).view(B, 1, G, heads, d).transpose(2, 3)
+        vw[:, :, :, T:] = _pool_grid(vg.to(dtype), lay).view(B, 1, G, heads, d).transpose(2, 3)
     # 4-D for SDPA: with 5-D inputs torch falls back to its slow "math" kernel (4x slower on CPU)
     nb = B * lay.n_windows
-    bias = lay.bias.to(qw.dtype).unsqueeze(0).expand(B, -1, -1, -1, -1).reshape(nb, 1, 1, -1)
-    out = F.scaled_dot_product_attention(qw.reshape(nb, heads, lay.tokens_per_window, d),
-                                         kw.reshape(nb, heads, kw.shape[-2], d),
-                                         vw.reshape(nb, heads, vw.shape[-2], d), attn_mask=bias)
-    # [B, nWin, heads, T, d] -> [B, Hpad, Wpad, C] -> crop
-    out = out.view(B, lay.n_h, lay.n_w, heads, lay.win_h, lay.win_w, d).permute(0, 1, 4, 2, 5, 3, 6)
-    out = out.reshape(B, lay.n_h * lay.win_h, lay.n_w * lay.win_w, C)
-    pt, _, pl, _ = lay.pad
-    out = out[:, pt:pt + height, pl:pl + width]
-    return out.reshape(B, L, C).to(out_dtype)
+    out = F.scaled_dot_product_attention(qw.view(nb, heads, T, d), kw.view(nb, heads, T + G, d),
+                                         vw.view(nb, heads, T + G, d), attn_mask=lay.mask(dtype, B))
+    # [B, nWin, heads, T, d] -> [B, Hpad, Wpad, C] (one strided copy, cast back included) -> crop
+    win = out.view(B, lay.n_h, lay.n_w, heads, lay.win_h, lay.win_w, d).permute(0, 1, 4, 2, 5, 3, 6)
+    grid = torch.empty(B, lay.n_h, lay.win_h, lay.n_w, lay.win_w, heads, d, dtype=out_dtype, device=q.device)
+    grid.copy_(win)
+    grid = grid.view(B, lay.n_h * lay.win_h, lay.n_w * lay.win_w, C)
+    if lay.padded:
+        pt, _, pl, _ = lay.pad
+        grid = grid[:, pt:pt + height, pl:pl + width]
+    return grid.reshape(B, L, C)
 
 
 def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -361,12 +392,46 @@ def cost_ratio(height: int, width: int, window: int, pool: int) -> float:
 # the attn1 replace callable (host-free: the host's exact attention is passed in)
 
 
+class SigmaRange:
+    """``[sigma_end, sigma_start]`` of the schedule where GRI runs, decided without stalling a GPU.
+
+    The current sigma is a device tensor (``transformer_options["sigmas"]``); reading it on the host is a
+    device sync, which empties the GPU's queue. So: no read at all when the range is the whole schedule
+    (``sigma_start`` infinite, ``sigma_end <= 0``: the node's defaults), else one read per UNet forward,
+    shared by every patched block of that forward (they get the same sigmas tensor) through this object.
+    One entry per device, so the threads of a multi-GPU run keep their own.
+    """
+
+    def __init__(self, sigma_start: float, sigma_end: float):
+        self.start = float(sigma_start)
+        self.end = float(sigma_end)
+        self.everywhere = math.isinf(self.start) and self.start > 0 and self.end <= 0.0
+        self._last: dict = {}  # device -> (the sigmas tensor last decided, decision)
+
+    def __deepcopy__(self, memo):  # model_options are deep-copied on clone: share the decision cache
+        return self
+
+    def contains(self, sigmas) -> bool:
+        if self.everywhere or sigmas is None:
+            return True
+        if not torch.is_tensor(sigmas):
+            return self.end <= float(max(sigmas)) <= self.start
+        hit = self._last.get(sigmas.device)
+        if hit is not None and hit[0] is sigmas:
+            return hit[1]
+        inside = self.end <= float(sigmas.max()) <= self.start
+        self._last[sigmas.device] = (sigmas, inside)
+        return inside
+
+
 class GRIReplace:
     """An ``attn1`` replace for one transformer block: ``fn(q, k, v, extra_options) -> out``.
 
     ``pool=None`` picks the pool factor per grid with :func:`auto_pool`. Runs GRI attention when the
-    current sigma is inside ``[sigma_end, sigma_start]`` and q/k/v are the
-    block's own ``H x W`` self-attention grid (``extra_options["activations_shape"]``); otherwise it
+    current sigma is inside ``[sigma_end, sigma_start]`` (``sigma_range``: a :class:`SigmaRange` shared by
+    the blocks of one patch, so the sigma is read once per UNet forward; built from the two sigmas when
+    not given) and q/k/v are the block's own ``H x W`` self-attention grid
+    (``extra_options["activations_shape"]``); otherwise it
     hands the call to ``previous`` (the replace another pack had put on this block, if any) or to
     ``fallback(q, k, v, heads, attn_precision=..., transformer_options=...)``, the host's exact
     attention as this layer runs it (the node binds the layer's own attention choice into it where the
@@ -375,29 +440,28 @@ class GRIReplace:
     """
 
     def __init__(self, *, window: int, pool: int | None, shift: int, sigma_start: float, sigma_end: float,
-                 fallback, previous=None, count_window_in_global: bool = False):
+                 fallback, previous=None, count_window_in_global: bool = False,
+                 sigma_range: SigmaRange | None = None):
         self.window = int(window)
         self.pool = None if pool is None else int(pool)
         self.shift = int(shift)
         self.sigma_start = float(sigma_start)
         self.sigma_end = float(sigma_end)
+        self.sigma_range = sigma_range or SigmaRange(sigma_start, sigma_end)
         self.fallback = fallback
         self.previous = previous
         self.count_window_in_global = bool(count_window_in_global)
 
     def grid(self, q: torch.Tensor, k: torch.Tensor, extra_options: dict) -> tuple[int, int] | None:
         """(H, W) when this call is in range and is the block's own self-attention grid, else None."""
-        sigmas = extra_options.get("sigmas")
-        if sigmas is not None:
-            sigma = float(torch.as_tensor(sigmas).max())
-            if not (self.sigma_end <= sigma <= self.sigma_start):
-                return None
         shape = extra_options.get("activations_shape")
         if shape is None or len(shape) < 4:
             return None
         H, W = int(shape[-2]), int(shape[-1])
         # another pack's attn1_patch may have re-tiled or merged tokens (HyperTile, ToMe): leave those alone
         if q.shape[1] != H * W or k.shape != q.shape:
+            return None
+        if not self.sigma_range.contains(extra_options.get("sigmas")):
             return None
         return H, W
 

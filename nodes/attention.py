@@ -8,12 +8,13 @@ one keyed ``attn1`` replace per transformer block on a clone, chaining any repla
 from __future__ import annotations
 
 import logging
+import math
 
 import comfy.ldm.modules.attention as comfy_attention
 from comfy_api.latest import io
 
 from ..models.errors import PackError
-from ..models.gri import GRIReplace, alternate_shift, attention_sites, select_sites, site_attention
+from ..models.gri import GRIReplace, SigmaRange, alternate_shift, attention_sites, select_sites, site_attention
 
 log = logging.getLogger("distilled_unets")
 
@@ -67,8 +68,10 @@ def patch_gri(model, *, window: int, pool: int | None, levels: int = 1, start_pe
     chosen = select_sites(sites, levels, output_blocks)
     m = model.clone()
     ms = m.get_model_object("model_sampling")
-    sigma_start = ms.percent_to_sigma(start_percent)
-    sigma_end = ms.percent_to_sigma(end_percent)
+    # the whole schedule: an open range, so the replaces never read the sigma (a GPU sync) at all
+    sigma_start = math.inf if start_percent <= 0.0 else ms.percent_to_sigma(start_percent)
+    sigma_end = 0.0 if end_percent >= 1.0 else ms.percent_to_sigma(end_percent)
+    sigma_range = SigmaRange(sigma_start, sigma_end)  # one sigma read per forward, shared by every block
     existing = m.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
     ordinal: dict[int, int] = {}
     chained = 0
@@ -78,7 +81,7 @@ def patch_gri(model, *, window: int, pool: int | None, levels: int = 1, start_pe
         previous = existing.get(s.key, existing.get((s.block_name, s.block_id)))
         chained += previous is not None
         fn = GRIReplace(window=window, pool=pool, shift=alternate_shift(n, window) if shifted_windows else 0,
-                        sigma_start=sigma_start, sigma_end=sigma_end,
+                        sigma_start=sigma_start, sigma_end=sigma_end, sigma_range=sigma_range,
                         fallback=ExactAttention(site_attention(diffusion_model, s)), previous=previous)
         m.set_model_attn1_replace(fn, s.block_name, s.block_id, s.index)
     log.info("GRIAttention: window %d, pool %s on %d self-attention(s) at level(s) %s (%s); %d existing "

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from distilled_unets.models import gri
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _qkv(B=2, H=13, W=10, heads=2, d=8, seed=0, dtype=torch.float32):
@@ -298,3 +299,62 @@ def test_auto_pool_replace_is_exact_when_window_covers_grid():
                         fallback=lambda *a, **kw: pytest.fail("GRI did not run"))
     out = fn(q, k, v, {"n_heads": 2, "activations_shape": (1, 8, 6, 5), "sigmas": torch.tensor([1.0])})
     torch.testing.assert_close(out, gri.exact_attention(q, k, v, 2), atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# lean: what one GRI call runs (the GPU cost beyond the attention itself is these copies and host syncs)
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the aten ops run inside the ``with`` (below autograd: what kernels would be launched)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_call_copies_each_tensor_once_and_builds_no_mask():
+    H = W = 16
+    q, k, v = _qkv(B=2, H=H, W=W, heads=2, d=8)
+    gri.gri_attention(q, k, v, 2, H, W, window=8, pool=4)  # first call builds the layout and its mask
+    with _Ops() as ops:
+        gri.gri_attention(q, k, v, 2, H, W, window=8, pool=4)
+    n = {name: ops.names.count(name) for name in set(ops.names)}
+    # q, k, v into windows (3), pooled k and v into their key slots (2), the result back to the grid (1)
+    assert n.get("copy_") == 6, n
+    assert n.get("avg_pool2d") == 2, n
+    assert sum(c for name, c in n.items() if "scaled_dot_product" in name and name.startswith("_")) == 1, n
+    # no padding copy, no concatenation, no mask or dtype cast per call, no host sync
+    for absent in ("constant_pad_nd", "cat", "repeat", "_to_copy", "clone", "_local_scalar_dense"):
+        assert absent not in n, (absent, n)
+    lay = gri.gri_layout(H, W, 8, 4)
+    assert lay.mask(torch.float32, 2) is lay.mask(torch.float32, 2)
+    assert lay.mask(torch.float32, 2).shape == (2 * lay.n_windows, 1, 1, lay.tokens_per_window + lay.n_global)
+    assert gri.gri_layout(H, W, 8, 0).mask(torch.float32, 2) is None  # whole windows, no global part: no mask
+
+
+def test_sigma_range_reads_the_sigma_once_per_forward_and_never_for_the_whole_schedule():
+    meta = torch.empty(2, device="meta")  # reading it on the host raises: proves it is not read
+    assert gri.SigmaRange(math.inf, 0.0).contains(meta)
+    part = gri.SigmaRange(5.0, 1.0)
+    sigmas = torch.tensor([3.0, 3.0])
+    with _Ops() as ops:
+        decisions = [part.contains(sigmas) for _ in range(5)]  # five patched blocks of one forward
+    assert decisions == [True] * 5 and ops.names.count("_local_scalar_dense") == 1
+    assert not part.contains(torch.tensor([7.0, 7.0]))  # a new forward (a new tensor) is read again
+    assert part.contains(torch.tensor([1.0])) and part.contains(torch.tensor([5.0]))  # both ends inside
+
+
+def test_replace_without_a_range_runs_no_host_sync():
+    q, k, v = _qkv(B=1, H=8, W=8, heads=2, d=4)
+    fn = gri.GRIReplace(window=4, pool=2, shift=0, sigma_start=math.inf, sigma_end=0.0,
+                        fallback=lambda *a, **kw: pytest.fail("GRI did not run"))
+    extra = {"n_heads": 2, "activations_shape": (1, 8, 8, 8), "sigmas": torch.tensor([3.0])}
+    fn(q, k, v, extra)
+    with _Ops() as ops:
+        fn(q, k, v, extra)
+    assert "_local_scalar_dense" not in ops.names

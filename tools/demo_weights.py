@@ -285,8 +285,8 @@ def full_size_random(structure, seed: int, dtype=torch.float16) -> dict:
     """Random ldm-named weights of a full-size structure of the pack's structure table, drawn directly in
     ``dtype`` (no model is built: shapes from diffusers on the meta device)."""
     import_pack()
-    from distilled_unets.models.topology import diffusers_config
     from diffusers import UNet2DConditionModel
+    from distilled_unets.models.topology import diffusers_config
 
     with torch.device("meta"):
         model = UNet2DConditionModel(**diffusers_config(structure))

@@ -27,6 +27,7 @@ import subprocess
 import pytest
 from _host import REPO as ROOT
 from _host import comfyui_version, find_comfyui, missing_reason
+from _workflows import lacking_nodes
 from comfy_server import ComfyServer
 
 pytestmark = pytest.mark.browser
@@ -64,11 +65,16 @@ def report(tmp_path_factory):
     # the Chromium profile (tens of MB) goes to this module's temporary folder, removed below with the server's
     with ComfyServer(comfyui, [models], workdir=workdir) as server:
         object_info = server.object_info()
+        # a workflow that needs ComfyUI's own nodes this version lacks (the dataset nodes before 0.33) is left
+        # out: its missing-nodes dialog would stay open over the workflows loaded after it
+        lacking = {p.stem: lacking_nodes(p.stem, object_info) for p in WORKFLOWS}
+        runnable = [p for p in WORKFLOWS if not lacking[p.stem]]
         r = subprocess.run(["node", str(HERE / "check_editor.mjs"), server.url, str(shots), str(out), str(models),
-                            *map(str, WORKFLOWS)], cwd=HERE, capture_output=True, text=True, timeout=500,
+                            *map(str, runnable)], cwd=HERE, capture_output=True, text=True, timeout=500,
                            env=dict(os.environ, CHROMIUM_PATH=CHROMIUM, TMPDIR=str(tmp)))
     assert r.returncode == 0, f"check_editor.mjs failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     rep = json.loads(out.read_text())
+    rep["lacking"] = {k: v for k, v in lacking.items() if v}
     shutil.rmtree(tmp, ignore_errors=True)
     rep["pack_nodes"] = sorted(k for k, v in object_info.items()
                                if str(v.get("python_module", "")).endswith("distilled_unets"))
@@ -81,6 +87,13 @@ def _without_urls(text: str) -> str:
 
 def _workflow(name: str) -> dict:
     return json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+
+
+def _loaded(report, name: str) -> dict:
+    """The editor's findings for a workflow; a skip where this ComfyUI lacks core nodes it uses."""
+    if name in report["lacking"]:
+        pytest.skip(f"{name} needs ComfyUI nodes this version lacks: {', '.join(report['lacking'][name])}")
+    return report["workflows"][name]
 
 
 def test_pack_js_loaded_without_errors(report):
@@ -106,7 +119,7 @@ def test_every_pack_node_in_node_library(report):
 
 @pytest.mark.parametrize("name", [p.stem for p in WORKFLOWS])
 def test_workflow_loads_without_missing_nodes(report, name):
-    res = report["workflows"][name]
+    res = _loaded(report, name)
     wf = _workflow(name)
     assert res["missing"] == [], f"missing node types: {res['missing']}"
     assert res["nodeCount"] == len(wf["nodes"])
@@ -125,6 +138,7 @@ def test_workflow_loads_without_missing_nodes(report, name):
 def test_missing_models_listed_with_folder_and_url(report, name):
     """Opened without its models, the workflow makes the editor list exactly the files its loaders name,
     each with the folder to put it in and where to download it."""
+    _loaded(report, name)
     expected = {(m["name"], m["directory"], m["url"])
                 for n in _workflow(name)["nodes"] for m in (n.get("properties") or {}).get("models", [])}
     assert expected, f"{name}: no loader carries properties.models"
@@ -139,6 +153,6 @@ def test_missing_models_listed_with_folder_and_url(report, name):
 
 @pytest.mark.parametrize("name", [p.stem for p in WORKFLOWS])
 def test_no_missing_models_notice_when_models_are_present(report, name):
-    res = report["workflows"][name]
+    res = _loaded(report, name)
     assert not res["modelsShown"], f"{name}: missing-models notice although every file is in its folder"
     assert res["comboMissing"] == [], f"model names not offered by their loader's list: {res['comboMissing']}"

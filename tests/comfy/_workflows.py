@@ -6,6 +6,14 @@ import json
 from pathlib import Path
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+#: workflows that need ComfyUI nodes only newer versions have: workflow -> those nodes (the dataset nodes: 0.33)
+NEEDS_NODES = {"distill_from_dataset_sd15": ("LoadImageTextDataSetFromFolder", "MakeTrainingDataset",
+                                             "SaveTrainingDataset")}
+
+
+def lacking_nodes(name: str, object_info: dict) -> list[str]:
+    """The ComfyUI nodes workflow ``name`` needs that this server lacks (empty where it can run)."""
+    return [t for t in NEEDS_NODES.get(name, ()) if t not in object_info]
 
 
 def load(name: str) -> dict:

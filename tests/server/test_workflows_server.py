@@ -15,6 +15,7 @@ from pathlib import Path
 import demo_weights
 import psutil
 import pytest
+from _workflows import lacking_nodes
 from comfy_server import PromptRejected, execution_error
 from PIL import Image
 from run_workflow import expected_sizes, prepare, run_one
@@ -50,15 +51,10 @@ def test_workflows_exist():
     assert WORKFLOWS, "workflows/ holds no .json"
 
 
-#: workflows that need nodes only newer ComfyUI versions have: workflow -> those nodes
-NEEDS_NODES = {"distill_from_dataset_sd15": ("LoadImageTextDataSetFromFolder", "MakeTrainingDataset",
-                                             "SaveTrainingDataset")}
-
-
 def _dataset_workflow_ready(server, object_info, path) -> Path | None:
     """For a workflow that saves a training dataset: skip where this ComfyUI lacks the nodes, or where the
     server would write the dataset outside its own folders; returns the datasets folder it writes to."""
-    missing = [t for t in NEEDS_NODES.get(path.stem, ()) if t not in object_info]
+    missing = lacking_nodes(path.stem, object_info)
     if missing:
         pytest.skip(f"{path.name} needs ComfyUI 0.33's dataset nodes; this ComfyUI lacks {', '.join(missing)}")
     if "SaveTrainingDataset" not in {n["type"] for n in json.loads(path.read_text())["nodes"]}:

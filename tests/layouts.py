@@ -14,7 +14,6 @@ import copy
 import re
 
 import torch
-
 from distilled_unets.models.registry import REGISTRY
 from distilled_unets.models.topology import diffusers_config
 
@@ -129,3 +128,21 @@ def layouts(sd: dict, cfg: dict) -> dict:
 def meta_shapes(cfg: dict) -> dict:
     m = diffusers_model(cfg, device="meta")
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def write_training_dataset(folder, latents: list, conditioning: list, shard_size: int = 3) -> None:
+    """A folder in ComfyUI 0.33's Save Training Dataset layout: ``shard_NNNN.pkl`` files (torch.save of
+    ``{"latents": [{"samples": [1, C, H, W]}, ...], "conditioning": [CONDITIONING, ...]}``) and metadata.json,
+    written as that node writes them (and for the ComfyUI versions that have no such node)."""
+    import json
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    n = len(latents)
+    shards = (n + shard_size - 1) // shard_size
+    for s in range(shards):
+        with open(os.path.join(folder, f"shard_{s:04d}.pkl"), "wb") as f:
+            torch.save({"latents": latents[s * shard_size:(s + 1) * shard_size],
+                        "conditioning": conditioning[s * shard_size:(s + 1) * shard_size]}, f)
+    with open(os.path.join(folder, "metadata.json"), "w") as f:
+        json.dump({"num_samples": n, "num_shards": shards, "shard_size": shard_size}, f)

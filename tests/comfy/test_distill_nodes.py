@@ -11,14 +11,14 @@ has none of them and those tests skip there. Shard folders written here by ``tor
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import os
+import re
 
 import pytest
 import torch
 
+from ..layouts import write_training_dataset
 from . import test_distill as TD
 from .test_distill import NODE_KW, fmt
 
@@ -71,19 +71,6 @@ def executor_call(N, student, teacher, **kw):
               for k, v in args.items()}
     with torch.inference_mode():
         return N.DistillStudentUNet.execute(student=[student], teacher=[teacher], **listed).args
-
-
-def write_shards(folder, latents, conds, shard_size=3):
-    """A folder in Save Training Dataset's layout (torch.save of {"latents", "conditioning"} lists per shard,
-    metadata.json), for the ComfyUI versions that have no such node."""
-    os.makedirs(folder, exist_ok=True)
-    n = len(latents)
-    for s in range((n + shard_size - 1) // shard_size):
-        with open(os.path.join(folder, f"shard_{s:04d}.pkl"), "wb") as f:
-            torch.save({"latents": latents[s * shard_size:(s + 1) * shard_size],
-                        "conditioning": conds[s * shard_size:(s + 1) * shard_size]}, f)
-    with open(os.path.join(folder, "metadata.json"), "w") as f:
-        json.dump({"num_samples": n, "num_shards": (n + shard_size - 1) // shard_size, "shard_size": shard_size}, f)
 
 
 def load_data(name, saved_latents=None):
@@ -178,7 +165,7 @@ def test_loader_lists_streams_and_refuses(node_env, datasets_root):
     from distilled_unets.nodes import datasets as DN
 
     N, teacher, _, bk_small, _, _ = node_env
-    write_shards(datasets_root / "proj" / "a", latent_list(5), captions(5))
+    write_training_dataset(datasets_root / "proj" / "a", latent_list(5), captions(5))
     (datasets_root / "empty").mkdir()
     assert DN.dataset_choices() == ["proj/a"]
     assert "proj/a" in DN.LoadDistillationDataset.define_schema().inputs[0].options
@@ -205,7 +192,7 @@ def test_loader_lists_streams_and_refuses(node_env, datasets_root):
         load_data("proj/a", saved_latents=latent_list(4))
     # a dataset saved again under the same name is a new input for ComfyUI's cache
     before = DN.LoadDistillationDataset.fingerprint_inputs(["proj/a"])
-    write_shards(datasets_root / "proj" / "a", latent_list(6), captions(6))
+    write_training_dataset(datasets_root / "proj" / "a", latent_list(6), captions(6))
     assert DN.LoadDistillationDataset.fingerprint_inputs(["proj/a"]) != before
 
 
@@ -217,7 +204,7 @@ def test_a_shard_needing_a_full_unpickler_is_refused_by_name(node_env, datasets_
     from distilled_unets.models.distill.datasets import DatasetError
 
     N, teacher, _, bk_small, _, _ = node_env
-    write_shards(datasets_root / "odd", latent_list(4), captions(4), shard_size=2)
+    write_training_dataset(datasets_root / "odd", latent_list(4), captions(4), shard_size=2)
     with open(datasets_root / "odd" / "shard_0001.pkl", "wb") as f:
         torch.save({"latents": [NotATensor()], "conditioning": [[]]}, f)
     with pytest.raises(DatasetError) as e:
@@ -243,7 +230,7 @@ def test_exactly_one_data_form(node_env, datasets_root):
     from distilled_unets.models.distill import DistillError
 
     N, teacher, _, bk_small, latents, pos = node_env
-    write_shards(datasets_root / "d", latent_list(3), captions(3))
+    write_training_dataset(datasets_root / "d", latent_list(3), captions(3))
     data = load_data("d")
     cases = [({}, "latents", "no training data is connected"),
              (dict(latents=[latents], conditioning=[pos], data=data), "data", "two forms of training data"),
@@ -298,7 +285,7 @@ def test_a_bad_shard_skips_its_step_and_the_report_says_so(node_env, datasets_ro
     N, teacher, _, bk_small, _, _ = node_env
     lats = latent_list(6)
     lats[4]["samples"][0, 2, 3, 3] = float("nan")
-    write_shards(datasets_root / "bad", lats, captions(6))
+    write_training_dataset(datasets_root / "bad", lats, captions(6))
     model, loss_map, report = executor_call(N, bk_small, teacher, data=load_data("bad"), steps=6, batch_size=1)
     print(f"\nbad shard: loss {fmt(loss_map['loss'])}\n{report}")
     m = re.search(r"skipped (\d+) step\(s\) with a non-finite loss or gradient: (\d+)", report)

@@ -4,7 +4,6 @@ weights-only loader, the draw order across resolution buckets and process counts
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 
@@ -13,6 +12,8 @@ import torch
 from distilled_unets.models import distill as D
 from distilled_unets.models.distill import datasets as DS
 
+from ..layouts import write_training_dataset
+
 
 def write_dataset(folder, sizes, shard_size=3, tokens=7, width=16, seed=0):
     """A SaveTrainingDataset folder: per sample a [1, 4, h, w] latent and a [[cond, {pooled_output}]] entry."""
@@ -20,14 +21,7 @@ def write_dataset(folder, sizes, shard_size=3, tokens=7, width=16, seed=0):
     lat = [{"samples": torch.randn(1, 4, h, w, generator=g)} for h, w in sizes]
     cond = [[[torch.randn(1, tokens, width, generator=g), {"pooled_output": torch.randn(1, 8, generator=g)}]]
             for _ in sizes]
-    os.makedirs(folder, exist_ok=True)
-    n = len(sizes)
-    for s in range((n + shard_size - 1) // shard_size):
-        with open(os.path.join(folder, f"shard_{s:04d}.pkl"), "wb") as f:
-            torch.save({"latents": lat[s * shard_size:(s + 1) * shard_size],
-                        "conditioning": cond[s * shard_size:(s + 1) * shard_size]}, f)
-    with open(os.path.join(folder, "metadata.json"), "w") as f:
-        json.dump({"num_samples": n, "num_shards": (n + shard_size - 1) // shard_size, "shard_size": shard_size}, f)
+    write_training_dataset(folder, lat, cond, shard_size)
     return lat, cond
 
 

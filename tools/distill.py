@@ -55,7 +55,6 @@ import re
 import signal
 import sys
 import time
-import warnings
 from collections import deque
 from datetime import timedelta
 from pathlib import Path
@@ -688,7 +687,6 @@ def main(argv=None, *, own_logging: bool = True) -> int:
     if own_logging:
         setup_logging(rank, world)
         logging.getLogger().setLevel(logging.WARNING)  # ComfyUI's own info lines
-    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
     try:
         setup_comfy(args.comfyui, cpu=device.type != "cuda")
         import_pack()

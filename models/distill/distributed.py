@@ -8,6 +8,7 @@ group every function is the single-process identity.
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,10 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+    # the UNet's buffers are constants: no sync before each forward (torch 2.14 renamed the switch)
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True, **sync)
 
 
 def no_sync(model: torch.nn.Module, skip: bool):

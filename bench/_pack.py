@@ -56,7 +56,7 @@ def random_unet(topology, dtype, device, seed: int, std: float = 0.02):
     """ComfyUI's own model (``BaseModel`` / ``SDXL`` around its ``UNetModel``, through the loader's
     ``comfy_model``) of ``topology``, built directly on ``device`` in ``dtype`` (ComfyUI's ops allocate
     without initialising) and drawn there: the full-size weights never exist on the CPU of a GPU run."""
-    from distilled_unets.nodes._glue import comfy_model
+    from distilled_unets.nodes.host.unet import comfy_model
 
     model = comfy_model(topology, dtype, None, device=device)
     randomize(model.diffusion_model, seed, std)

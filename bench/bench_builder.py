@@ -2,7 +2,7 @@
 """Bench: every student-builder preset against its teacher: parameters, estimated and measured per-step cost,
 share of tensors from the teacher, block-map certainty.
 
-Each student is the structure ``BuildStudentUNet`` plans for the preset (``models.builder.plan``: topology and
+Each student is the structure ``BuildStudentUNet`` plans for the preset (``models.students.builder.plan``: topology and
 block map, A-SDM presets combined with a bk-base student of the same teacher), built as ComfyUI's own UNet
 directly on the device and drawn there with random weights, once; so is the full-width teacher (once per
 family). The step time does not depend on the weights' values; that the builder copies the right tensors is
@@ -46,9 +46,9 @@ def main(argv=None):
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from distilled_unets.models import builder
-    from distilled_unets.models import structures as S
-    from distilled_unets.models.cost import unet_cost
+    from distilled_unets.models.structure import structures as S
+    from distilled_unets.models.structure.cost import unet_cost
+    from distilled_unets.models.students import builder
 
     wanted = [p for p in a.presets.split(",") if p]
     max_rounds = a.max_rounds or 3 * a.rounds

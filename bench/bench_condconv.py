@@ -5,7 +5,7 @@ A tiny-sd-structured student (3 levels, one resnet per level, no mid block) at F
 320, SD1.5 family, random weights) through ComfyUI's own UNetModel, built once, on the device it runs on
 (ComfyUI's ops allocate on the device, the weights are drawn there from a seeded generator), plain and with
 the 3x3 convolutions of its shallowest down and up stage's resnets (6 convs, the ones BuildStudentUNet swaps)
-replaced by identity-initialised CondConv (``--experts`` experts, nodes/_condconv.py, built in the dtype the
+replaced by identity-initialised CondConv (``--experts`` experts, nodes/host/condconv.py, built in the dtype the
 UNet runs in). Per dtype (fp16 and bf16 on CUDA, fp32 on the CPU) and batch size, in interleaved rounds (a
 row whose spread (median - best) / best is above 5 % gets more rounds, up to ``--max-reps``):
 
@@ -14,7 +14,7 @@ row whose spread (median - best) / best is above 5 % gets more rounds, up to ``-
                  shortcut for a batch routed alike)
   swapped convs  the swapped convs alone on the inputs they get in that forward: plain Conv2d vs CondConv as
                  ``batch_mode="auto"`` runs it, and (batch > 1) each batch mode forced: per_sample, grouped,
-                 expert_sum (models/condconv.py, "Speed")
+                 expert_sum (models/patches/condconv.py, "Speed")
   routing+mix    of that, the CondConv-only work (gates from the pooled input, the kernel mix)
   ops/call       device ops of one CondConv call (torch.profiler: aten ops that launch work; a plain conv: 1)
   init diff      max |CondConv student - plain student| / max |plain| at init (zero routing), same dtype
@@ -60,8 +60,8 @@ def _build(torch, dtype, device, channels: int, seed: int = 0):
     """ComfyUI's UNetModel of the tiny-sd structure, allocated on ``device`` in ``dtype`` and drawn there."""
     from dataclasses import replace
 
-    from distilled_unets.models import structures as S
-    from distilled_unets.nodes._glue import comfy_model
+    from distilled_unets.models.structure import structures as S
+    from distilled_unets.nodes.host.unet import comfy_model
 
     unet = comfy_model(replace(S.BK_TINY, model_channels=channels), dtype, None, device=device).diffusion_model
     g = torch.Generator(device=device).manual_seed(seed)
@@ -110,8 +110,8 @@ def main(argv=None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from distilled_unets.models.condconv import CondConv2d, conv_geometry, device_ops
-    from distilled_unets.nodes._condconv import stage_conv_paths, swap_condconv
+    from distilled_unets.models.patches.condconv import CondConv2d, conv_geometry, device_ops
+    from distilled_unets.nodes.host.condconv import stage_conv_paths, swap_condconv
 
     if a.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu")

@@ -1,5 +1,5 @@
 # ruff: noqa: T201  (bench scripts print their tables)
-"""Bench: one knowledge-distillation training step of the pack's engine (``distilled_unets.models.distill`` on
+"""Bench: one knowledge-distillation training step of the pack's engine (``distilled_unets.models.students.distill`` on
 ComfyUI's own UNet) against the same step written directly on diffusers' UNet2DConditionModel (BK-SDM's recipe).
 
 Both sides get the same teacher and student weights (random, in the real structures: SD1.5 teacher and
@@ -21,7 +21,7 @@ conditioning, timesteps, noise) crosses from the host, as in the node.
 
 Reported per variant: median ms per step after warm-up (three significant figures) with its spread
 ((median - best) / best; a variant above 5 % gets more rounds, up to ``--max-reps``), samples/s, the model
-FLOP utilisation (MFU: samples/s x the pack's cost model ``models/cost.py`` per sample, teacher forward +
+FLOP utilisation (MFU: samples/s x the pack's cost model ``models/structure/cost.py`` per sample, teacher forward +
 3x student forward, over the card's bf16 dense peak; CUDA cards of the table in ``_device.peak_tflops``
 only), the peak memory the step needs above the resident teacher (CUDA: ``torch.cuda.max_memory_allocated``;
 CPU: peak RSS over the run; the diffusers side counts the student weights it trains in place, as the pack
@@ -65,7 +65,7 @@ def _setup(device: str):
 def _structure(dm):
     """(Topology, ldm state dict) of a diffusers UNet, through the pack's own detection (the tensors are
     the model's own)."""
-    from distilled_unets.models.detect import detect
+    from distilled_unets.models.structure.detect import detect
 
     sd = dm.state_dict()
     det = detect({k: tuple(v.shape) for k, v in sd.items()})
@@ -78,7 +78,7 @@ def _comfy_unet(topology, sd: dict, dtype, device):
     """ComfyUI's own UNet (and its BaseModel, for the noise schedule) of ``topology`` built on ``device``
     and holding a copy of ``sd`` (ldm names) in ``dtype``: a device-to-device copy."""
     import torch
-    from distilled_unets.nodes._glue import comfy_model
+    from distilled_unets.nodes.host.unet import comfy_model
 
     model = comfy_model(topology, dtype, None, device=device)
     with torch.no_grad():
@@ -96,10 +96,10 @@ class Models:
 
     def __init__(self, a, preset: str, dev, max_batch: int):
         import torch
-        from distilled_unets.models import distill as D
-        from distilled_unets.models import structures as S
-        from distilled_unets.models.registry import by_id
-        from distilled_unets.models.topology import diffusers_config
+        from distilled_unets.models.structure import structures as S
+        from distilled_unets.models.structure.registry import by_id
+        from distilled_unets.models.structure.topology import diffusers_config
+        from distilled_unets.models.students import distill as D
 
         from tests.layouts import diffusers_model, tiny_config
 
@@ -151,7 +151,7 @@ class Models:
 def run_variant(a, m: Models, impl: str, ckpt: bool, batch: int) -> dict:
     """One variant on the shared models: warm-up + measured steps; times, peak, losses, estimate."""
     import torch
-    from distilled_unets.models import distill as D
+    from distilled_unets.models.students import distill as D
 
     dev, cuda = m.dev, m.cuda
     steps = a.warmup + a.steps
@@ -288,14 +288,14 @@ def _run_worker(a, preset, impl, ckpt, batch) -> dict:
 def _tflop_per_sample(m: Models, size: int) -> float:
     """One sample of a KD step in FLOP, by the pack's cost model: teacher forward + student forward and backward
     (about 3x its forward), 2 FLOP per multiply-accumulate."""
-    from distilled_unets.models.cost import unet_cost
+    from distilled_unets.models.structure.cost import unet_cost
 
     return 2 * (unet_cost(m.tt, size, size).macs + 3 * unet_cost(m.st, size, size).macs) / 1e12
 
 
 def _table(a, preset, m: Models, results: dict, variants, device_name, peak_tf):
     flop = _tflop_per_sample(m, a.size)
-    from distilled_unets.models.cost import unet_cost
+    from distilled_unets.models.structure.cost import unet_cost
 
     print(f"\nKD step, preset {preset} ({a.width} width): {m.family} teacher "
           f"({unet_cost(m.tt).params / 1e6:.0f}M parameters), student {unet_cost(m.st).params / 1e6:.0f}M; "

@@ -76,10 +76,10 @@ def worker(a) -> int:
 
     import _device
     import comfy.model_patcher
-    from distilled_unets.models import distill as D
-    from distilled_unets.models import structures as S
-    from distilled_unets.nodes._glue import comfy_model, topology_of
-    from distilled_unets.nodes.distill import _block_map, _student_unet, _trainable
+    from distilled_unets.models.structure import structures as S
+    from distilled_unets.models.students import distill as D
+    from distilled_unets.nodes.distill import block_map_for, student_unet_for_training, trainable_filter
+    from distilled_unets.nodes.host.unet import comfy_model, topology_of
     from distilled_unets.nodes.students import build_student
 
     torch.manual_seed(0)
@@ -92,8 +92,8 @@ def worker(a) -> int:
     teacher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
     student, _ = build_student(teacher, "bk-small")
     st = topology_of(student)
-    bm, _ = _block_map(student, tt, st)
-    trainable, _ = _trainable(bm, "all")
+    bm, _ = block_map_for(student, tt, st)
+    trainable, _ = trainable_filter(bm, "all")
     t_dtype = torch.float32
     if device.type == "cuda":  # the teacher in half precision on the GPU, as ComfyUI loads it for training
         t_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -106,7 +106,8 @@ def worker(a) -> int:
     data = D.KDData(torch.randn(n, 4, lat, lat, generator=g), torch.randn(n, 77, tt.context_dim, generator=g))
     cfg = D.DistillConfig(steps=a.warmup + steps, batch_size=batch, learning_rate=5e-5, seed=0,
                           gradient_checkpointing=a.gpu_checkpointing and a.part == "gpu")
-    d = D.Distiller(teacher=teacher.model.diffusion_model, student=_student_unet(student, st), teacher_topology=tt,
+    d = D.Distiller(teacher=teacher.model.diffusion_model, student=student_unet_for_training(student, st),
+                    teacher_topology=tt,
                     student_topology=st, schedule=D.NoiseSchedule(teacher.get_model_object("model_sampling")),
                     data=data, config=cfg, trainable=trainable, device=device, teacher_dtype=t_dtype,
                     node="bench_distill_scale")

@@ -6,7 +6,7 @@ width (SD1.5 / tiny-sd: 320 ch, 8 heads x 40; SDXL: the 2x-down level, 640 ch, 1
 (cond + uncond), times the number of such blocks in the UNet (SD1.5 5, tiny-sd 3, SDXL 10):
   exact         full self-attention (ComfyUI's attention_pytorch)
   hypertile     what HyperTile does: q cut into window x window tiles, ComfyUI's backend
-  gri           models/gri.py (windows + pooled global keys in one SDPA call)
+  gri           models/patches/gri.py (windows + pooled global keys in one SDPA call)
 Exact attention at 2048 px on a CPU is extrapolated from a slice of the queries (cost is linear in
 queries; marked "~"); a GPU runs it whole. Peak memory: torch.cuda.max_memory_allocated on a GPU, the
 process RSS above its level before the call on a CPU (psutil, polled every 1 ms). Every attention,
@@ -153,7 +153,7 @@ def build_unet(topology, family: str, *, device, dtype, seed: int, model_channel
     import comfy.model_management as mm
     import comfy.model_patcher
     import torch
-    from distilled_unets.nodes._glue import comfy_model
+    from distilled_unets.nodes.host.unet import comfy_model
 
     topo = tm.tiny(topology, family, model_channels=model_channels or topology.model_channels)
     model = comfy_model(topo, dtype, None, "eps", device=device)
@@ -239,7 +239,7 @@ def _qkv(L, ch, seed):
 
 def attention_part(args):
     import comfy.ldm.modules.attention as attn
-    from distilled_unets.models import gri
+    from distilled_unets.models.patches import gri
 
     optimized_attention = attn.optimized_attention
 
@@ -295,7 +295,7 @@ OP_ROLES = {"copy_": "window copies in (q, k, v) and out, pooled keys into their
 
 def own_cost_part(args):
     """Where one GRI call's time goes, by aten op (torch.profiler): device time on a GPU, CPU time on a CPU."""
-    from distilled_unets.models import gri
+    from distilled_unets.models.patches import gri
     from torch.profiler import ProfilerActivity, profile
 
     name, down, ch, heads, blocks = ATTN_MODELS[0]
@@ -343,7 +343,7 @@ def own_cost_part(args):
 
 
 def _unet(name):
-    from distilled_unets.models import registry
+    from distilled_unets.models.structure import registry
 
     vega = registry.by_id("segmind/Segmind-Vega").structure  # a real SDXL student: level-2 depth 2, not 10
     topo, family = {"sd15": (registry.TEACHERS["sd1"].structure, "sd15"),
@@ -354,7 +354,7 @@ def _unet(name):
 
 def _drop_attention(base):
     """The attention-free bound: the patched level's self-attentions return q (no attention work at all)."""
-    from distilled_unets.models import gri
+    from distilled_unets.models.patches import gri
 
     m = base.clone()
     for s in gri.select_sites(gri.attention_sites(base.model.diffusion_model), 1, True):
@@ -367,7 +367,7 @@ def unet_part(args):
     import comfy.model_management as mm
     import torch
     from comfy_extras.nodes_hypertile import HyperTile
-    from distilled_unets.models import gri
+    from distilled_unets.models.patches import gri
     from distilled_unets.nodes.attention import patch_gri
 
     rounds = Rounds(args.reps, args.max_rounds)
@@ -446,7 +446,8 @@ def unet_part(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--window", type=int, default=16)
-    ap.add_argument("--pool", type=int, default=0, help="0 = auto (models.gri.auto_pool), as the node's default")
+    ap.add_argument("--pool", type=int, default=0, 
+                    help="0 = auto (models.patches.gri.auto_pool), as the node's default")
     ap.add_argument("--sizes", default="512,1024,2048")
     ap.add_argument("--unet-sizes", default="1024,2048")
     ap.add_argument("--reps", type=int, default=3, help="rounds kept per row (the fastest ones)")

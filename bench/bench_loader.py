@@ -89,11 +89,11 @@ def main():
     import comfy.sd
 
     diffusers_model, to_ldm = _import_pack()
-    from distilled_unets.models import registry
-    from distilled_unets.models.cost import unet_cost
-    from distilled_unets.models.detect import detect
-    from distilled_unets.models.topology import diffusers_config
-    from distilled_unets.nodes._glue import build_model
+    from distilled_unets.models.structure import registry
+    from distilled_unets.models.structure.cost import unet_cost
+    from distilled_unets.models.structure.detect import detect
+    from distilled_unets.models.structure.topology import diffusers_config
+    from distilled_unets.nodes.host.unet import build_model
 
     dtype = _device.DTYPES[args.dtype]
     gpu = dev.type == "cuda"

@@ -53,7 +53,7 @@ def _router_us(by_step, steps: int) -> float:
     """Host time of the router's own work per model call (split, decide, early options), timed alone."""
     import comfy.patcher_extension as pe
     import torch
-    from distilled_unets.models.multi_unet import KEY_PREFIX, _split_apply_args, stage_transformer_options
+    from distilled_unets.models.patches.multi_unet import KEY_PREFIX, split_apply_args, stage_transformer_options
 
     (key,) = [k for k in by_step.additional_models if k.startswith(KEY_PREFIX)]
     router = by_step.get_wrappers(pe.WrappersMP.APPLY_MODEL, key)[0]
@@ -66,7 +66,7 @@ def _router_us(by_step, steps: int) -> float:
     now = clock_for("cpu")  # host work only
     t0 = now()
     for _ in range(n_calls):
-        _x, t_, c_ = _split_apply_args(call_args, {})
+        _x, t_, c_ = split_apply_args(call_args, {})
         router.stage(float(t_.reshape(-1)[0]), sample_sigmas)
         stage_transformer_options(early_p, to, by_step.model_options["transformer_options"])
     return (now() - t0) / n_calls * 1e6
@@ -112,8 +112,8 @@ def main():
     import _tiny_models as tm
     import comfy.sample
     import comfy.samplers
-    from distilled_unets.models import registry
-    from distilled_unets.models.multi_unet import steps_per_stage
+    from distilled_unets.models.patches.multi_unet import steps_per_stage
+    from distilled_unets.models.structure import registry
     from distilled_unets.nodes.sampling import MultiUNetModel, SwitchPoint, make_multi_unet_model
 
     gpu = device.type == "cuda"

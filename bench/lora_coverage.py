@@ -5,7 +5,7 @@ For each student (full-size structure, built on the meta device through ComfyUI'
 LoRA origin (trained on the teacher / on the student itself) and each format, a LoRA on every
 weight module is generated and both mappings are run on the same file:
 
-* ours: ``models.lora_keys.plan_lora`` (what the node hands to ``comfy.lora.load_lora``);
+* ours: ``models.patches.lora_keys.plan_lora`` (what the node hands to ``comfy.lora.load_lora``);
 * ComfyUI: ``comfy.lora.model_lora_keys_unet`` + ``comfy.lora.load_lora`` + ``add_patches``, i.e.
   ``comfy.sd.load_lora_for_models``, with shape mismatches counted as ComfyUI would skip them at merge.
 
@@ -38,7 +38,7 @@ def _setup():
     import_pack()
 
 
-STUDENTS = {  # name -> attribute of models.structures
+STUDENTS = {  # name -> attribute of models.structure.structures
     "bk-base / small-sd": "BK_BASE", "bk-small": "BK_SMALL", "bk-tiny / tiny-sd": "BK_TINY",
     "ssd-1b": "SSD_1B", "vega": "VEGA", "koala-700m": "KOALA_700M",
 }
@@ -46,7 +46,7 @@ STUDENTS = {  # name -> attribute of models.structures
 
 def meta_model(topology):
     """ComfyUI's own model of ``topology``, full size, on the meta device."""
-    from distilled_unets.nodes._glue import comfy_model
+    from distilled_unets.nodes.host.unet import comfy_model
 
     with torch.device("meta"):
         return comfy_model(topology, torch.float32, device="meta")
@@ -62,9 +62,9 @@ def lora_on(shapes: dict, fmt: str):
 
 
 def implied(prefix, tensors):
-    from distilled_unets.models.lora_keys import _implied_shape
+    from distilled_unets.models.patches.lora_keys import implied_shape
 
-    return _implied_shape(prefix, tensors)
+    return implied_shape(prefix, tensors)
 
 
 def count(mapping: dict, expected: dict, tensors: dict, sd_shapes: dict, n_modules: int):
@@ -98,10 +98,10 @@ def main():
     _setup()
     logging.disable(logging.WARNING)
     import comfy.lora
-    from distilled_unets.models import lora_keys as lk
-    from distilled_unets.models import names
-    from distilled_unets.models import structures as S
-    from distilled_unets.models.blockmap import CERTAIN, derive
+    from distilled_unets.models.patches import lora_keys as lk
+    from distilled_unets.models.structure import names
+    from distilled_unets.models.structure import structures as S
+    from distilled_unets.models.structure.blockmap import CERTAIN, derive
 
     from tests._lora_fixtures import LDM_FORMATS
 
@@ -123,7 +123,7 @@ def main():
         tmap = names.module_map(teacher)
         bm = derive(teacher, student)
         comfy_map = comfy.lora.model_lora_keys_unet(model, {})
-        table = lk._underscore_table([student, teacher])
+        table = lk.underscore_table([student, teacher])
         for origin in ("teacher", "student"):
             src_map, src_sd = (tmap, tsd) if origin == "teacher" else (smap, model.state_dict())
             for fmt in args.formats.split(","):

@@ -445,9 +445,9 @@ def check_dynamic_vram(quick: bool) -> int:
     import comfy.patcher_extension as pe
     import comfy.sample
     import comfy.sd
-    from distilled_unets.models import registry
-    from distilled_unets.nodes._glue import comfy_model, load_distilled_unet
-    from distilled_unets.nodes._patcher import expected_shapes, is_dynamic
+    from distilled_unets.models.structure import registry
+    from distilled_unets.nodes.host.patcher import expected_shapes, is_dynamic
+    from distilled_unets.nodes.host.unet import comfy_model, load_distilled_unet
     from distilled_unets.nodes.sampling import MultiUNetModel
     from safetensors.torch import save_file
 

@@ -11,7 +11,7 @@ class PackError(ValueError):
     """Base of every error this pack raises on bad input.
 
     ``problem`` says what is wrong, ``fix`` what to do. Nodes fill in ``node`` and ``input_name``
-    (see ``nodes._glue.node_errors``) so the message ComfyUI shows names them.
+    (see ``nodes.host.unet.node_errors``) so the message ComfyUI shows names them.
     """
 
     def __init__(self, problem: str, fix: str, *, path: str | None = None, node: str | None = None,

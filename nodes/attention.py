@@ -1,6 +1,6 @@
 """GRIAttention: A-SDM global-regional interactive self-attention patched onto a cloned MODEL.
 
-The maths lives in ``models/gri.py``; this node finds the self-attentions of the chosen resolution
+The maths lives in ``models/patches/gri.py``; this node finds the self-attentions of the chosen resolution
 levels in the model's own UNet (any block layout: SD1.5, SD2, SDXL, block-removed students), and puts
 one keyed ``attn1`` replace per transformer block on a clone, chaining any replace already there.
 """
@@ -14,7 +14,7 @@ import comfy.ldm.modules.attention as comfy_attention
 from comfy_api.latest import io
 
 from ..models.errors import PackError
-from ..models.gri import GRIReplace, SigmaRange, alternate_shift, attention_sites, select_sites, site_attention
+from ..models.patches.gri import GRIReplace, SigmaRange, alternate_shift, attention_sites, select_sites, site_attention
 
 log = logging.getLogger("distilled_unets")
 
@@ -53,7 +53,7 @@ def patch_gri(model, *, window: int, pool: int | None, levels: int = 1, start_pe
               end_percent: float = 1.0, output_blocks: bool = True, shifted_windows: bool = False):
     """A clone of ``model`` (a ModelPatcher) with GRI attention on the selected self-attentions.
 
-    ``pool`` None (the node's 0) = auto: see ``models.gri.auto_pool``. Returns (patched clone, sites).
+    ``pool`` None (the node's 0) = auto: see ``models.patches.gri.auto_pool``. Returns (patched clone, sites).
     """
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise PackError(f"start_percent {start_percent} is after end_percent {end_percent}",

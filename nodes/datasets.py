@@ -3,7 +3,7 @@
 
 The value names the folder and reads nothing big: ``DistillStudentUNet`` opens it with its own teacher (the
 teacher's latent format and conditioning code turn ComfyUI's samples into the UNets' inputs, so the data can never
-be prepared for another model than the one it is distilled from), through ``models.distill.datasets``
+be prepared for another model than the one it is distilled from), through ``models.students.distill.datasets``
 (weights-only shard reads, a few shards in memory whatever the dataset's size).
 
 ComfyUI 0.33 registers the ``datasets`` folder (``<ComfyUI>/datasets``, more roots through extra_model_paths);
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import folder_paths
 from comfy_api.latest import io
 
-from ..models.distill.datasets import SHARD, DatasetError, ShardedDataset, shard_files
+from ..models.students.distill.datasets import SHARD, DatasetError, ShardedDataset, shard_files
 from .students import CATEGORY
 
 log = logging.getLogger("distilled_unets")
@@ -119,7 +119,7 @@ class DistillDataset:
 
     def open(self, prepare) -> ShardedDataset:
         """The streaming data source, samples prepared by ``prepare(latent, conditioning)`` (see
-        ``nodes._data.prepare_sample``)."""
+        ``nodes.host.samples.prepare_sample``)."""
         return ShardedDataset(self.folder, prepare, cache_shards=self.cache_shards)
 
     def __str__(self) -> str:

@@ -1,6 +1,6 @@
 """DistillStudentUNet: knowledge distillation of a student UNet from its teacher, inside ComfyUI.
 
-The training engine is host-free (``models/distill/``); this module turns ComfyUI values into its inputs
+The training engine is host-free (``models/students/distill/``); this module turns ComfyUI values into its inputs
 (LATENT + CONDITIONING through the model's own ``process_latent_in`` and ``extra_conds``, the block map into
 the set of trained parameters, the teacher loaded by ComfyUI's model management), shows progress, honours
 Cancel between steps, and hands the trained weights to the loader's own build path as a new MODEL.
@@ -21,12 +21,13 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..models import blockmap as bmod
-from ..models import distill as D
-from ..models import vgg as V
 from ..models.errors import IncompatibleModelsError, WeightFileError
-from ._data import make_kd_data, prepare_sample
-from ._glue import (
+from ..models.structure import blockmap as bmod
+from ..models.students import distill as D
+from ..models.students.distill import vgg as V
+from .datasets import DISTILL_DATA, DistillDataset
+from .host.samples import make_kd_data, prepare_sample
+from .host.unet import (
     BLOCK_MAP_KEY,
     RECIPE_KEY,
     block_map_of_model,
@@ -36,7 +37,6 @@ from ._glue import (
     unet_from_state_dict,
     unet_weights,
 )
-from .datasets import DISTILL_DATA, DistillDataset
 from .students import CATEGORY, sampling_of
 
 log = logging.getLogger("distilled_unets")
@@ -101,7 +101,7 @@ def _resolve_checkpoint(name: str) -> str | None:
 
 def make_data(teacher, latents, conditioning, *, which: str) -> D.KDData:
     """KDData from LATENT + CONDITIONING values: one of each, or the lists Make / Load Training Dataset and
-    Resolution Bucket output (``nodes._data.pair_samples``), through the teacher's own ``process_latent_in`` and
+    Resolution Bucket output (``nodes.host.samples.pair_samples``), through the teacher's own ``process_latent_in`` and
     ``extra_conds`` (SDXL's pooled and size conditioning included)."""
     inputs = ("latents", "conditioning") if which == "train" else ("heldout_latents", "heldout_conditioning")
     return make_kd_data(teacher.model, latents, conditioning, node=NODE, inputs=inputs)
@@ -148,7 +148,7 @@ def _describe(data: D.KDData) -> str:
     return f"{len(data)} samples in memory, latents " + ", ".join(f"{w * 8}x{h * 8}" for h, w in sizes)
 
 
-def _student_unet(student, topology):
+def student_unet_for_training(student, topology):
     """The student's UNet with the weights it samples with (patches merged), without changing the MODEL."""
     patched = bool(student.patches) or bool(getattr(student, "weight_wrapper_patches", None))
     if not patched:
@@ -156,7 +156,7 @@ def _student_unet(student, topology):
     return unet_from_state_dict(topology, unet_weights(student))
 
 
-def _block_map(student, tt, st):
+def block_map_for(student, tt, st):
     bm = block_map_of_model(student)
     if bm is not None and bm.student.signature() == st.signature() and \
             bm.teacher.signature()[1:] == tt.signature()[1:]:
@@ -164,12 +164,12 @@ def _block_map(student, tt, st):
     return bmod.derive(tt, st), "derived from the two structures"
 
 
-def _trainable(bm, mode: str):
+def trainable_filter(bm, mode: str):
     units = set(bm.trainable_units(mode))
     return lambda name: bm.unit_of(name) in units, units
 
 
-def _weights(preset: str, task: float, out: float, feat: float, mid: float, vgg: float) -> D.LossWeights:
+def make_loss_weights(preset: str, task: float, out: float, feat: float, mid: float, vgg: float) -> D.LossWeights:
     if preset == "custom":
         return D.LossWeights(task, out, feat, mid, vgg)
     base = D.PRESETS[preset]
@@ -239,9 +239,9 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
     if heldout_latents is not None:
         held = make_data(teacher, heldout_latents, heldout_conditioning, which="heldout")
         held_note = "the held-out inputs"
-    bm, bm_note = _block_map(student, tt, st)
-    trainable, units = _trainable(bm, train)
-    weights = _weights(loss_weights, task_weight, output_weight, feature_weight, mid_weight, vgg_weight)
+    bm, bm_note = block_map_for(student, tt, st)
+    trainable, units = trainable_filter(bm, train)
+    weights = make_loss_weights(loss_weights, task_weight, output_weight, feature_weight, mid_weight, vgg_weight)
     semantic, vgg_note = None, None
     if vgg16 and vgg16 != NONE:
         path = folder_paths.get_full_path(VGG_FOLDER, vgg16)
@@ -279,7 +279,7 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
         cfg.validate()
     device = mm.get_torch_device()
     ms = teacher.get_model_object("model_sampling")
-    student_unet = _student_unet(student, st)
+    student_unet = student_unet_for_training(student, st)
     tmodel = teacher.model
     t_dtype = tmodel.manual_cast_dtype or tmodel.get_dtype()
     with node_errors(NODE, "train"):

@@ -9,9 +9,9 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..models.loader import missing_file, resolve_pipeline
-from ..models.weights import DIFFUSERS_NAMES
-from ._glue import PREDICTIONS, WEIGHT_DTYPES, load_distilled_unet, node_errors
+from ..models.files.loader import missing_file, resolve_pipeline
+from ..models.files.weights import DIFFUSERS_NAMES
+from .host.unet import PREDICTIONS, WEIGHT_DTYPES, load_distilled_unet, node_errors
 
 UNET_FOLDERS = "diffusion_models"  # ComfyUI maps the legacy models/unet folder onto this one
 

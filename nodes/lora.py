@@ -1,4 +1,4 @@
-"""LoRA on distilled UNets: our key map (``models/lora_keys.py``) + ComfyUI's own LoRA patching.
+"""LoRA on distilled UNets: our key map (``models/patches/lora_keys.py``) + ComfyUI's own LoRA patching.
 
 The key work is host-free; this module reads the file (safetensors only), asks the plan for each
 UNet the MODEL runs (a multi-UNet MODEL carries its early UNets as additional models), then goes
@@ -17,9 +17,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..models.errors import LoraError
-from ..models.lora_keys import LoraPlan, family_mismatch, plan_lora
-from ..models.multi_unet import stage_patchers
-from ._glue import block_map_of_model, topology_of
+from ..models.patches.lora_keys import LoraPlan, family_mismatch, plan_lora
+from ..models.patches.multi_unet import stage_patchers
+from .host.unet import block_map_of_model, topology_of
 
 log = logging.getLogger("distilled_unets")
 

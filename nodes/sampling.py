@@ -1,5 +1,5 @@
 """Multi-UNet sampling nodes: a small UNet for the early (high-noise) steps, the full UNet for the
-late ones, inside ONE sampler run (A-SDM). The routing logic lives in ``models/multi_unet.py``."""
+late ones, inside ONE sampler run (A-SDM). The routing logic lives in ``models/patches/multi_unet.py``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from ..models.errors import IncompatibleModelsError
-from ..models.multi_unet import (
+from ..models.patches.multi_unet import (
     LoadedStage,
     MultiUNetRouter,
     SwitchPoint,

@@ -1,8 +1,8 @@
 """Student nodes: build a student UNet from a teacher (BK-SDM / SDXL presets, A-SDM combinations) and save
 any UNet as a file the loader reads back with its recipe.
 
-The recipes and the copy rule live in ``models/builder.py``; this module reads the teacher's weights,
-hands the result to the loader's own build path (``_glue.model_from_state_dict``) and writes files.
+The recipes and the copy rule live in ``models/students/builder.py``; this module reads the teacher's weights,
+hands the result to the loader's own build path (``unet.model_from_state_dict``) and writes files.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..models import builder
-from ..models.condconv import PARAM_NAMES, CondConv2d
 from ..models.errors import IncompatibleModelsError, PackError
-from ..models.loader import META_BLOCK_MAP, META_PREDICTION, META_RECIPE
-from ..models.structures import PRESETS
-from ..models.weights import save_new
-from ._glue import (
+from ..models.files.loader import META_BLOCK_MAP, META_PREDICTION, META_RECIPE
+from ..models.files.weights import save_new
+from ..models.patches.condconv import PARAM_NAMES, CondConv2d
+from ..models.structure.structures import PRESETS
+from ..models.students import builder
+from .host.patcher import expected_shapes
+from .host.unet import (
     BLOCK_MAP_KEY,
     RECIPE_KEY,
     block_map_of_model,
@@ -32,7 +33,6 @@ from ._glue import (
     topology_of,
     unet_weights,
 )
-from ._patcher import expected_shapes
 
 log = logging.getLogger("distilled_unets")
 

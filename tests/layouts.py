@@ -14,8 +14,8 @@ import copy
 import re
 
 import torch
-from distilled_unets.models.registry import REGISTRY
-from distilled_unets.models.topology import diffusers_config
+from distilled_unets.models.structure.registry import REGISTRY
+from distilled_unets.models.structure.topology import diffusers_config
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

@@ -91,7 +91,7 @@ VOCAB, CTX = 49408, 77
 def _pack_detect():
     """The pack's own structural detection (host-free), for the diffusers -> ldm key names."""
     import_pack()
-    return importlib.import_module("distilled_unets.models.detect")
+    return importlib.import_module("distilled_unets.models.structure.detect")
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -286,7 +286,7 @@ def full_size_random(structure, seed: int, dtype=torch.float16) -> dict:
     ``dtype`` (no model is built: shapes from diffusers on the meta device)."""
     import_pack()
     from diffusers import UNet2DConditionModel
-    from distilled_unets.models.topology import diffusers_config
+    from distilled_unets.models.structure.topology import diffusers_config
 
     with torch.device("meta"):
         model = UNet2DConditionModel(**diffusers_config(structure))
@@ -305,7 +305,7 @@ def full_size_random(structure, seed: int, dtype=torch.float16) -> dict:
 
 def write_teacher(root: Path) -> None:
     import_pack()
-    from distilled_unets.models.structures import SD1
+    from distilled_unets.models.structure.structures import SD1
 
     ck = {"model.diffusion_model." + k: v for k, v in full_size_random(SD1, seed=21).items()}
     ck.update(clip_hf("cond_stage_model.transformer.", CLIP_L, seed=22))

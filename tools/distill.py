@@ -1,5 +1,5 @@
 """Distil a student UNet from its teacher without a ComfyUI server: the engine of ``DistillStudentUNet``
-(``models/distill/``) on ComfyUI's own UNet, one process or many under ``torchrun``.
+(``models/students/distill/``) on ComfyUI's own UNet, one process or many under ``torchrun``.
 
 One process (one GPU, or the CPU):
 
@@ -251,7 +251,7 @@ def clean_partial(out: str) -> list[str]:
 
 def checkpoints_in(folder: str) -> list[tuple[int, float, str]]:
     """(step, mtime, path) of every distillation checkpoint in ``folder``, oldest step first."""
-    from distilled_unets.models import distill as D
+    from distilled_unets.models.students import distill as D
 
     found = []
     for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
@@ -268,7 +268,7 @@ def checkpoints_in(folder: str) -> list[tuple[int, float, str]]:
 
 def latest_checkpoint(where: str) -> str:
     """The checkpoint ``where`` names: the file itself, or the latest (highest step) in a folder."""
-    from distilled_unets.models import distill as D
+    from distilled_unets.models.students import distill as D
 
     if os.path.isfile(where):
         D.read_checkpoint_meta(where)
@@ -291,8 +291,8 @@ def run_key(cfg, global_batch: int, fingerprint: str, structure: str, trainable:
 
 def choose_resume(args, d, out: str) -> tuple[str | None, str]:
     """(checkpoint to resume from or None, why), on rank 0. See the module docstring for --resume."""
-    from distilled_unets.models import distill as D
-    from distilled_unets.models.distill.checkpoints import differences
+    from distilled_unets.models.students import distill as D
+    from distilled_unets.models.students.distill.checkpoints import differences
 
     mode = args.resume
     if mode == "none":
@@ -396,7 +396,7 @@ def read_losses(path: str) -> list[dict]:
 
 def check_finite_weights(state: dict) -> None:
     """Refuse to write non-finite weights: NonFiniteError naming the first bad tensor."""
-    from distilled_unets.models import distill as D
+    from distilled_unets.models.students import distill as D
 
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -410,7 +410,7 @@ def write_student(out: str, state: dict, *, topology, prediction: str, zsnr: boo
                   steps: int, dtype: str, title: str, training: dict) -> str:
     """``out/student-NNNNN.safetensors`` through Save Student UNet's writer (ComfyUI's ModelSave layout, recipe,
     block map, prediction type), never over a file; refuses non-finite weights before writing anything."""
-    from distilled_unets.nodes._glue import BLOCK_MAP_KEY, RECIPE_KEY, model_from_state_dict
+    from distilled_unets.nodes.host.unet import BLOCK_MAP_KEY, RECIPE_KEY, model_from_state_dict
     from distilled_unets.nodes.students import write_unet
 
     check_finite_weights(state)
@@ -493,11 +493,11 @@ class Progress:
 
 
 def _loss_weights(spec: str):
-    from distilled_unets.models import distill as D
-    from distilled_unets.nodes.distill import _weights
+    from distilled_unets.models.students import distill as D
+    from distilled_unets.nodes.distill import make_loss_weights
 
     if spec in ("bk-sdm", "segmind"):
-        return _weights(spec, 1, 1, 1, 1, 1)
+        return make_loss_weights(spec, 1, 1, 1, 1, 1)
     try:
         vals = [float(x) for x in spec.split(",")]
     except ValueError:
@@ -510,7 +510,7 @@ def _loss_weights(spec: str):
 
 def _load_models(args, device):
     """(teacher MODEL, student MODEL, student description) as the pack's loader and builder make them."""
-    from distilled_unets.nodes._glue import load_distilled_unet
+    from distilled_unets.nodes.host.unet import load_distilled_unet
     from distilled_unets.nodes.students import build_student
 
     teacher, _ = load_distilled_unet(args.teacher, args.teacher_dtype, disable_dynamic=True)
@@ -531,12 +531,12 @@ def _finite(v: float) -> float | None:
 
 def train(args, rank: int, world: int, device: torch.device) -> int:
     import comfy.model_management as mm
-    from distilled_unets.models import distill as D
-    from distilled_unets.models.distill.checkpoints import read_history
-    from distilled_unets.models.distill.datasets import ShardedDataset, shard_files
     from distilled_unets.models.errors import IncompatibleModelsError
-    from distilled_unets.nodes._glue import RECIPE_KEY, topology_of
-    from distilled_unets.nodes.distill import BK_SDM_SAMPLES, _block_map, _student_unet, _trainable
+    from distilled_unets.models.students import distill as D
+    from distilled_unets.models.students.distill.checkpoints import read_history
+    from distilled_unets.models.students.distill.datasets import ShardedDataset, shard_files
+    from distilled_unets.nodes.distill import BK_SDM_SAMPLES, block_map_for, student_unet_for_training, trainable_filter
+    from distilled_unets.nodes.host.unet import RECIPE_KEY, topology_of
     from distilled_unets.nodes.students import PACK_VERSION, sampling_of
 
     t_start = time.perf_counter()
@@ -569,15 +569,15 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     if (pred_t, zsnr_t) != (pred_s, zsnr_s):
         raise IncompatibleModelsError(f"the teacher predicts {pred_t}, the student {pred_s}",
                                       "distil a student of the teacher's prediction type", input_name="student")
-    from distilled_unets.nodes._data import prepare_sample
+    from distilled_unets.nodes.host.samples import prepare_sample
 
     prepare = functools.partial(prepare_sample, teacher.model, node="tools/distill.py", input_name="--data")
     data = ShardedDataset(args.data, prepare)
     held = ShardedDataset(args.heldout_data, prepare) if args.heldout_data else None
-    bm, bm_note = _block_map(student, tt, st)
-    trainable, units = _trainable(bm, TRAIN_CHOICES[args.train])
+    bm, bm_note = block_map_for(student, tt, st)
+    trainable, units = trainable_filter(bm, TRAIN_CHOICES[args.train])
     tmodel = teacher.model
-    d = D.Distiller(teacher=tmodel.diffusion_model, student=_student_unet(student, st), teacher_topology=tt,
+    d = D.Distiller(teacher=tmodel.diffusion_model, student=student_unet_for_training(student, st), teacher_topology=tt,
                     student_topology=st, schedule=D.NoiseSchedule(teacher.get_model_object("model_sampling"),
                                                                   prediction=pred_t),
                     data=data, heldout=held, config=cfg, trainable=trainable, device=device,
@@ -690,8 +690,8 @@ def main(argv=None, *, own_logging: bool = True) -> int:
     try:
         setup_comfy(args.comfyui, cpu=device.type != "cuda")
         import_pack()
-        from distilled_unets.models import distill as D
         from distilled_unets.models.errors import PackError
+        from distilled_unets.models.students import distill as D
     except HostError as e:
         log.error("error: %s", e)
         return EXIT_BAD_INPUT

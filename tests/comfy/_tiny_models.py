@@ -1,7 +1,7 @@
 """Tiny random-weight UNets built the way the pack builds every UNet (host tests and benches import this).
 
-The structures come from ``models/structures.py`` (the one structure table); they are scaled to a
-tiny width and built through the loader's own path (``nodes._glue.comfy_model``: ComfyUI's
+The structures come from ``models/structure/structures.py`` (the one structure table); they are scaled to a
+tiny width and built through the loader's own path (``nodes.host.unet.comfy_model``: ComfyUI's
 ``SD15/SD20/SDXL(unet_config)`` -> ``BaseModel`` / ``model_base.SDXL``, no fixed-list matching) and
 wrapped in a ``ModelPatcher``. Weights are drawn from a seeded generator (ComfyUI's ops leave them
 uninitialised). Only call after ComfyUI is importable (tests under tests/comfy/ get that from
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from distilled_unets.models import structures as S
-from distilled_unets.models.topology import SDXL_ADM, Topology
+from distilled_unets.models.structure import structures as S
+from distilled_unets.models.structure.topology import SDXL_ADM, Topology
 
 SD15_TOPOLOGY = S.SD1
 TINY_SD_TOPOLOGY = S.BK_TINY
@@ -53,7 +53,7 @@ def build(family: str = "sd15", topology: Topology | None = None, *, model_chann
     """A ModelPatcher around a random tiny UNet of ``topology`` in ``family`` (sd15, sd20, sdxl)."""
     import comfy.model_management as mm
     import comfy.model_patcher
-    from distilled_unets.nodes._glue import comfy_model
+    from distilled_unets.nodes.host.unet import comfy_model
 
     default = SDXL_MINI_TOPOLOGY if family.lower() == "sdxl" else MINI_TOPOLOGY
     t = tiny(topology or default, family, model_channels=model_channels, context_dim=context_dim,

@@ -1,5 +1,5 @@
 """BuildStudentUNet and SaveStudentUNet in a real ComfyUI, against diffusers' UNet2DConditionModel filled by the
-published copy rules (written out here, independently of models/blockmap.py)."""
+published copy rules (written out here, independently of models/structure/blockmap.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 
 import pytest
 import torch
-from distilled_unets.models import structures as S
-from distilled_unets.models.topology import diffusers_config
+from distilled_unets.models.structure import structures as S
+from distilled_unets.models.structure.topology import diffusers_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -53,7 +53,7 @@ def _teacher(family: str, seed: int = 0):
 
 
 def _load(path, sd):
-    from distilled_unets.nodes._glue import load_distilled_unet
+    from distilled_unets.nodes.host.unet import load_distilled_unet
 
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return load_distilled_unet(str(path))[0]
@@ -152,9 +152,9 @@ def test_sdxl_preset_keeps_the_chosen_layers_and_saves_round_trip(tmp_path, mode
 
 
 def test_teacher_lora_lands_exactly_where_the_saved_block_map_says(tmp_path, models_dir):
-    from distilled_unets.models import names
+    from distilled_unets.models.structure import names
     from distilled_unets.nodes import lora as node
-    from distilled_unets.nodes._glue import topology_of
+    from distilled_unets.nodes.host.unet import topology_of
     from distilled_unets.nodes.loaders import DistilledUNetLoader
     from distilled_unets.nodes.students import BuildStudentUNet, SaveStudentUNet
 

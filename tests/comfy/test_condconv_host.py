@@ -1,4 +1,4 @@
-"""Host tests (real ComfyUI, CPU, tiny random UNets): CondConv inside ComfyUI's UNetModel (nodes/_condconv.py).
+"""Host tests (real ComfyUI, CPU, tiny random UNets): CondConv inside ComfyUI's UNetModel (nodes/host/condconv.py).
 
 Identity-initialised CondConv leaves the UNet's output unchanged (bit for bit with fp16/bf16 storage);
 fp16/bf16 storage computes in fp32 under manual cast; ComfyUI's lowvram load manages the module like its own
@@ -27,14 +27,14 @@ def tm():
 
 @pytest.fixture(scope="module")
 def cc():
-    from distilled_unets.nodes import _condconv
+    from distilled_unets.nodes.host import condconv
 
-    return _condconv
+    return condconv
 
 
 def _build(tm, dtype=torch.float32, manual_cast=None, seed=0, model_channels=32, topology=None):
     """A tiny tiny-sd-structured SD1.5 UNet (BaseModel) with the given storage / compute dtypes."""
-    from distilled_unets.nodes._glue import comfy_model
+    from distilled_unets.nodes.host.unet import comfy_model
 
     model = comfy_model(tm.tiny(topology or tm.TINY_SD_TOPOLOGY, "sd15", model_channels=model_channels), dtype,
                         manual_cast)
@@ -60,7 +60,7 @@ def _run(unet, inputs):
 def _identity_condconvs(cc, unet, paths, num_experts=3, seed=0):
     """From each conv's own kernel, with the other swapped convs' kernels of the same shape as extra
     experts (the "cross-layer" part) and random experts up to num_experts."""
-    from distilled_unets.models.condconv import CondConv2d, conv_geometry
+    from distilled_unets.models.patches.condconv import CondConv2d, conv_geometry
 
     g = torch.Generator().manual_seed(seed)
     convs = {p: unet.get_submodule(p) for p in paths}
@@ -114,7 +114,7 @@ def test_identity_swap_leaves_the_unet_output_unchanged(tm, cc):
 
 
 def test_swap_rejects_what_does_not_fit(tm, cc):
-    from distilled_unets.models.condconv import CondConv2d
+    from distilled_unets.models.patches.condconv import CondConv2d
 
     unet = _build(tm).diffusion_model
     with pytest.raises(ValueError, match="stride"):
@@ -204,7 +204,7 @@ def test_lowvram_load_on_cpu_matches_full_load(tm, cc):
 
 def _sd15_detectable(tm, dtype=torch.float16):
     """The smallest UNet ComfyUI's own loader detects as SD1.5 (320 channels, context 768): one level."""
-    from distilled_unets.models.topology import Topology
+    from distilled_unets.models.structure.topology import Topology
 
     topology = Topology("sd1", 320, (1,), (1,), (1,), (1, 1), -2, 768, False)
     return _build(tm, dtype=dtype, model_channels=320, topology=topology)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distilled_unets.models import structures as S
+from distilled_unets.models.structure import structures as S
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
@@ -35,7 +35,7 @@ def _forward(patcher, seed=0, batch=3):
 
 
 def test_built_student_is_identical_until_trained_and_inherits_the_merged_layers(built):
-    from distilled_unets.nodes._condconv import ComfyCondConv2d
+    from distilled_unets.nodes.host.condconv import ComfyCondConv2d
 
     tm, teacher, plain, cc, info = built
     unet = cc.model.diffusion_model
@@ -87,7 +87,7 @@ def test_half_precision_student_is_identical_at_init(tm, dtype):
 
 def test_save_load_bit_exact_and_comfyui_refuses_the_file(built, models_dir):
     import comfy.sd
-    from distilled_unets.nodes._condconv import ComfyCondConv2d
+    from distilled_unets.nodes.host.condconv import ComfyCondConv2d
     from distilled_unets.nodes.loaders import DistilledUNetLoader
     from distilled_unets.nodes.students import SaveStudentUNet
 
@@ -106,9 +106,9 @@ def test_save_load_bit_exact_and_comfyui_refuses_the_file(built, models_dir):
 
 
 def test_lora_reports_condconv_layers_as_not_mappable(built):
-    from distilled_unets.models import names
+    from distilled_unets.models.structure import names
     from distilled_unets.nodes import lora as node
-    from distilled_unets.nodes._glue import topology_of
+    from distilled_unets.nodes.host.unet import topology_of
 
     from .._lora_fixtures import lora_for
 

@@ -1,5 +1,5 @@
 # ruff: noqa: T201  (the runs print their loss and held-out curves; see them with -s)
-"""Distillation engine (models/distill/) on ComfyUI's own UNet: tiny random teachers and students built
+"""Distillation engine (models/students/distill/) on ComfyUI's own UNet: tiny random teachers and students built
 through ComfyUI's classes, seeded CPU runs.
 
 Stated margins (the runs are seeded, the numbers are printed with ``-s``):
@@ -16,8 +16,8 @@ import os
 
 import pytest
 import torch
-from distilled_unets.models import structures as S
-from distilled_unets.models.topology import Topology
+from distilled_unets.models.structure import structures as S
+from distilled_unets.models.structure.topology import Topology
 
 # teacher: two res blocks per level and a mid block; student: BK-SDM-Base-like (one res block per level,
 # up levels keep blocks 0 and 2 of three, mid block kept). Widths are set by _tiny_models.build.
@@ -33,8 +33,8 @@ LR = 1e-3
 @pytest.fixture(scope="module")
 def env():
     torch.set_num_threads(1)
-    from distilled_unets.models import distill as D
-    from distilled_unets.models.topology import from_comfy_config
+    from distilled_unets.models.structure.topology import from_comfy_config
+    from distilled_unets.models.students import distill as D
 
     from . import _tiny_models as tm
 
@@ -49,7 +49,7 @@ def topo(env, patcher):
 def drop_blocks(D, teacher_unet, tt, student_unet, st):
     """Initialise the student from the teacher as BK-SDM does: down levels keep res block 0, up levels
     keep blocks 0 and the last (student block 1 <- teacher block 2), samplers, mid, ends copied by name."""
-    T, S = D._layout(tt), D._layout(st)
+    T, S = D.unet_layout(tt), D.unet_layout(st)
     prefix = {}
     for level in range(st.levels):
         for i, k in enumerate(S.res[level]):
@@ -320,7 +320,7 @@ def test_memory_estimate_and_refusal(env, models):
 def test_semantic_aware_supervision_with_a_vgg(env, models):
     """A-SDM's SAS: mid-block term + VGG term on the x0 previews (latent->RGB factors of the model's family)."""
     _, D, _ = env
-    from distilled_unets.models import vgg as V
+    from distilled_unets.models.students.distill import vgg as V
 
     teacher, student, data, held = models
     g = torch.Generator().manual_seed(0)
@@ -413,7 +413,7 @@ def test_node_incubates_the_student_blocks_and_leaves_inputs_alone(env, node_env
 
 def test_node_refuses_a_mode_with_nothing_to_train(node_env):
     N, teacher, _, bk_small, latents, pos = node_env
-    from distilled_unets.models.distill import DistillError
+    from distilled_unets.models.students.distill import DistillError
 
     with pytest.raises(DistillError, match="nothing to train") as e:
         run_node(N, bk_small, teacher, latents, pos, train="student blocks only")
@@ -422,7 +422,7 @@ def test_node_refuses_a_mode_with_nothing_to_train(node_env):
 
 def test_node_memory_refusal_before_any_step(node_env, monkeypatch):
     N, teacher, _, bk_small, latents, pos = node_env
-    from distilled_unets.models.distill import TrainingMemoryError
+    from distilled_unets.models.students.distill import TrainingMemoryError
 
     calls = []
     monkeypatch.setattr(N.mm, "get_free_memory", lambda *a, **k: 1 << 20)

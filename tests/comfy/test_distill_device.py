@@ -55,8 +55,8 @@ class DeviceAudit(TorchDispatchMode):
 @pytest.fixture(scope="module")
 def env():
     torch.set_num_threads(1)
-    from distilled_unets.models import distill as D
-    from distilled_unets.models.topology import from_comfy_config
+    from distilled_unets.models.structure.topology import from_comfy_config
+    from distilled_unets.models.students import distill as D
 
     from . import _tiny_models as tm
 

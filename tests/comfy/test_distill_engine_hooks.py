@@ -1,4 +1,4 @@
-"""What the engine offers a headless trainer (models/distill/): the loss terms of every step as it happens
+"""What the engine offers a headless trainer (models/students/distill/): the loss terms of every step as it happens
 (``on_step``), a checkpoint's history and its differences from a run's settings, and a checkpoint at the last
 step resuming into the run's result."""
 
@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-from distilled_unets.models import distill as D
-from distilled_unets.models.distill import checkpoints as C
+from distilled_unets.models.students import distill as D
+from distilled_unets.models.students.distill import checkpoints as C
 
 from .test_distill import LR, STUDENT, TEACHER, distiller, make_data, same
 
@@ -18,7 +18,7 @@ from .test_distill import LR, STUDENT, TEACHER, distiller, make_data, same
 @pytest.fixture(scope="module")
 def env():
     torch.set_num_threads(1)
-    from distilled_unets.models.topology import from_comfy_config
+    from distilled_unets.models.structure.topology import from_comfy_config
 
     from . import _tiny_models as tm
 

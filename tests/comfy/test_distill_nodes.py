@@ -100,7 +100,7 @@ def test_lists_train_exactly_like_one_batch(node_env):
 
 
 def test_one_caption_list_for_many_latents_and_mismatches_are_refused(node_env):
-    from distilled_unets.models.distill import DistillError
+    from distilled_unets.models.students.distill import DistillError
 
     N, teacher, _, _, _, _ = node_env
     lats = latent_list(4)
@@ -161,7 +161,7 @@ def test_saved_loaded_and_streamed_datasets_train_alike(node_env, dataset_nodes,
 
 
 def test_loader_lists_streams_and_refuses(node_env, datasets_root):
-    from distilled_unets.models.distill.datasets import DatasetError
+    from distilled_unets.models.students.distill.datasets import DatasetError
     from distilled_unets.nodes import datasets as DN
 
     N, teacher, _, bk_small, _, _ = node_env
@@ -201,7 +201,7 @@ class NotATensor:  # a class torch's weights-only loader does not allow
 
 
 def test_a_shard_needing_a_full_unpickler_is_refused_by_name(node_env, datasets_root):
-    from distilled_unets.models.distill.datasets import DatasetError
+    from distilled_unets.models.students.distill.datasets import DatasetError
 
     N, teacher, _, bk_small, _, _ = node_env
     write_training_dataset(datasets_root / "odd", latent_list(4), captions(4), shard_size=2)
@@ -227,7 +227,7 @@ def test_loader_registers_the_datasets_folder_on_every_version():
 
 
 def test_exactly_one_data_form(node_env, datasets_root):
-    from distilled_unets.models.distill import DistillError
+    from distilled_unets.models.students.distill import DistillError
 
     N, teacher, _, bk_small, latents, pos = node_env
     write_training_dataset(datasets_root / "d", latent_list(3), captions(3))
@@ -251,7 +251,7 @@ def test_exactly_one_data_form(node_env, datasets_root):
 
 @pytest.mark.parametrize("where", ["latents", "conditioning", "list"])
 def test_non_finite_inputs_refused_before_the_first_step(node_env, monkeypatch, where):
-    from distilled_unets.models.distill import DistillError
+    from distilled_unets.models.students.distill import DistillError
 
     N, teacher, _, bk_small, latents, pos = node_env
     calls = []
@@ -299,8 +299,8 @@ def test_a_bad_shard_skips_its_step_and_the_report_says_so(node_env, datasets_ro
 
 def test_a_streak_of_non_finite_steps_stops_with_the_last_good_weights(node_env, tmp_path, monkeypatch):
     import folder_paths
-    from distilled_unets.models.distill import NonFiniteError, read_checkpoint_meta
-    from distilled_unets.models.distill import step as S
+    from distilled_unets.models.students.distill import NonFiniteError, read_checkpoint_meta
+    from distilled_unets.models.students.distill import step as S
 
     N, teacher, _, bk_small, latents, pos = node_env
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))

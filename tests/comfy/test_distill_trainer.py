@@ -28,7 +28,7 @@ import time
 
 import pytest
 import torch
-from distilled_unets.models.topology import Topology
+from distilled_unets.models.structure.topology import Topology
 
 from ..unit.test_distill_datasets import write_dataset
 
@@ -200,9 +200,9 @@ def test_two_processes_give_the_one_process_run(files, ref1, ref2):
 
 def test_the_node_on_the_same_data_gives_the_trainer_run(files, ref1):
     """DistillStudentUNet's own function on the dataset's latents and captions, with the same settings."""
-    from distilled_unets.models.distill.datasets import load_shard, shard_files
-    from distilled_unets.nodes._glue import load_distilled_unet, unet_weights
+    from distilled_unets.models.students.distill.datasets import load_shard, shard_files
     from distilled_unets.nodes.distill import distill
+    from distilled_unets.nodes.host.unet import load_distilled_unet, unet_weights
 
     lats, conds = [], []
     for f in shard_files(files["data"]):
@@ -393,8 +393,8 @@ def test_all_nan_data_stop_with_the_typed_error_naming_the_last_good_checkpoint(
 
 def test_the_trainer_never_writes_a_student_with_non_finite_weights(files, tmp_path):
     import distill
-    from distilled_unets.models import distill as D
-    from distilled_unets.nodes._glue import load_distilled_unet, topology_of
+    from distilled_unets.models.students import distill as D
+    from distilled_unets.nodes.host.unet import load_distilled_unet, topology_of
 
     stud = load_distilled_unet(files["student"], "fp32")[0]
     state = {k: v.clone() for k, v in stud.model.diffusion_model.state_dict().items()}
@@ -410,8 +410,8 @@ def test_the_trainer_never_writes_a_student_with_non_finite_weights(files, tmp_p
 
 
 def test_a_preset_student_from_a_checkpoint_loads_with_its_recipe(files, tmp_path, inproc):
-    from distilled_unets.models import structures as S
-    from distilled_unets.nodes._glue import load_distilled_unet, unet_weights
+    from distilled_unets.models.structure import structures as S
+    from distilled_unets.nodes.host.unet import load_distilled_unet, unet_weights
     from safetensors.torch import save_file
 
     from . import _tiny_models as tm

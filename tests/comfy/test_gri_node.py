@@ -27,7 +27,7 @@ def node_mod():
 @pytest.fixture
 def spy(monkeypatch):
     """Every call of a GRI replace: (block, block_index, sigma, H, W, ran_gri)."""
-    from distilled_unets.models import gri
+    from distilled_unets.models.patches import gri
 
     calls: list = []
     original = gri.GRIReplace.__call__
@@ -66,7 +66,7 @@ CASES = [("sd15", "SD15_TOPOLOGY", 16), ("sd15", "TINY_SD_TOPOLOGY", 16), ("sd20
 @pytest.mark.parametrize("family,topo,size", CASES)
 def test_every_family_and_student_topology(tm, node_mod, spy, family, topo, size):
     """Degenerate settings give the unpatched samples; real settings run GRI on exactly the top level."""
-    from distilled_unets.models import gri
+    from distilled_unets.models.patches import gri
 
     model = tm.build(family, getattr(tm, topo), seed=0)
     base = _sample(model, family, steps=2, size=size)
@@ -92,7 +92,7 @@ def test_every_family_and_student_topology(tm, node_mod, spy, family, topo, size
 
 
 def test_percent_range_and_levels(tm, node_mod, spy):
-    from distilled_unets.models import gri
+    from distilled_unets.models.patches import gri
 
     model = tm.build("sd15", tm.SD15_TOPOLOGY, seed=0)
     ms = model.get_model_object("model_sampling")
@@ -219,7 +219,7 @@ def test_exact_fallback_passes_the_layers_attention_choice(node_mod, record_back
 def test_sampling_outside_the_range_uses_each_layers_choice(tm, node_mod, spy, record_backend):
     """GRI on [0.5, 1]: in the first half every patched layer falls back to exact attention with ITS OWN
     choice (a layer without one: no argument); its samples equal the unpatched model's there."""
-    from distilled_unets.models import gri
+    from distilled_unets.models.patches import gri
 
     model = tm.build("sd15", tm.TINY_SD_TOPOLOGY, seed=0)
     dm = model.model.diffusion_model

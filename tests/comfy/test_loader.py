@@ -100,7 +100,7 @@ def test_comfyui_built_ldm_keys_detected(model_id, entry, cfg):
     """ComfyUI's own UNetModel, built full size on meta from the reference config, is detected back."""
     import comfy.ldm.modules.diffusionmodules.openaimodel as om
     import comfy.ops
-    from distilled_unets.models.detect import detect
+    from distilled_unets.models.structure.detect import detect
 
     ucfg = entry.structure.comfy_unet_config()
     ucfg.update(entry.structure.heads_config)
@@ -125,7 +125,7 @@ def test_same_module_tree_as_comfyui_own_build(model_id, entry, cfg):
     and dtypes (full size, meta device). So a loaded student runs exactly as fast as ComfyUI's own build
     would; ``bench/bench_loader.py`` times it too."""
     import comfy.model_detection
-    from distilled_unets.nodes._glue import comfy_model
+    from distilled_unets.nodes.host.unet import comfy_model
 
     with torch.device("meta"):
         ours = comfy_model(entry.structure, torch.float32, device="meta")
@@ -156,8 +156,8 @@ def test_comfyui_own_loader_fails_where_ours_loads(models_dir):
     """The gap this pack closes: ComfyUI 0.3.64 cannot detect diffusers-layout tiny-sd / BK-SDM and
     takes bk-sdm-v2-tiny for SDXS-0.9; our detection names both right (full size, meta device)."""
     import comfy.model_detection
-    from distilled_unets.models.detect import detect
-    from distilled_unets.models.registry import identify
+    from distilled_unets.models.structure.detect import detect
+    from distilled_unets.models.structure.registry import identify
 
     from ..layouts import diffusers_model as build
 
@@ -173,15 +173,15 @@ def test_comfyui_own_loader_fails_where_ours_loads(models_dir):
 
 
 def registry_cfg(model_id):
-    from distilled_unets.models.registry import by_id
-    from distilled_unets.models.topology import diffusers_config
+    from distilled_unets.models.structure.registry import by_id
+    from distilled_unets.models.structure.topology import diffusers_config
 
     return diffusers_config(by_id(model_id).structure)
 
 
 def test_prediction_type(models_dir):
     from comfy.model_base import ModelType
-    from distilled_unets.nodes._glue import load_distilled_unet
+    from distilled_unets.nodes.host.unet import load_distilled_unet
 
     tcfg = tiny_config(registry_cfg("nota-ai/bk-sdm-v2-small"))
     m = diffusers_model(tcfg)
@@ -199,7 +199,7 @@ def test_prediction_type(models_dir):
 
 
 def test_weight_dtype_choice(models_dir):
-    from distilled_unets.nodes._glue import load_distilled_unet
+    from distilled_unets.nodes.host.unet import load_distilled_unet
 
     m = diffusers_model(tiny_config(registry_cfg("segmind/tiny-sd")))
     path = models_dir / "t.safetensors"

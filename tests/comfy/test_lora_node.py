@@ -15,7 +15,7 @@ STRENGTH = 0.7
 @pytest.fixture(scope="module")
 def host():
     torch.set_num_threads(1)
-    from distilled_unets.models import names
+    from distilled_unets.models.structure import names
     from distilled_unets.nodes import lora as node
 
     from . import _tiny_models as tm
@@ -28,7 +28,7 @@ _BUILT = {}
 
 def build(tm, topo_name):
     if topo_name not in _BUILT:
-        from distilled_unets.models import structures as S
+        from distilled_unets.models.structure import structures as S
 
         topo = {"base": S.BK_BASE, "small": S.BK_SMALL, "tiny": S.BK_TINY, "teacher": S.SD1}[topo_name]
         _BUILT[topo_name] = tm.build("sd15", topo, model_channels=32, seed=3)
@@ -36,7 +36,7 @@ def build(tm, topo_name):
 
 
 def topology(patcher):
-    from distilled_unets.nodes._glue import topology_of
+    from distilled_unets.nodes.host.unet import topology_of
 
     return topology_of(patcher)
 
@@ -143,7 +143,7 @@ def test_comfyui_own_loader_puts_teacher_pair_2_on_the_wrong_block(host):
 
 def test_multi_unet_model_gets_one_mapping_per_unet(host):
     tm, names, node = host
-    from distilled_unets.models.multi_unet import KEY_PREFIX
+    from distilled_unets.models.patches.multi_unet import KEY_PREFIX
     from distilled_unets.nodes.sampling import SwitchPoint, make_multi_unet_model
 
     teacher, early, late = build(tm, "teacher"), build(tm, "tiny"), build(tm, "base")

@@ -155,7 +155,7 @@ def test_switch_step_with_intermediate_sigmas(tm, nodes_mod, sampler):
 
 
 def test_switch_percent_routes_by_model_sampling_sigma(tm, nodes_mod):
-    from distilled_unets.models.multi_unet import steps_per_stage
+    from distilled_unets.models.patches.multi_unet import steps_per_stage
 
     small = tm.build("sd15", tm.TINY_SD_TOPOLOGY, seed=1)
     full = tm.build("sd15", seed=2)
@@ -216,7 +216,7 @@ def _by_tag(calls):
 
 def test_router_is_a_keyed_apply_model_wrapper(tm, nodes_mod):
     import comfy.patcher_extension as pe
-    from distilled_unets.models.multi_unet import KEY_PREFIX, MultiUNetRouter
+    from distilled_unets.models.patches.multi_unet import KEY_PREFIX, MultiUNetRouter
 
     multi = nodes_mod.MultiUNetModel.execute(tm.build("sd15", seed=1), tm.build("sd15", seed=2), 0.5).result[0]
     (key,) = [k for k in multi.additional_models if k.startswith(KEY_PREFIX)]
@@ -254,7 +254,7 @@ def test_later_node_overwriting_model_function_wrapper_keeps_the_early_unet(tm, 
         multi = overwrite(nodes_mod.MultiUNetModel.execute(early, late, 0.5).result[0])
         _sample(multi, "dpmpp_2m", "karras", steps=steps)
     else:  # the KSampler builds its routing MODEL inside: overwrite the slot on its input instead
-        from distilled_unets.models.multi_unet import switch_sigma_from_step
+        from distilled_unets.models.patches.multi_unet import switch_sigma_from_step
 
         switch = switch_sigma_from_step(sig, k)
         routed = nodes_mod.make_multi_unet_model(early, late, nodes_mod.SwitchPoint.from_step(k), node=node)
@@ -263,7 +263,7 @@ def test_later_node_overwriting_model_function_wrapper_keeps_the_early_unet(tm, 
     assert set(by) == {"early", "late", "later"}
     assert min(by["early"]) > switch >= max(by["late"])
     assert len(by["later"]) == len(by["early"]) + len(by["late"])  # every model call went through it
-    from distilled_unets.models.multi_unet import steps_per_stage
+    from distilled_unets.models.patches.multi_unet import steps_per_stage
 
     assert [len(by["early"]), len(by["late"])] == steps_per_stage(sig, [switch])
 
@@ -456,7 +456,7 @@ def test_three_stage_same_model_is_bit_identical(tm, nodes_mod):
 
 def test_mismatches_raise_typed_errors(tm, nodes_mod):
     from distilled_unets.models.errors import IncompatibleModelsError
-    from distilled_unets.models.multi_unet import SwitchPointError
+    from distilled_unets.models.patches.multi_unet import SwitchPointError
 
     sd15 = tm.build("sd15", seed=0)
     sd20 = tm.build("sd20", seed=0)

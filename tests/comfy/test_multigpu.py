@@ -34,7 +34,7 @@ def two_cpu_devices(monkeypatch):
 
 def _loaded(tm, topology, seed):
     """A tiny UNet as a loader would return it: with the reload factory multi-GPU deep clones need."""
-    from distilled_unets.nodes._patcher import set_reload
+    from distilled_unets.nodes.host.patcher import set_reload
 
     def reload(disable_dynamic=False):
         p = tm.build("sd15", topology, seed=seed)
@@ -71,7 +71,7 @@ def _sample(model, steps=6, seed=3):
 
 @pytest.mark.parametrize("order", ["split_after_multi_unet", "split_before_multi_unet"])
 def test_router_sends_each_step_to_its_unet_on_every_device(tm, two_cpu_devices, order):
-    from distilled_unets.models.multi_unet import stage_patchers
+    from distilled_unets.models.patches.multi_unet import stage_patchers
     from distilled_unets.nodes.sampling import MultiUNetModel
 
     split = two_cpu_devices

@@ -24,8 +24,8 @@ from ..layouts import diffusers_model, tiny_config
 @pytest.fixture(scope="module")
 def student_sd():
     """A tiny random tiny-sd (BK-SDM-Tiny structure) UNet in diffusers layout."""
-    from distilled_unets.models.registry import by_id
-    from distilled_unets.models.topology import diffusers_config
+    from distilled_unets.models.structure.registry import by_id
+    from distilled_unets.models.structure.topology import diffusers_config
 
     m = diffusers_model(tiny_config(diffusers_config(by_id("segmind/tiny-sd").structure)))
     return {k: v.contiguous() for k, v in m.state_dict().items()}
@@ -86,8 +86,8 @@ def _host_takes_assign() -> bool:
 
 def _build(sd):
     """The pack's build from a state dict (what load_distilled_unet calls after reading the file)."""
-    from distilled_unets.models.detect import detect
-    from distilled_unets.nodes._glue import build_model
+    from distilled_unets.models.structure.detect import detect
+    from distilled_unets.nodes.host.unet import build_model
 
     det = detect({k: tuple(v.shape) for k, v in sd.items()})
     n = len(det.prefix)
@@ -117,8 +117,8 @@ def _sample(model, steps=4, seed=3):
 
 def test_loader_builds_the_hosts_current_patcher_class(student_file, record_load_weights):
     import comfy.model_patcher
-    from distilled_unets.nodes._glue import load_distilled_unet
-    from distilled_unets.nodes._patcher import is_dynamic, patcher_class
+    from distilled_unets.nodes.host.patcher import is_dynamic, patcher_class
+    from distilled_unets.nodes.host.unet import load_distilled_unet
 
     p, _ = load_distilled_unet(student_file)
     expected = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
@@ -134,7 +134,7 @@ def test_dynamic_patcher_is_built_and_gets_its_weights_assigned(monkeypatch, stu
     load_model_weights takes it (the module then holds the state-dict tensors themselves)."""
     import comfy.model_management as mm
     import comfy.model_patcher
-    from distilled_unets.nodes._glue import load_distilled_unet
+    from distilled_unets.nodes.host.unet import load_distilled_unet
 
     dyn = _stand_in(dynamic=True)
     monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", dyn, raising=False)
@@ -161,7 +161,7 @@ def test_legacy_patcher_copies_weights(student_sd, record_load_weights):
 def test_disable_dynamic_and_hosts_without_core_model_patcher(monkeypatch, tm):
     import comfy.model_management as mm
     import comfy.model_patcher
-    from distilled_unets.nodes._patcher import is_dynamic, new_patcher, patcher_class, set_reload
+    from distilled_unets.nodes.host.patcher import is_dynamic, new_patcher, patcher_class, set_reload
 
     base = tm.build("sd15", seed=0)
     monkeypatch.setattr(comfy.model_patcher, "CoreModelPatcher", _stand_in(dynamic=True), raising=False)
@@ -184,7 +184,7 @@ def test_model_patcher_dynamic_reroutes_to_a_working_model_patcher_on_cpu(monkey
     """main.py's rebinding on a host that has ModelPatcherDynamic: on a CPU load device the pack still
     gets a working legacy patcher, and it samples exactly like the plain build."""
     import comfy.model_patcher
-    from distilled_unets.nodes._glue import load_distilled_unet
+    from distilled_unets.nodes.host.unet import load_distilled_unet
 
     dynamic_cls = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
     if dynamic_cls is None:
@@ -221,7 +221,7 @@ def test_multi_unet_routes_with_dynamic_legacy_and_mixed_stages(monkeypatch, tm,
     their class; both are loaded for the run."""
     import comfy.model_management as mm
     import comfy.model_patcher
-    from distilled_unets.nodes._glue import load_distilled_unet
+    from distilled_unets.nodes.host.unet import load_distilled_unet
     from distilled_unets.nodes.sampling import MultiUNetModel
 
     legacy = comfy.model_patcher.ModelPatcher
@@ -236,7 +236,7 @@ def test_multi_unet_routes_with_dynamic_legacy_and_mixed_stages(monkeypatch, tm,
     calls: list = []
     multi = MultiUNetModel.execute(_spy(student.clone(), calls, "early"), _spy(teacher.clone(), calls, "late"),
                                    0.5).result[0]
-    from distilled_unets.models.multi_unet import stage_patchers
+    from distilled_unets.models.patches.multi_unet import stage_patchers
 
     (_, routing), (_, early_stage) = stage_patchers(multi)
     assert type(routing) is late_cls and type(early_stage) is type(student) and type(multi.clone()) is late_cls
@@ -274,9 +274,9 @@ def lazy_layers(monkeypatch):
 
 
 def test_expected_shapes_include_lazily_built_weights(lazy_layers, student_sd):
-    from distilled_unets.models.detect import detect
-    from distilled_unets.nodes._glue import comfy_model
-    from distilled_unets.nodes._patcher import expected_shapes
+    from distilled_unets.models.structure.detect import detect
+    from distilled_unets.nodes.host.patcher import expected_shapes
+    from distilled_unets.nodes.host.unet import comfy_model
 
     det = detect({k: tuple(v.shape) for k, v in student_sd.items()})
     lazy = comfy_model(det.topology, torch.float32).diffusion_model

@@ -7,11 +7,10 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from distilled_unets.models.detect import detect
 from distilled_unets.models.errors import IncompleteModelError, NotAUNetError, WeightFileError
-from distilled_unets.models.weights import read_shapes, resolve_unet_source, source_shapes
+from distilled_unets.models.files.weights import read_shapes, resolve_unet_source, source_shapes
+from distilled_unets.models.structure.detect import detect
+from safetensors.torch import save_file
 
 
 def _write(path, tensors, meta=None):

@@ -1,13 +1,13 @@
-"""Teacher -> student block correspondence (models/blockmap.py), checked against the published BK-SDM rule
+"""Teacher -> student block correspondence (models/structure/blockmap.py), checked against the published BK-SDM rule
 written out independently in tests/_lora_fixtures.expected_bk."""
 
 from __future__ import annotations
 
 import pytest
+from distilled_unets.models.structure import names
+from distilled_unets.models.structure import structures as S
+from distilled_unets.models.structure.blockmap import BASE, CERTAIN, NEW, TEACHER, UNSURE, BlockMap, derive
 
-from distilled_unets.models import names
-from distilled_unets.models import structures as S
-from distilled_unets.models.blockmap import BASE, CERTAIN, NEW, TEACHER, UNSURE, BlockMap, derive
 from .._lora_fixtures import expected_bk
 
 

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-
-from distilled_unets.models import builder, registry
-from distilled_unets.models import structures as S
-from distilled_unets.models.blockmap import BASE, NEW, TEACHER
-from distilled_unets.models.cost import unet_cost
 from distilled_unets.models.errors import PackError
-from distilled_unets.models.topology import diffusers_config
+from distilled_unets.models.structure import registry
+from distilled_unets.models.structure import structures as S
+from distilled_unets.models.structure.blockmap import BASE, NEW, TEACHER
+from distilled_unets.models.structure.cost import unet_cost
+from distilled_unets.models.structure.topology import diffusers_config
+from distilled_unets.models.students import builder
 
 from ..layouts import meta_shapes, to_ldm
 

@@ -1,4 +1,4 @@
-"""CondConv (models/condconv.py): against an independent slow reference (every batch path), exactness, the
+"""CondConv (models/patches/condconv.py): against an independent slow reference (every batch path), exactness, the
 identity init (bit for bit in fp16/bf16), gradients, the device-op count of a call, construction errors and the
 structural key finder."""
 
@@ -9,15 +9,15 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
-from distilled_unets.models.condconv import (
+from distilled_unets.models.patches.condconv import (
     BATCH_MODES,
     INIT_GATE,
     CondConv2d,
-    condconv_paths,
     conv_geometry,
     device_ops,
     mix_dtype,
 )
+from distilled_unets.models.structure.detect import condconv_paths
 
 HALF = [torch.float16, torch.bfloat16]
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from distilled_unets.models import registry
-from distilled_unets.models.cost import unet_cost
-from distilled_unets.models.detect import detect, from_diffusers_config
-from distilled_unets.models.topology import from_comfy_config
+from distilled_unets.models.structure import registry
+from distilled_unets.models.structure.cost import unet_cost
+from distilled_unets.models.structure.detect import detect, from_diffusers_config
+from distilled_unets.models.structure.topology import from_comfy_config
 
 from ..layouts import cases, layouts, meta_shapes, to_ldm
 

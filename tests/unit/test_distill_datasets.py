@@ -1,4 +1,4 @@
-"""ComfyUI training datasets (SaveTrainingDataset's shard files) streamed by models/distill/datasets.py: the
+"""ComfyUI training datasets (SaveTrainingDataset's shard files) streamed by models/students/distill/datasets.py: the
 format ComfyUI 0.33 writes (built here with torch.save exactly as that node does), shard-by-shard reading, the
 weights-only loader, the draw order across resolution buckets and process counts."""
 
@@ -9,8 +9,8 @@ import pickle
 
 import pytest
 import torch
-from distilled_unets.models import distill as D
-from distilled_unets.models.distill import datasets as DS
+from distilled_unets.models.students import distill as D
+from distilled_unets.models.students.distill import datasets as DS
 
 from ..layouts import write_training_dataset
 
@@ -88,7 +88,7 @@ def test_one_bucket_order_is_the_single_process_order_of_before():
     seen = torch.cat([D.draw_batch(5, s, 0, n_data=n, batch_size=b, grad_accum=1, num_timesteps=10,
                                    sample_shape=(4, 2, 2))[0] for s in range(3)])
     assert sorted(seen[:6].tolist()) == list(range(6)) and sorted(seen[6:12].tolist()) == list(range(6))
-    g = D._generator(5, "step", 1, 0)
+    g = D.step_generator(5, "step", 1, 0)
     t = torch.randint(0, 10, (b,), generator=g)
     noise = torch.randn((b, 4, 2, 2), generator=g)
     _, t1, n1 = D.draw_batch(5, 1, 0, n_data=n, batch_size=b, grad_accum=1, num_timesteps=10, sample_shape=(4, 2, 2))

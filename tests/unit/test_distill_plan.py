@@ -1,5 +1,5 @@
-"""Unit tests for models/distill/ and models/vgg.py without ComfyUI: BK-SDM's feature pairing on the real
-topologies, the SDPA attention override, batching of conditionings, the VGG term."""
+"""Unit tests for models/students/distill/ (vgg.py included) without ComfyUI: BK-SDM's feature pairing on the
+real topologies, the SDPA attention override, batching of conditionings, the VGG term."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from distilled_unets.models import distill as D
-from distilled_unets.models import vgg as V
 from distilled_unets.models.errors import WeightFileError
-from distilled_unets.models.names import ldm_module_map
-from distilled_unets.models.registry import REGISTRY, TEACHERS, by_id
-from distilled_unets.models.topology import diffusers_config
+from distilled_unets.models.structure.names import ldm_module_map
+from distilled_unets.models.structure.registry import REGISTRY, TEACHERS, by_id
+from distilled_unets.models.structure.topology import diffusers_config
+from distilled_unets.models.students import distill as D
+from distilled_unets.models.students.distill import vgg as V
 
 # kd_train_text_to_image.py (Nota-NetsPresso/BK-SDM): the hooked modules of teacher and student
 BK_BASE_SMALL = (["up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3",
@@ -142,9 +142,9 @@ def test_conditionings_of_different_lengths_batch_without_changing_attention():
 
 
 def test_per_step_randomness_depends_only_on_seed_and_step():
-    a = torch.randn(3, generator=D._generator(7, "step", 5, 0))
-    b = torch.randn(3, generator=D._generator(7, "step", 5, 0))
-    c = torch.randn(3, generator=D._generator(7, "step", 6, 0))
+    a = torch.randn(3, generator=D.step_generator(7, "step", 5, 0))
+    b = torch.randn(3, generator=D.step_generator(7, "step", 5, 0))
+    c = torch.randn(3, generator=D.step_generator(7, "step", 6, 0))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

@@ -1,4 +1,4 @@
-"""GRI attention maths (models/gri.py): exactness, any grid, shapes, dtypes, and an independent slow reference."""
+"""GRI attention maths (models/patches/gri.py): exactness, any grid, shapes, dtypes, an independent slow reference."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from distilled_unets.models import gri
+from distilled_unets.models.patches import gri
 from torch.utils._python_dispatch import TorchDispatchMode
 
 

@@ -1,4 +1,4 @@
-"""The loader's decisions without ComfyUI (models/loader.py): prediction hints, file errors that name the
+"""The loader's decisions without ComfyUI (models/files/loader.py): prediction hints, file errors that name the
 file, state-dict checks, saved recipes and block maps, pipeline folders."""
 
 from __future__ import annotations
@@ -7,26 +7,25 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from distilled_unets.models import loader
-from distilled_unets.models import structures as S
-from distilled_unets.models.blockmap import derive
 from distilled_unets.models.errors import IncompleteModelError, NotAUNetError, WeightFileError
-from distilled_unets.models.names import module_map
+from distilled_unets.models.files import loader
+from distilled_unets.models.structure import structures as S
+from distilled_unets.models.structure.blockmap import derive
+from distilled_unets.models.structure.names import module_map
+from safetensors.torch import save_file
 
 from ..layouts import diffusers_model, tiny_config
 
 
 def _tiny_student_sd():
-    from distilled_unets.models.topology import diffusers_config
+    from distilled_unets.models.structure.topology import diffusers_config
 
     return diffusers_model(tiny_config(diffusers_config(S.BK_TINY))).state_dict()
 
 
 @pytest.fixture(scope="module")
 def ldm_sd():
-    from distilled_unets.models.topology import diffusers_config
+    from distilled_unets.models.structure.topology import diffusers_config
 
     from ..layouts import to_ldm
 
@@ -142,7 +141,7 @@ def test_pipeline_parts(tmp_path):
 
 def test_module_map_is_the_loaders_rename():
     """The loader renames a diffusers file with the same map the LoRA mapper reads (one name map)."""
-    from distilled_unets.models.detect import detect
+    from distilled_unets.models.structure.detect import detect
 
     det = detect({k: tuple(v.shape) for k, v in _tiny_student_sd().items()})
     mp = module_map(det.topology)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distilled_unets.models.patches import lora_keys as lk
+from distilled_unets.models.structure import names
+from distilled_unets.models.structure import structures as S
 
-from distilled_unets.models import lora_keys as lk
-from distilled_unets.models import names
-from distilled_unets.models import structures as S
 from .._lora_fixtures import FORMATS, LDM_FORMATS, expected_bk, lora_for
 
 SD1_TEACHER, BK_BASE, BK_SMALL, BK_TINY, SSD1B = S.SD1, S.BK_BASE, S.BK_SMALL, S.BK_TINY, S.SSD_1B
@@ -57,7 +57,7 @@ def test_teacher_lora_lands_on_corresponding_blocks(student, fmt):
             want[tpath] = f"diffusion_model.{smap[s]}.weight"
     got = {}
     for prefix, key in plan.to_load.items():
-        pm = lk.parse_prefix(prefix, lk._underscore_table([cfg, SD1_TEACHER]))
+        pm = lk.parse_prefix(prefix, lk.underscore_table([cfg, SD1_TEACHER]))
         got[pm.path if pm.layout == "diffusers" else inv[pm.path]] = key
     assert got == want
     assert len(plan.removed) == len(deltas) - len(want)

@@ -1,4 +1,4 @@
-"""Unit tests for models/multi_unet.py (no ComfyUI): switch sigmas, stage selection, compatibility
+"""Unit tests for models/patches/multi_unet.py (no ComfyUI): switch sigmas, stage selection, compatibility
 checks and the router's call routing with small fakes of ModelPatcher / BaseModel."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from distilled_unets.models.errors import IncompatibleModelsError, PackError
-from distilled_unets.models.multi_unet import (
+from distilled_unets.models.patches.multi_unet import (
     STAGE_PATCHER,
     LateStageWrapper,
     LoadedStage,

@@ -1,13 +1,12 @@
-"""The one diffusers <-> ldm name map (models/names.py) against diffusers' and ComfyUI's own module names."""
+"""The one diffusers <-> ldm name map (models/structure/names.py) against diffusers' and ComfyUI's own module names."""
 
 from __future__ import annotations
 
 import pytest
-
-from distilled_unets.models import names
-from distilled_unets.models import structures as S
-from distilled_unets.models.registry import REGISTRY
-from distilled_unets.models.topology import Topology, diffusers_config
+from distilled_unets.models.structure import names
+from distilled_unets.models.structure import structures as S
+from distilled_unets.models.structure.registry import REGISTRY
+from distilled_unets.models.structure.topology import Topology, diffusers_config
 
 from ..layouts import meta_shapes
 

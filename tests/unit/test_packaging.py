@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,16 +15,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..topology import Topology
+from ...structure.topology import Topology
 from . import checkpoints, distributed
 from . import step as S
 from .config import DistillConfig, TrainResult, autocast_dtype
-from .data import BatchOrder, KDData, _generator, draw_batch
+from .data import BatchOrder, KDData, draw_batch, step_generator
 from .errors import DistillError, NonFiniteError, TrainingMemoryError
-from .memory import GIB, MemoryEstimate, _activation_profile, _free_memory
+from .memory import GIB, MemoryEstimate, activation_profile, free_memory_bytes
 from .plan import feature_plan
 from .schedule import NoisedBatch, NoiseSchedule
-from .unet import _Taps, enable_gradient_checkpointing, sdpa_attention
+from .unet import Taps, enable_gradient_checkpointing, sdpa_attention
 
 log = logging.getLogger("distilled_unets")
 
@@ -116,7 +116,7 @@ class Distiller:
         student_w = self.trainable_params * 4 + frozen_bytes + buffers
         teacher_w = 0 if teacher_resident else sum(p.numel() * p.element_size() for p in self.teacher.parameters())
         y_dim = self.st.adm_in_channels or 0
-        prof = _activation_profile(self.student, (1, self.st.in_channels, h, w),
+        prof = activation_profile(self.student, (1, self.st.in_channels, h, w),
                                    (1, self.data.max_tokens, self.st.context_dim), y_dim, act_dtype, self.trainable)
         if self.semantic is not None:  # VGG activations of the student's x0 preview (about 3 per conv output)
             px = h * w
@@ -138,7 +138,7 @@ class Distiller:
                      extra_fixes: list[str] | None = None, headroom: float = 0.9) -> MemoryEstimate:
         """Raise :class:`TrainingMemoryError` (with the figures and the fix) if the run cannot fit."""
         est = self.estimate_memory(teacher_resident=teacher_resident)
-        free = _free_memory(self.device) if free_bytes is None else int(free_bytes)
+        free = free_memory_bytes(self.device) if free_bytes is None else int(free_bytes)
         if est.total <= free * headroom:
             return est
         fixes = []
@@ -245,7 +245,7 @@ class Distiller:
         if self.heldout is None or len(self.heldout) == 0:
             return []
         k, T = self.cfg.heldout_timesteps, self.schedule.num_timesteps
-        g = _generator(self.cfg.seed, "heldout")
+        g = step_generator(self.cfg.seed, "heldout")
         batches = []
         order = [(i, j) for j in range(k) for _, ix in self.heldout.buckets() for i in ix]
         for s in range(0, len(order), self.cfg.batch_size):
@@ -322,8 +322,8 @@ class Distiller:
         t0 = time.perf_counter()
         model = self._trainable_copy()
         ckpt_handle = enable_gradient_checkpointing(model) if cfg.gradient_checkpointing else None
-        self._t_taps = _Taps(self.teacher, {p.name: p.teacher for p in self.plan.points})
-        self._s_taps = _Taps(model, {p.name: p.student for p in self.plan.points})
+        self._t_taps = Taps(self.teacher, {p.name: p.teacher for p in self.plan.points})
+        self._s_taps = Taps(model, {p.name: p.student for p in self.plan.points})
         forward = distributed.wrap(model, self.device)
         self._setup(model)
         written: list[str | None] = []

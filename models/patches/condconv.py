@@ -42,7 +42,7 @@ lowvram loading, ``comfy_cast_weights`` and weight patching altogether. Extra ow
 ``weight``/``bias`` are what ComfyUI's scaled-fp8 Linear does too (``scale_weight``).
 
 Weights are fetched through ``_cast_params(input)``, a context manager a host subclass overrides to use
-ComfyUI's casting and offloading (``nodes/_condconv.py``).
+ComfyUI's casting and offloading (``nodes/host/condconv.py``).
 
 **Initialisation (``from_conv``).** A-SDM (§2.3, Table 1) says only that expert 1 is inherited from the
 teacher's convolution and the other experts are random, and that the 3x3 kernels of the teacher's
@@ -100,13 +100,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CondConv2d", "auto_batch_mode", "condconv_paths", "conv_geometry", "device_ops", "mix_dtype", "BATCH_MODES",
+__all__ = ["CondConv2d", "auto_batch_mode", "conv_geometry", "device_ops", "mix_dtype", "BATCH_MODES",
            "INIT_GATE", "PARAM_NAMES"]
 
 INIT_GATE = 0.5  # sigmoid(0): every gate of an untrained (``from_conv``) module
@@ -428,29 +428,6 @@ class CondConv2d(nn.Module):
         if self.bias is None:
             s += ", bias=False"
         return s
-
-
-def _shape(v) -> tuple[int, ...]:
-    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
-
-
-def condconv_paths(state_dict: Mapping, prefix: str = "") -> dict[str, int]:
-    """The CondConv modules in a state dict (tensors, or shapes), found structurally: a ``<path>.weight``
-    with 5 dims next to a ``<path>.routing_weight``. Returns ``{path: number of experts}`` with ``prefix``
-    removed from the paths (keys outside ``prefix`` are ignored)."""
-    out: dict[str, int] = {}
-    suffix = ".routing_weight"
-    for key in state_dict:
-        if not (key.startswith(prefix) and key.endswith(suffix)):
-            continue
-        path = key[: -len(suffix)]
-        w = state_dict.get(path + ".weight")
-        if w is None:
-            continue
-        shape = _shape(w)
-        if len(shape) == 5 and _shape(state_dict[key])[:1] == shape[:1]:
-            out[path[len(prefix):]] = shape[0]
-    return out
 
 
 # ops that only make views, aliases or empty tensors: no kernel on any device

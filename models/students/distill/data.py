@@ -28,7 +28,7 @@ import torch
 from .errors import DistillError
 
 
-def _lcm(values) -> int:
+def lcm_of(values) -> int:
     out = 1
     for v in values:
         out = out * v // math.gcd(out, v)
@@ -141,7 +141,7 @@ class KDData:
         else:
             x0 = torch.stack([self.latents[int(i)] for i in idx]).float()
         cs = [self._ctx[int(i) if len(self._ctx) > 1 else 0] for i in idx]
-        n = _lcm(c.shape[0] for c in cs)
+        n = lcm_of(c.shape[0] for c in cs)
         ctx = torch.stack([c.repeat(n // c.shape[0], 1) for c in cs]).float().clone()
         y = None
         if self._y is not None:
@@ -171,7 +171,7 @@ class KDData:
 # the order
 # ------------------------------------------------------------------------------------------------
 
-def _generator(seed: int, *parts) -> torch.Generator:
+def step_generator(seed: int, *parts) -> torch.Generator:
     """A CPU generator seeded from ``(seed, *parts)`` (per-step randomness independent of history)."""
     digest = hashlib.blake2b(repr((int(seed),) + parts).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
@@ -180,7 +180,7 @@ def _generator(seed: int, *parts) -> torch.Generator:
 @functools.lru_cache(maxsize=8)
 def _epoch_order(seed: int, epoch: int, n: int, bucket: int = 0) -> torch.Tensor:
     parts = ("epoch", epoch) if bucket == 0 else ("epoch", epoch, "bucket", bucket)
-    return torch.randperm(n, generator=_generator(seed, *parts))
+    return torch.randperm(n, generator=step_generator(seed, *parts))
 
 
 class BatchOrder:
@@ -191,7 +191,7 @@ class BatchOrder:
 
     def __init__(self, seed: int, sizes: list[int]):
         self.seed, self.sizes = seed, list(sizes)
-        self._weights = torch.tensor(self.sizes, dtype=torch.float64)
+        self.make_loss_weights = torch.tensor(self.sizes, dtype=torch.float64)
         self._picks: list[int] = []
         self._counts: list[int] = []  # how many earlier picks of the same bucket, per micro-batch
         self._seen = [0] * len(self.sizes)
@@ -202,7 +202,7 @@ class BatchOrder:
             return 0, k
         while len(self._picks) <= k:
             j = len(self._picks)
-            b = int(torch.multinomial(self._weights, 1, generator=_generator(self.seed, "bucket", j)))
+            b = int(torch.multinomial(self.make_loss_weights, 1, generator=step_generator(self.seed, "bucket", j)))
             self._picks.append(b)
             self._counts.append(self._seen[b])
             self._seen[b] += 1
@@ -232,7 +232,7 @@ def draw_batch(seed: int, step: int, micro: int, *, n_data: int | None = None, b
     for p in range(start + rank * batch_size, start + (rank + 1) * batch_size):
         epoch, pos = divmod(p, n)
         idx.append(members[int(_epoch_order(seed, epoch, n, b)[pos])])
-    gen = _generator(seed, "step", step, micro)
+    gen = step_generator(seed, "step", step, micro)
     t = torch.randint(0, num_timesteps, (g,), generator=gen)
     noise = torch.randn((g, *shape), generator=gen, dtype=torch.float32)
     sl = slice(rank * batch_size, (rank + 1) * batch_size)

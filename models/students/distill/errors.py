@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import PackError
+from ...errors import PackError
 
 
 class DistillError(PackError):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import WeightFileError
+from ...errors import WeightFileError
 
 __all__ = ["VGG16_CONVS", "VGGFeatures", "load_vgg16", "latent_to_vgg_input", "SemanticVGGLoss"]
 

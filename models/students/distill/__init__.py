@@ -41,11 +41,11 @@ The package, by part:
 
 from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint_meta
 from .config import FEATURE_MODES, PRECISIONS, DistillConfig, TrainResult
-from .data import BatchOrder, KDData, _generator, check_finite, draw_batch
+from .data import BatchOrder, KDData, check_finite, draw_batch, step_generator
 from .engine import Distiller
 from .errors import CheckpointError, DistillError, NonFiniteError, TrainingMemoryError
 from .memory import GIB, MemoryEstimate
-from .plan import PRESETS, FeaturePlan, FeaturePoint, LossWeights, _layout, feature_plan
+from .plan import PRESETS, FeaturePlan, FeaturePoint, LossWeights, feature_plan, unet_layout
 from .schedule import NoisedBatch, NoiseSchedule
 from .unet import enable_gradient_checkpointing, sdpa_attention
 
@@ -53,4 +53,4 @@ __all__ = ["LossWeights", "PRESETS", "FeaturePoint", "FeaturePlan", "feature_pla
            "KDData", "BatchOrder", "check_finite", "DistillConfig", "Distiller", "TrainResult", "MemoryEstimate",
            "DistillError", "TrainingMemoryError", "CheckpointError", "NonFiniteError", "sdpa_attention", "draw_batch",
            "enable_gradient_checkpointing", "read_checkpoint_meta", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION",
-           "FEATURE_MODES", "PRECISIONS", "GIB", "_generator", "_layout"]
+           "FEATURE_MODES", "PRECISIONS", "GIB", "step_generator", "unet_layout"]

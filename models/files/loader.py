@@ -19,12 +19,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from . import registry
-from .blockmap import BlockMap
-from .condconv import condconv_paths
-from .detect import Detection, detect, from_diffusers_config
-from .errors import IncompleteModelError, NotAUNetError, PackError, WeightFileError
-from .topology import Topology
+from ..errors import IncompleteModelError, NotAUNetError, PackError, WeightFileError
+from ..structure import registry
+from ..structure.blockmap import BlockMap
+from ..structure.detect import Detection, condconv_paths, detect, from_diffusers_config
+from ..structure.topology import Topology
 from .weights import DIFFUSERS_NAMES, Source, inspect_safetensors, resolve_unet_source, source_shapes
 
 log = logging.getLogger("distilled_unets")

@@ -70,7 +70,7 @@ class DistillConfig:
 
 #: settings that must equal the checkpoint's for a resumed run to reproduce the uninterrupted one (with the global
 #: batch, batch_size x processes, which the checkpoint records apart: any split of it over processes reproduces)
-_REPRODUCING = ("grad_accum", "learning_rate", "weights", "features", "seed", "ema_decay",
+REPRODUCING = ("grad_accum", "learning_rate", "weights", "features", "seed", "ema_decay",
                 "grad_clip", "weight_decay", "betas", "adam_eps", "precision")
 
 

@@ -20,14 +20,14 @@ def sdpa_attention(func, q, k, v, heads, mask=None, attn_precision=None, skip_re
     if mask is not None:
         return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                     skip_output_reshape=skip_output_reshape, **kwargs)
-    q, k, v = _split_heads(q, k, v, heads, skip_reshape)
+    q, k, v = split_heads(q, k, v, heads, skip_reshape)
     dtype = q.dtype
     if attn_precision == torch.float32 and dtype == torch.float16:
         q, k, v = q.float(), k.float(), v.float()
-    return _merge_heads(F.scaled_dot_product_attention(q, k, v).to(dtype), skip_output_reshape)
+    return merge_heads(F.scaled_dot_product_attention(q, k, v).to(dtype), skip_output_reshape)
 
 
-def _split_heads(q, k, v, heads: int, skip_reshape: bool):
+def split_heads(q, k, v, heads: int, skip_reshape: bool):
     """ComfyUI's attention inputs ([b, tokens, heads*d], or already [b, heads, tokens, d]) as [b, heads, tokens, d]."""
     if skip_reshape:
         return q, k, v
@@ -35,20 +35,20 @@ def _split_heads(q, k, v, heads: int, skip_reshape: bool):
     return tuple(t.reshape(b, -1, heads, hd // heads).transpose(1, 2) for t in (q, k, v))
 
 
-def _merge_heads(out, skip_output_reshape: bool):
+def merge_heads(out, skip_output_reshape: bool):
     if skip_output_reshape:
         return out
     b, heads, _, d = out.shape
     return out.transpose(1, 2).reshape(b, -1, heads * d)
 
 
-def _layers(unet) -> list[torch.nn.Module]:
+def transformer_layers(unet) -> list[torch.nn.Module]:
     blocks = list(unet.input_blocks) + ([unet.middle_block] if unet.middle_block is not None else []) \
         + list(unet.output_blocks)
     return [layer for block in blocks for layer in block]
 
 
-def _checkpointable(layer: torch.nn.Module) -> bool:
+def checkpointable(layer: torch.nn.Module) -> bool:
     """Res blocks and transformers (as diffusers checkpoints resnets and transformer blocks); not samplers."""
     return any(True for _ in layer.parameters()) and type(layer).__name__ not in ("Upsample", "Downsample") \
         and not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear))
@@ -69,8 +69,8 @@ def enable_gradient_checkpointing(unet) -> _CheckpointHandle:
     """Checkpoint every res block and transformer layer of ``unet`` (non-reentrant; a per-instance
     ``forward`` so ComfyUI's isinstance dispatch in ``forward_timestep_embed`` still works)."""
     patched = []
-    for layer in _layers(unet):
-        if not _checkpointable(layer) or "forward" in layer.__dict__:
+    for layer in transformer_layers(unet):
+        if not checkpointable(layer) or "forward" in layer.__dict__:
             continue
         orig = layer.forward
 
@@ -84,7 +84,7 @@ def enable_gradient_checkpointing(unet) -> _CheckpointHandle:
     return _CheckpointHandle(patched)
 
 
-class _Taps:
+class Taps:
     """Forward hooks that record feature outputs while ``recording`` is set (not during recomputation)."""
 
     def __init__(self, unet, paths: dict[str, str]):

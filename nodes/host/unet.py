@@ -18,12 +18,20 @@ import comfy.supported_models
 import comfy.utils
 import torch
 
-from ..models.blockmap import BlockMap
-from ..models.errors import PackError, WeightFileError
-from ..models.loader import block_map_of, check_state_dict, info, ldm_state_dict, prediction_hint, read_unet, recipe_of
-from ..models.topology import Topology, from_comfy_config
-from ._condconv import condconv_paths, swap_condconv
-from ._patcher import expected_shapes, load_weights, new_patcher, set_reload
+from ...models.errors import PackError, WeightFileError
+from ...models.files.loader import (
+    block_map_of,
+    check_state_dict,
+    info,
+    ldm_state_dict,
+    prediction_hint,
+    read_unet,
+    recipe_of,
+)
+from ...models.structure.blockmap import BlockMap
+from ...models.structure.topology import Topology, from_comfy_config
+from .condconv import condconv_paths, swap_condconv
+from .patcher import expected_shapes, load_weights, new_patcher, set_reload
 
 log = logging.getLogger("distilled_unets")
 

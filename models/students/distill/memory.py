@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .unet import _checkpointable, _layers, _merge_heads, _split_heads
+from .unet import checkpointable, merge_heads, split_heads, transformer_layers
 
 GIB = 1024 ** 3
 
@@ -80,8 +80,8 @@ class _AttnAccount(torch.autograd.Function):
 
 def _meta_attention(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                     skip_output_reshape=False, **kwargs):
-    q, k, v = _split_heads(q, k, v, heads, skip_reshape)
-    return _merge_heads(_AttnAccount.apply(q, k, v), skip_output_reshape)
+    q, k, v = split_heads(q, k, v, heads, skip_reshape)
+    return merge_heads(_AttnAccount.apply(q, k, v), skip_output_reshape)
 
 
 def _meta_copy(module: torch.nn.Module, dtype: torch.dtype, trainable: Callable[[str], bool] | None):
@@ -94,14 +94,14 @@ def _meta_copy(module: torch.nn.Module, dtype: torch.dtype, trainable: Callable[
     return copy.deepcopy(module, memo)
 
 
-def _activation_profile(unet, x_shape, ctx_shape, y_dim, dtype, trainable) -> dict:
+def activation_profile(unet, x_shape, ctx_shape, y_dim, dtype, trainable) -> dict:
     """Bytes saved for backward by one student forward at batch 1, from a pass on the ``meta`` device.
 
     Returns ``{False: no checkpointing, True: checkpointing, ("work", c): transient working memory}``.
     """
     meta = _meta_copy(unet, dtype, trainable)
     param_storages = {p.untyped_storage()._cdata for p in meta.parameters()}
-    layers = [m for m in _layers(meta) if _checkpointable(m)]
+    layers = [m for m in transformer_layers(meta) if checkpointable(m)]
     state = {"layer": None}
     seen_all, per_layer, layer_inputs = set(), {}, set()
     totals = {"all": 0, "outside": 0, "inputs": 0, "largest": 0}
@@ -161,7 +161,7 @@ def _activation_profile(unet, x_shape, ctx_shape, y_dim, dtype, trainable) -> di
     return {False: full, True: ckpt, ("work", False): work, ("work", True): work}
 
 
-def _free_memory(device: torch.device) -> int:
+def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))

@@ -9,8 +9,8 @@ import logging
 
 import torch
 
-from ..weights import save_new
-from .config import _REPRODUCING
+from ...files.weights import save_new
+from .config import REPRODUCING
 from .errors import CheckpointError
 
 log = logging.getLogger("distilled_unets")
@@ -47,7 +47,7 @@ def differences(meta: dict[str, str], config, global_batch: int) -> list[str]:
     """The settings of ``config`` (and the global batch) that differ from a checkpoint's, by name: empty when a
     run resumed from it reproduces the uninterrupted one (the data aside: compare ``meta["data"]``)."""
     old, new = json.loads(meta["config"]), json.loads(config.to_json())
-    diff = [k for k in _REPRODUCING if old.get(k) != new.get(k)]
+    diff = [k for k in REPRODUCING if old.get(k) != new.get(k)]
     old_global = int(meta.get("global_batch", old.get("batch_size", 0)))
     if old_global != global_batch:
         diff.insert(0, f"global batch ({old_global} -> {global_batch})")

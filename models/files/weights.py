@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import IncompleteModelError, WeightFileError
+from ..errors import IncompleteModelError, WeightFileError
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import names
-from .blockmap import BASE, NEW, TEACHER, BlockMap, derive
-from .cost import unet_cost
-from .errors import IncompatibleModelsError
-from .registry import DEFAULT_LATENT
-from .structures import KEPT_LAYERS, PRESETS, TEACHERS, Preset, bk, spread_layers
-from .topology import FAMILY_NAMES, Topology
+from ..errors import IncompatibleModelsError
+from ..structure import names
+from ..structure.blockmap import BASE, NEW, TEACHER, BlockMap, derive
+from ..structure.cost import unet_cost
+from ..structure.registry import DEFAULT_LATENT
+from ..structure.structures import KEPT_LAYERS, PRESETS, TEACHERS, Preset, bk, spread_layers
+from ..structure.topology import FAMILY_NAMES, Topology
 
 NODE = "BuildStudentUNet"
 NOT_DISTILLED = ("Not distilled yet: an undistilled student makes poor images. Distil it (DistillStudentUNet) "

@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from .errors import IncompatibleModelsError, PackError
+from ..errors import IncompatibleModelsError, PackError
 
 log = logging.getLogger("distilled_unets")
 
@@ -293,7 +293,7 @@ def stage_patchers(patcher: Any, label: str = "model") -> list[tuple[str, Any]]:
 _APPLY_MODEL_PARAMS = ("c_concat", "c_crossattn", "control", "transformer_options")
 
 
-def _split_apply_args(args: tuple, kwargs: dict) -> tuple[Any, Any, dict]:
+def split_apply_args(args: tuple, kwargs: dict) -> tuple[Any, Any, dict]:
     """(x, t, c) from the arguments of ``BaseModel.apply_model(x, t, c_concat, c_crossattn, control,
     transformer_options, **kwargs)``, however a wrapper before ours passed them on."""
     c = dict(kwargs)
@@ -364,7 +364,7 @@ class MultiUNetRouter:
 
     # -- the wrapper ---------------------------------------------------------------------------
     def __call__(self, executor: Callable, *args, **kwargs) -> Any:
-        x, t, c = _split_apply_args(args, kwargs)
+        x, t, c = split_apply_args(args, kwargs)
         to = c["transformer_options"]
         if self.stage(float(t.reshape(-1)[0]), to.get("sample_sigmas")) == LATE:
             return executor(*args, **kwargs)

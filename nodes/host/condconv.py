@@ -1,7 +1,7 @@
 """CondConv inside ComfyUI's UNet: the host subclass that casts and offloads like ``comfy.ops`` Conv2d,
 and the swap of chosen convolutions of a ``UNetModel``.
 
-``ComfyCondConv2d`` is ``models.condconv.CondConv2d`` plus ComfyUI's ``CastWeightBiasOp`` contract, as
+``ComfyCondConv2d`` is ``models.patches.condconv.CondConv2d`` plus ComfyUI's ``CastWeightBiasOp`` contract, as
 ComfyUI's own ``disable_weight_init.Conv2d`` / ``manual_cast.Conv2d``:
 
 * ``comfy_cast_weights`` (copied from the conv it replaces, so ``manual_cast`` ops stay manual-cast),
@@ -32,7 +32,8 @@ import comfy.model_management
 import comfy.ops
 import torch
 
-from ..models.condconv import CondConv2d, condconv_paths, conv_geometry
+from ...models.patches.condconv import CondConv2d, conv_geometry
+from ...models.structure.detect import condconv_paths
 
 __all__ = ["ComfyCondConv2d", "swap_condconv", "condconv_paths", "stage_conv_paths"]
 

@@ -2,7 +2,7 @@
 
 One conversion for every path: the ``DistillStudentUNet`` node's LATENT + CONDITIONING (one value, or the
 lists ``MakeTrainingDataset`` / ``LoadTrainingDataset`` / ``ResolutionBucket`` output), the streamed
-``SaveTrainingDataset`` folders (``models.distill.datasets.ShardedDataset`` calls :func:`prepare_sample` per
+``SaveTrainingDataset`` folders (``models.students.distill.datasets.ShardedDataset`` calls :func:`prepare_sample` per
 sample) and the headless trainer ``tools/distill.py``. Imports only torch, ``comfy.*`` and the pack's host-free
 ``models`` (no node API, no server, no folder_paths), so a script can use it with ComfyUI as a library.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.distill import DistillError, KDData
+from ...models.students.distill import DistillError, KDData
 
 #: what to connect, for the refusals
 LATENT_SOURCES = ("connect a LATENT (VAE Encode, a KSampler) or the latents list of Make / Load Training Dataset "
@@ -85,7 +85,7 @@ def prepare_sample(model, latent: torch.Tensor, conditioning, *, node: str | Non
     ``model``: ComfyUI's BaseModel (``MODEL.model``) or the MODEL itself: the teacher, whose latent format and
     conditioning code define what the UNets see. ``latent``: the VAE latent ``[1, C, H, W]`` as Make Training
     Dataset stores it. ``conditioning``: that sample's CONDITIONING (one entry) or the entry ``[cond, {...}]``.
-    The ``prepare`` callable of ``models.distill.datasets.ShardedDataset``: bind the model with
+    The ``prepare`` callable of ``models.students.distill.datasets.ShardedDataset``: bind the model with
     ``functools.partial(prepare_sample, model)``."""
     x0 = latent_in(model, latent)
     ctx, y = conditioning_in(model, _one_entry(conditioning, node=node, input_name=input_name), x0, node=node,

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from .data import _lcm
+from .data import lcm_of
 from .errors import DistillError
 
 log = logging.getLogger("distilled_unets")
@@ -161,7 +161,7 @@ class ShardedDataset:
         for j in order:
             got[j] = self._sample(int(idx[j]))
         x0 = torch.stack([g[0].float() for g in got]).clone()
-        n = _lcm(g[1].shape[0] for g in got)
+        n = lcm_of(g[1].shape[0] for g in got)
         ctx = torch.stack([g[1].float().repeat(n // g[1].shape[0], 1) for g in got]).clone()
         y = torch.stack([g[2].float().reshape(-1) for g in got]).clone() if self.has_y else None
         return x0, ctx, y

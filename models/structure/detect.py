@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import NotAUNetError
+from ..errors import NotAUNetError
 from .names import diffusers_key_to_ldm
 from .topology import SDXL_ADM, Topology, family_of
 
@@ -413,3 +414,26 @@ def from_diffusers_config(config: dict) -> Topology:
         transformer_depth_middle=mid, context_dim=ctx, use_linear=bool(config.get("use_linear_projection")),
         adm_in_channels=adm, in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
         disable_self_attn=tuple(dsa) if any(dsa) else None)
+
+
+def _shape(v) -> tuple[int, ...]:
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+def condconv_paths(state_dict: Mapping, prefix: str = "") -> dict[str, int]:
+    """The CondConv modules in a state dict (tensors, or shapes), found structurally: a ``<path>.weight``
+    with 5 dims next to a ``<path>.routing_weight``. Returns ``{path: number of experts}`` with ``prefix``
+    removed from the paths (keys outside ``prefix`` are ignored)."""
+    out: dict[str, int] = {}
+    suffix = ".routing_weight"
+    for key in state_dict:
+        if not (key.startswith(prefix) and key.endswith(suffix)):
+            continue
+        path = key[: -len(suffix)]
+        w = state_dict.get(path + ".weight")
+        if w is None:
+            continue
+        shape = _shape(w)
+        if len(shape) == 5 and _shape(state_dict[key])[:1] == shape[:1]:
+            out[path[len(prefix):]] = shape[0]
+    return out

@@ -17,7 +17,7 @@ Formats understood (module prefix, before the adapter suffix):
 Teacher -> student: a LoRA trained on the teacher (SD1.x/2.x or SDXL) names the teacher's blocks.
 The plan tries both readings (the names are the student's own / the names are the teacher's) and
 keeps the one that explains more keys. Under the teacher reading every module is moved block by
-block onto the student by its block map (``models/blockmap.py``: the BK-SDM / segmind rules), dropped
+block onto the student by its block map (``models/structure/blockmap.py``: the BK-SDM / segmind rules), dropped
 when its block was removed, or held back as *uncertain* when the student shrank that block in a
 way whose teacher correspondence is not published (SDXL students). Nothing is ever applied to a
 block it was not trained for, and nothing whose shape disagrees with the target.
@@ -30,11 +30,11 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-from . import names
-from .blockmap import CERTAIN, BlockMap, derive
-from .condconv import condconv_paths
-from .structures import TEACHERS
-from .topology import CONTEXT_FAMILY, FAMILY_NAMES, Topology, from_comfy_config
+from ..structure import names
+from ..structure.blockmap import CERTAIN, BlockMap, derive
+from ..structure.detect import condconv_paths
+from ..structure.structures import TEACHERS
+from ..structure.topology import CONTEXT_FAMILY, FAMILY_NAMES, Topology, from_comfy_config
 
 # ---------------------------------------------------------------------------------------------
 # Structures
@@ -129,7 +129,7 @@ def _layout_of(path: str) -> str | None:
     return None
 
 
-def _underscore_table(structures: list[Topology]) -> dict[str, tuple[str, str]]:
+def underscore_table(structures: list[Topology]) -> dict[str, tuple[str, str]]:
     table: dict[str, tuple[str, str]] = {}
     for t in structures:
         for d, l_ in names.module_map(t).items():
@@ -163,7 +163,7 @@ def is_text_encoder(prefix: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Shapes
 
-def _implied_shape(prefix: str, tensors: dict) -> tuple[int, int] | None:
+def implied_shape(prefix: str, tensors: dict) -> tuple[int, int] | None:
     """(out_features, in_numel) of the weight a module's tensors patch, when it can be read."""
     def sh(name):
         t = tensors.get(prefix + name)
@@ -318,7 +318,7 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
     t_map = names.module_map(teacher)
     s_ldm = set(s_map.values())
     t_ldm = set(t_map.values())
-    table = _underscore_table([student, teacher])
+    table = underscore_table([student, teacher])
 
     plan = LoraPlan()
     condconv = condconv_paths(model_shapes, model_prefix)
@@ -355,7 +355,7 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
         return k if k in model_shapes else None
 
     def shape_fits(prefix: str, key: str) -> bool:
-        imp = _implied_shape(prefix, tensors)
+        imp = implied_shape(prefix, tensors)
         shape = tuple(model_shapes[key])
         if condconv.get(key[len(model_prefix):-len(".weight")]):
             shape = shape[1:]  # a CondConv layer: one expert's kernel
@@ -415,7 +415,7 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
             plan.condconv.append((pm.prefix, f"{experts} experts at {key}"))
             continue
         if not shape_fits(pm.prefix, key):
-            plan.shape_mismatch.append((pm.prefix, f"{_implied_shape(pm.prefix, tensors)} vs "
+            plan.shape_mismatch.append((pm.prefix, f"{implied_shape(pm.prefix, tensors)} vs "
                                                    f"{tuple(model_shapes[key])} at {key}"))
             continue
         plan.to_load[pm.prefix] = key

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..topology import Topology
+from ...structure.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class _Layout:
     mid_layers: int                     # 0: no middle block
 
 
-def _layout(t: Topology) -> _Layout:
+def unet_layout(t: Topology) -> _Layout:
     res, res_depth, down = [], [], []
     k = 1
     depths = t.input_depths_by_level()
@@ -119,7 +119,7 @@ class FeaturePlan:
 
 def feature_plan(teacher: Topology, student: Topology, *, stages: bool = True, mid: bool = False) -> FeaturePlan:
     """BK-SDM's feature pairing generalised to any teacher/student topology pair (see module docstring)."""
-    T, S = _layout(teacher), _layout(student)
+    T, S = unet_layout(teacher), unet_layout(student)
     pts: list[FeaturePoint] = []
     skipped: list[str] = []
     common = min(teacher.levels, student.levels)

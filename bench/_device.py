@@ -17,9 +17,10 @@ writing files, warm-up runs); ``measure`` the timed rounds and what sits between
 alternates (one model after another) adds both up, e.g. with :class:`Phases`. run_all.py parses the
 phase line with :func:`parse_phase_line` into its summary table's ``setup s`` / ``measure s`` columns.
 
-Timing helpers for the tables: :func:`ms3` (a time in milliseconds to three significant figures, the
-GPU tables' unit), :func:`spread` ((median - best) / best) and :func:`steady_rounds` (keep adding
-interleaved rounds, up to a bound, until every row's spread is at most 5 %). Full-size random UNets built
+Timing helpers for the tables: :func:`clock_for` (wall time on a GPU, the process's CPU time on a shared CPU),
+:func:`ms3` / :func:`sig3` (three significant figures; milliseconds are the tables' unit), :func:`spread`
+((median - best) / best) and :func:`steady_rounds` (keep adding interleaved rounds, up to a bound, until every
+row's spread is at most 5 %). Full-size random UNets built
 and drawn on the device they run on (never on the CPU of a GPU run): ``_pack.random_unet`` (ComfyUI's own
 model of a Topology), ``_pack.random_state_dict`` and ``_pack.randomize``. :func:`peak_tflops`: the card's
 bf16 dense peak, for a model FLOP utilisation.
@@ -27,6 +28,7 @@ bf16 dense peak, for a model FLOP utilisation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -222,6 +224,16 @@ class Phases:
     def measuring(self) -> None:
         self._switch("measure")
 
+    @contextlib.contextmanager
+    def measure(self):
+        """``with ph.measure(): ...``: the block counts as measuring, then the phase before it goes on."""
+        before = self._phase
+        self._switch("measure")
+        try:
+            yield
+        finally:
+            self._switch(before)
+
     def setting_up(self) -> None:
         self._switch("setup")
 
@@ -230,13 +242,28 @@ class Phases:
         return phase_line(self.setup_s, self.measure_s)
 
 
+def sig3(x: float) -> str:
+    """``x`` to three significant figures, without an exponent (0.0305 -> ``0.0305``, 39261 -> ``39300``)."""
+    if not math.isfinite(x) or x == 0:
+        return f"{x:g}"
+    decimals = 2 - math.floor(math.log10(abs(x)))
+    return f"{x:.{decimals}f}" if decimals >= 0 else f"{round(x, decimals):.0f}"
+
+
 def ms3(seconds: float) -> str:
     """A time in milliseconds with three significant figures (0.0123 s -> ``12.3``, 1.234 s -> ``1230``)."""
-    ms = seconds * 1e3
-    if not math.isfinite(ms) or ms == 0:
-        return f"{ms:g}"
-    decimals = 2 - math.floor(math.log10(abs(ms)))
-    return f"{ms:.{decimals}f}" if decimals >= 0 else f"{round(ms, decimals):.0f}"
+    return sig3(seconds * 1e3)
+
+
+def clock_for(device):
+    """The clock of a timed section: wall time on a GPU (after a sync); on a CPU the process's CPU time, since
+    the CPU machines these benches run on are shared and wall time there measures the neighbours (run with
+    ``--threads 1``: with more threads, idle worker threads spinning would count too)."""
+    return time.perf_counter if is_cuda(device) else time.process_time
+
+
+def clock_name(device) -> str:
+    return "wall time" if is_cuda(device) else "CPU time of the process"
 
 
 def spread(times) -> float:

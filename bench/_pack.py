@@ -1,7 +1,7 @@
 """Bench setup: the pack imported as ``distilled_unets`` and ComfyUI on the path, through the same
 ``tools/_host.py`` the tests and tools use (benches run as plain scripts, so tools/ is put on the path here),
 and the full-size random UNets the benches time, built and drawn on the device they run on
-(:func:`random_unet`, :func:`random_state_dict`, :func:`randomize`)."""
+(:func:`random_unet`, :func:`random_patcher`, :func:`random_state_dict`, :func:`randomize`)."""
 
 from __future__ import annotations
 
@@ -38,29 +38,49 @@ def setup_comfy(explicit: str | os.PathLike | None = None, *, append: bool = Fal
 # full-size random UNets, built where they run (call after setup_comfy() and import_pack())
 
 
-def randomize(module, seed: int, std: float = 0.02) -> None:
-    """Draw every parameter of ``module`` from N(0, std) with a generator seeded ``seed`` on the
-    parameters' own device: a GPU draws its weights itself (milliseconds), nothing comes from the CPU."""
+def randomize(module, seed: int, std: float = 0.02, *, fan_in: bool = False) -> None:
+    """Draw every parameter of ``module`` with a generator seeded ``seed`` on the parameters' own device: a GPU
+    draws its weights itself (milliseconds), nothing comes from the CPU. N(0, std) everywhere, or with
+    ``fan_in`` the scale of a trained network (matrices and kernels N(0, 1/fan-in), norm weights near 1,
+    biases N(0, 0.02)), whose activations keep their size through a full-depth UNet."""
     import torch
 
-    params = list(module.parameters())
-    if not params or params[0].device.type == "meta":
+    params = list(module.named_parameters())
+    if not params or params[0][1].device.type == "meta":
         return
-    g = torch.Generator(device=params[0].device).manual_seed(seed)
+    g = torch.Generator(device=params[0][1].device).manual_seed(seed)
     with torch.no_grad():
-        for p in params:
-            p.normal_(0.0, std, generator=g)
+        for name, p in params:
+            if not fan_in:
+                p.normal_(0.0, std, generator=g)
+            elif p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
+            elif name.endswith("weight"):  # norms
+                p.normal_(1.0, 0.05, generator=g)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
 
 
-def random_unet(topology, dtype, device, seed: int, std: float = 0.02):
+def random_unet(topology, dtype, device, seed: int, std: float = 0.02, *, fan_in: bool = False):
     """ComfyUI's own model (``BaseModel`` / ``SDXL`` around its ``UNetModel``, through the loader's
     ``comfy_model``) of ``topology``, built directly on ``device`` in ``dtype`` (ComfyUI's ops allocate
-    without initialising) and drawn there: the full-size weights never exist on the CPU of a GPU run."""
+    without initialising) and drawn there (:func:`randomize`): the full-size weights never exist on the CPU of
+    a GPU run."""
     from distilled_unets.nodes.host.unet import comfy_model
 
     model = comfy_model(topology, dtype, None, device=device)
-    randomize(model.diffusion_model, seed, std)
+    randomize(model.diffusion_model, seed, std, fan_in=fan_in)
     return model.eval()
+
+
+def random_patcher(topology, dtype, device, seed: int, *, fan_in: bool = True):
+    """:func:`random_unet` in a plain ModelPatcher (a MODEL for sampling and the pack's nodes; weights resident,
+    never ComfyUI 0.33's dynamic-VRAM streaming, so the timings are of the UNet alone)."""
+    import comfy.model_management as mm
+    from distilled_unets.nodes.host.patcher import new_patcher
+
+    return new_patcher(random_unet(topology, dtype, device, seed, fan_in=fan_in), mm.get_torch_device(),
+                       mm.unet_offload_device(), disable_dynamic=True)
 
 
 def random_state_dict(shapes: dict, dtype, device, seed: int, std: float = 0.02, to=None) -> dict:

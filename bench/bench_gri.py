@@ -24,8 +24,8 @@ bound (the patched level's self-attention replaced by nothing: what no attention
 Models: SD1.5 and tiny-sd; for SDXL the Segmind-Vega topology (a real SDXL student, level-2 depth 2
 instead of 10). Each UNet is built once, where it runs (ComfyUI's classes constructed on the device,
 weights drawn there from a seeded generator), and every column runs once before the clock starts.
-Interleaved rounds; a row whose spread (over the --reps fastest rounds) exceeds 5 % gets more rounds,
-up to --max-rounds. Times in milliseconds, three significant figures.
+Interleaved rounds (``_device.steady_rounds``): at least --reps, more while a row's spread (median - best) / best
+exceeds 5 %, up to --max-rounds; the figure is the median. Times in milliseconds, three significant figures.
 
     python bench/bench_gri.py [--window 16] [--pool 0] [--sizes 512,1024,2048]
         [--unet-sizes 1024,2048] [--reps 3] [--max-rounds 12] [--threads 1] [--skip-unet]
@@ -47,37 +47,14 @@ import argparse
 import math
 import statistics
 import sys
-import time
 import warnings
 
 import _device
-from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
+from _device import ms3, sig3
+from _pack import ROOT, import_pack, random_patcher, setup_comfy  # noqa: E402
 
-
-def _process_start() -> float:
-    """perf_counter() at this process's start, so that setup time includes the interpreter and imports."""
-    try:
-        import psutil
-
-        return time.perf_counter() - max(0.0, time.time() - psutil.Process().create_time())
-    except Exception:  # no psutil: from this module's import on
-        return time.perf_counter()
-
-
-T0 = _process_start()
+PH = _device.Phases()  # setup counts from the process's start; the timed rounds and probes are measuring
 DEVICE, DTYPE = None, None  # set by _setup()
-SPREAD_TARGET = 5.0  # %: rows above it get more rounds
-
-
-def clock_for(device):
-    """The clock of a timed section: wall time on a GPU (after a sync); on a CPU the process's CPU time,
-    since the CPU machines these benches run on are shared and wall time there measures the neighbours
-    (run with --threads 1: with more threads, idle worker threads spinning would count too)."""
-    return time.process_time if str(device).split(":")[0] == "cpu" else time.perf_counter
-
-
-def clock_name(device) -> str:
-    return "CPU time of the process" if clock_for(device) is time.process_time else "wall time"
 
 
 def _setup():
@@ -95,114 +72,10 @@ def _setup():
 ATTN_MODELS = [("sd15", 1, 320, 8, 5), ("tiny-sd", 1, 320, 8, 3), ("sdxl", 2, 640, 10, 10)]
 
 
-# ------------------------------------------------------------------------------------------------
-# shared by the benches (bench_multi_unet.py imports these)
-
-
-def sig3(x: float) -> str:
-    """``x`` rounded to three significant figures, without an exponent (0.0305 -> "0.0305", 39261 -> "39300")."""
-    if not math.isfinite(x) or x == 0:
-        return f"{x:g}"
-    e = math.floor(math.log10(abs(x)))
-    return f"{round(x, 2 - e):.{max(0, 2 - e)}f}"
-
-
-def ms(seconds: float) -> str:
-    return sig3(seconds * 1e3)
-
-
-def spread_pct(values) -> float:
-    """(max - min) / median of ``values``, in %."""
-    values = list(values)
-    return (max(values) - min(values)) / statistics.median(values) * 100 if len(values) > 1 else 0.0
-
-
-class Rounds:
-    """Interleaved timing rounds of several runs, more of them while a run's spread is above the target.
-
-    ``run(fns)``: every round calls each ``fns[tag]()`` once (it returns its own seconds), in the same
-    order; after ``reps`` rounds, a run's figure is the median of its ``reps`` fastest rounds and its
-    spread is (max - min) / median over those; while any spread is above ``target`` % and fewer than
-    ``max_rounds`` rounds ran, one more round runs. Keeps, per tag: the kept times, spread, rounds run.
-    """
-
-    def __init__(self, reps: int, max_rounds: int, target: float = SPREAD_TARGET):
-        self.reps, self.max_rounds, self.target = max(1, reps), max(reps, max_rounds), target
-
-    def run(self, fns: dict) -> dict:
-        times = {tag: [] for tag in fns}
-        while True:
-            for tag, fn in fns.items():
-                times[tag].append(fn())
-            n = len(next(iter(times.values())))
-            kept = {tag: sorted(v)[:self.reps] for tag, v in times.items()}
-            spreads = {tag: spread_pct(v) for tag, v in kept.items()}
-            if n >= self.reps and (max(spreads.values()) <= self.target or n >= self.max_rounds):
-                return {tag: {"s": statistics.median(kept[tag]), "spread": spreads[tag], "rounds": n,
-                              "all": times[tag]} for tag in fns}
-
-
-def build_unet(topology, family: str, *, device, dtype, seed: int, model_channels: int | None = None):
-    """A random-weight ComfyUI UNet of ``topology`` (full width unless ``model_channels``) built where it runs.
-
-    ComfyUI's own classes (the loader's ``comfy_model``) are constructed on ``device`` in ``dtype``, so no
-    full-size copy is ever made on the host for a GPU run; the weights are then drawn in place from a
-    generator seeded on that device (fan-in scaled, norms near 1). Returns a ModelPatcher.
-    """
-    import _tiny_models as tm
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import torch
-    from distilled_unets.nodes.host.unet import comfy_model
-
-    topo = tm.tiny(topology, family, model_channels=model_channels or topology.model_channels)
-    model = comfy_model(topo, dtype, None, "eps", device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=g)
-            elif name.endswith("weight"):  # norms
-                p.normal_(1.0, 0.05, generator=g)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-
-
-def print_phases(setup_s: float, measure_s: float) -> None:
-    """The phase line run_all.py reads back (``_device.phase_line`` once bench/_device.py has it)."""
-    fn = getattr(_device, "phase_line", None)
-    if fn is None:
-        line = f"bench phases: setup {setup_s:.1f} s, measure {measure_s:.1f} s"
-    else:
-        line = fn(setup_s, measure_s)
-    if isinstance(line, str):
-        print(line, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------
-
-
-MEASURE = [0.0]  # seconds spent in timed rounds and peak-memory probes; the rest of the run is setup
-
-
-class measuring:
-    """``with measuring(): ...`` counts the block's wall time as measuring time (the phase line)."""
-
-    def __enter__(self):
-        self.t = time.perf_counter()
-
-    def __exit__(self, *exc):
-        MEASURE[0] += time.perf_counter() - self.t
-        return False
-
-
 def _time(fn, reps):
     best = math.inf
-    now = clock_for(DEVICE)
-    with measuring():
+    now = _device.clock_for(DEVICE)
+    with PH.measure():
         for _ in range(reps):
             _device.sync(DEVICE)
             t = now()
@@ -215,7 +88,7 @@ def _time(fn, reps):
 def _peak_mem(fn) -> float:
     """MiB above the level before the call: torch.cuda.max_memory_allocated on a GPU, else the process RSS
     sampled every 1 ms by a thread (psutil; tracemalloc does not see torch's allocator)."""
-    with measuring():
+    with PH.measure():
         return _device.peak_mib(fn, DEVICE)
 
 
@@ -281,8 +154,8 @@ def attention_part(args):
             m_ex = _peak_mem(exact) if sub == 1 else float("nan")
             m_ht, m_gri = _peak_mem(ht), _peak_mem(fast)
             mark = "~" if sub > 1 else " "
-            print(f"{name:8} {px:5d} {side:>3}x{side:<4} {p:4d} | {mark}{ms(t_ex):>8} {ms(t_ht):>12} {ms(t_gri):>8} "
-                  f"{ms(t_sh):>10} | "
+            print(f"{name:8} {px:5d} {side:>3}x{side:<4} {p:4d} | {mark}{ms3(t_ex):>8} {ms3(t_ht):>12} {ms3(t_gri):>8} "
+                  f"{ms3(t_sh):>10} | "
                   f"{t_ex / t_gri:8.2f}x {t_ht / t_gri:6.2f}x | {m_ex:9.0f} {m_ht:6.0f} {m_gri:6.0f}", flush=True)
             del q, k, v
 
@@ -313,7 +186,7 @@ def own_cost_part(args):
         call()
         _device.sync(DEVICE)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with measuring(), profile(activities=acts) as prof:
+        with PH.measure(), profile(activities=acts) as prof:
             for _ in range(n_calls):
                 call()
             _device.sync(DEVICE)
@@ -343,13 +216,14 @@ def own_cost_part(args):
 
 
 def _unet(name):
+    import _tiny_models as tm
     from distilled_unets.models.structure import registry
 
     vega = registry.by_id("segmind/Segmind-Vega").structure  # a real SDXL student: level-2 depth 2, not 10
     topo, family = {"sd15": (registry.TEACHERS["sd1"].structure, "sd15"),
                     "tiny-sd": (registry.by_id("segmind/tiny-sd").structure, "sd15"),
                     "sdxl": (vega, "sdxl")}[name]
-    return build_unet(topo, family, device=DEVICE, dtype=DTYPE, seed=0), family
+    return random_patcher(tm.tiny(topo, family, model_channels=topo.model_channels), DTYPE, DEVICE, 0), family
 
 
 def _drop_attention(base):
@@ -370,12 +244,11 @@ def unet_part(args):
     from distilled_unets.models.patches import gri
     from distilled_unets.nodes.attention import patch_gri
 
-    rounds = Rounds(args.reps, args.max_rounds)
     cuda = DEVICE.type == "cuda"
-    now = clock_for(DEVICE)
+    now = _device.clock_for(DEVICE)
     print(f"\n## whole UNet: one forward, batch 1, full width, random weights; window {args.window}, "
-          f"pool {args.pool or 'auto'}; ms, median of the {args.reps} fastest interleaved rounds (more rounds "
-          f"while a spread is above {SPREAD_TARGET:g} %, at most {rounds.max_rounds})")
+          f"pool {args.pool or 'auto'}; ms, median of at least {args.reps} interleaved rounds (more while a spread "
+          f"(median - best) / best is above {_device.SPREAD_GOAL:.0%}, at most {args.max_rounds})")
     print("   bound = the same UNet with the patched level's self-attention removed (no attention work): no "
           "attention patch can beat it; gri/bound = how far GRI is from it")
     cpu_default = args.cpu_default_exact and not cuda
@@ -415,25 +288,26 @@ def unet_part(args):
             for p in runs.values():  # warm-up, off the clock: kernels picked, layouts and masks built
                 for _ in range(2 if cuda else 1):
                     step(p)
-            with measuring():
-                res = rounds.run({tag: (lambda p=p: step(p)) for tag, p in runs.items()})
-            t = {tag: r["s"] for tag, r in res.items()}
-            worst = max(r["spread"] for r in res.values())
+            with PH.measure():
+                res = _device.steady_rounds({tag: (lambda p=p: step(p)) for tag, p in runs.items()}, args.reps,
+                                            args.max_rounds)
+            t = {tag: statistics.median(v) for tag, v in res.items()}
+            worst = max(_device.spread(v) for v in res.values()) * 100
             label = "sdxl(vega)" if name == "sdxl" else name
-            line = (f"{label:11} {px:5d} | {ms(t['exact']):>9} {ms(t['ht']):>8} {ms(t['gri']):>8} "
-                    f"{ms(t['bound']):>9} | {t['exact'] / t['gri']:8.2f}x {t['ht'] / t['gri']:6.2f}x "
+            line = (f"{label:11} {px:5d} | {ms3(t['exact']):>9} {ms3(t['ht']):>8} {ms3(t['gri']):>8} "
+                    f"{ms3(t['bound']):>9} | {t['exact'] / t['gri']:8.2f}x {t['ht'] / t['gri']:6.2f}x "
                     f"{t['exact'] / t['ht']:7.2f}x {t['exact'] / t['bound']:10.2f}x {t['gri'] / t['bound']:8.3f}x | "
-                    f"{worst:8.1f} {res['gri']['rounds']:6d}")
+                    f"{worst:8.1f} {len(res['gri']):6d}")
             if cpu_default:
                 # exact attention as ComfyUI runs it on a CPU by default (no --use-pytorch-cross-attention)
                 saved = attn.optimized_attention
                 attn.optimized_attention = attn.attention_sub_quad
                 try:
-                    with measuring():
+                    with PH.measure():
                         t_cd = step(base)
                 finally:
                     attn.optimized_attention = saved
-                line += f" | {ms(t_cd):>20} {t_cd / t['gri']:8.2f}x"
+                line += f" | {ms3(t_cd):>20} {t_cd / t['gri']:8.2f}x"
             if cuda:
                 peaks = [_peak_mem(lambda p=p: step(p)) for p in (base, ht, fast)]
                 line += " | " + f"{peaks[0]:14.0f} {peaks[1]:6.0f} {peaks[2]:6.0f}"
@@ -446,7 +320,7 @@ def unet_part(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--window", type=int, default=16)
-    ap.add_argument("--pool", type=int, default=0, 
+    ap.add_argument("--pool", type=int, default=0,
                     help="0 = auto (models.patches.gri.auto_pool), as the node's default")
     ap.add_argument("--sizes", default="512,1024,2048")
     ap.add_argument("--unet-sizes", default="1024,2048")
@@ -472,15 +346,14 @@ def main():
     import logging
 
     logging.getLogger("distilled_unets").setLevel(logging.WARNING)
-    print(f"{_device.describe(DEVICE, DTYPE)}; times: {clock_name(DEVICE)}")
+    print(f"{_device.describe(DEVICE, DTYPE)}; times: {_device.clock_name(DEVICE)}")
     if not args.skip_attention:
         attention_part(args)
     if not args.skip_own_cost:
         own_cost_part(args)
     if not args.skip_unet:
         unet_part(args)
-    total = time.perf_counter() - T0
-    print_phases(total - MEASURE[0], MEASURE[0])
+    print(PH.line())
     print(_device.peak_line(DEVICE))
 
 

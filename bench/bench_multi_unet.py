@@ -6,8 +6,8 @@ Both are random-weight, built through ComfyUI's own classes, once per process, w
 classes constructed on the device, the weights drawn there from a seeded generator: a GPU run never
 draws full-size weights on the CPU). --channels 320 is full width; smaller values (the CPU's quick
 settings) are said in the header. Every run is sampled twice before the clock starts; then interleaved
-rounds, more of them while a run's spread (over the --reps fastest rounds) is above 5 %, up to
---max-rounds. Times in milliseconds, three significant figures.
+rounds (``_device.steady_rounds``): at least --reps, more while a run's spread (median - best) / best is above
+5 %, up to --max-rounds; the figure is the median. Times in milliseconds, three significant figures.
 
     python bench/bench_multi_unet.py [--steps 20] [--switch 0.4] [--reps 5] [--max-rounds 15]
         [--size 64] [--channels 320] [--compile auto|none|inductor|aot_eager|...]
@@ -23,7 +23,7 @@ them (nothing recompiles in the warm-up or the rounds).
 
 Device: CUDA in fp16 when a GPU is there, else the CPU in fp32 (bench/_device.py; BENCH_DEVICE /
 BENCH_DTYPE override); times are wall time on a GPU and the process's CPU time on a CPU (run those with
---threads 1; see bench_gri.clock_for); on a GPU each run's peak memory (torch.cuda.max_memory_allocated) is a column.
+--threads 1; see _device.clock_for); on a GPU each run's peak memory (torch.cuda.max_memory_allocated) is a column.
 The last two lines are the ones run_all.py reads back: the phase line (setup: imports, building,
 compiling and warm-up; measure: the timed rounds) and the peak memory.
 """
@@ -37,8 +37,10 @@ import time
 import warnings
 
 import _device
-from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
-from bench_gri import T0, Rounds, build_unet, clock_for, clock_name, ms, print_phases  # noqa: E402
+from _device import ms3
+from _pack import ROOT, import_pack, random_patcher, setup_comfy  # noqa: E402
+
+PH = _device.Phases()  # setup counts from the process's start
 
 
 def _setup():
@@ -63,7 +65,7 @@ def _router_us(by_step, steps: int) -> float:
           "sample_sigmas": sample_sigmas, "patches": {}, "wrappers": {}, "callbacks": {}}
     call_args = (None, torch.tensor([3.0, 3.0]), None, "ctx", None, to)
     n_calls = 20000
-    now = clock_for("cpu")  # host work only
+    now = _device.clock_for("cpu")  # host work only
     t0 = now()
     for _ in range(n_calls):
         _x, t_, c_ = split_apply_args(call_args, {})
@@ -119,10 +121,10 @@ def main():
     gpu = device.type == "cuda"
     backend = ("inductor" if gpu else "none") if a.compile == "auto" else a.compile
     t_build = time.perf_counter()
-    student = build_unet(registry.by_id("segmind/tiny-sd").structure, "sd15", device=device, dtype=dtype, seed=1,
-                         model_channels=a.channels)
-    teacher = build_unet(registry.TEACHERS["sd1"].structure, "sd15", device=device, dtype=dtype, seed=2,
-                         model_channels=a.channels)
+    student = random_patcher(tm.tiny(registry.by_id("segmind/tiny-sd").structure, "sd15", model_channels=a.channels),
+                             dtype, device, 1)
+    teacher = random_patcher(tm.tiny(registry.TEACHERS["sd1"].structure, "sd15", model_channels=a.channels),
+                             dtype, device, 2)
     _device.sync(device)
     t_build = time.perf_counter() - t_build
     k = round(a.switch * a.steps)
@@ -138,10 +140,8 @@ def main():
     noise = comfy.sample.prepare_noise(lat, 0)
     sig = comfy.samplers.KSampler(teacher, a.steps, "cpu", a.sampler, "karras").sigmas.tolist()
     kp = steps_per_stage(sig, [teacher.get_model_object("model_sampling").percent_to_sigma(a.switch)])[0]
-    rounds = Rounds(a.reps, a.max_rounds)
-    now = clock_for(device)
+    now = _device.clock_for(device)
     peaks: dict[str, float] = {}
-    measure_s = [0.0]
 
     def run(tag):
         with _device.PeakMemory(device) if gpu else _NoPeak() as pm:
@@ -161,9 +161,10 @@ def main():
             run(tag)
             run(tag)
         t_warm = time.perf_counter() - t_warm
-        t = time.perf_counter()
-        res = rounds.run({tag: (lambda tag=tag: run(tag)) for tag in tags})
-        measure_s[0] += time.perf_counter() - t
+        with PH.measure():
+            times = _device.steady_rounds({tag: (lambda tag=tag: run(tag)) for tag in tags}, a.reps, a.max_rounds)
+        res = {tag: {"s": statistics.median(v), "spread": _device.spread(v) * 100, "rounds": len(v), "all": v}
+               for tag, v in times.items()}
         return res, t_warm
 
     def mix(s_student, s_teacher, n_early):
@@ -179,22 +180,21 @@ def main():
         cells = (f"{res[tag]['spread']:9.1f} {res[tag]['rounds']:6d}" if tag else f"{'':>9} {'':>6}")
         vm = f"{t / vs_mix:8.4f}" if tag and vs_mix else f"{'':>8}"
         peak = (f" {peaks[tag]:9.0f}" if tag else f" {'':>9}") if gpu else ""
-        print(f"{name:<44} {ms(t):>9} {cells} {t_ref / t:10.3f}x {vm}{peak}", flush=True)
+        print(f"{name:<44} {ms3(t):>9} {cells} {t_ref / t:10.3f}x {vm}{peak}", flush=True)
 
     header = (f"{'run':<44} {'ms':>9} {'spread %':>9} {'rounds':>6} {'vs teacher':>11} {'vs mix':>8}"
               + (f" {'peak MiB':>9}" if gpu else ""))
 
     # -- eager: the table the targets are judged on -------------------------------------------------
     res, t_warm = warm_and_measure(list(runs))
-    t = time.perf_counter()
-    route_us = _router_us(by_step, a.steps)
-    measure_s[0] += time.perf_counter() - t
+    with PH.measure():
+        route_us = _router_us(by_step, a.steps)
     best = {tag: r["s"] for tag, r in res.items()}
     print(f"multi-UNet bench: {a.sampler}/karras, {a.steps} steps, cfg 7 (batch 2), latent {a.size}x{a.size} "
           f"({a.size * 8} px), "
           + (f"REDUCED WIDTH model_channels={a.channels} (real SD1.5: 320), " if a.channels != 320 else "full width, ")
-          + f"{_device.describe(device, dtype)}; {clock_name(device)}, median of the {a.reps} fastest interleaved "
-          "rounds")
+          + f"{_device.describe(device, dtype)}; {_device.clock_name(device)}, median of at least {a.reps} "
+          "interleaved rounds")
     n_params = [sum(p.numel() for p in m.model.parameters()) / 1e6 for m in (student, teacher)]
     print(f"early: tiny-sd topology ({n_params[0]:.1f}M params), late: SD1.5 topology ({n_params[1]:.1f}M params); "
           f"built on {device} in {t_build:.1f} s, warm-up {t_warm:.1f} s")
@@ -216,7 +216,7 @@ def main():
           f"{best['teacher'] / best['multi_percent']:.3f}x (percent {a.switch:g})")
     per_call_student = best["student"] / a.steps * 1e6
     print(f"router work per model call: {route_us:.1f} us = {route_us / per_call_student * 100:.2g} % of one "
-          f"student call ({ms(per_call_student / 1e6)} ms) at this size")
+          f"student call ({ms3(per_call_student / 1e6)} ms) at this size")
     print(f"routing overhead over the step-weighted mix (median of per-round ratios): {over_k:+.2f} % (step), "
           f"{over_p:+.2f} % (percent); target <= 1 % -> {'OK' if max(over_k, over_p) <= 1.0 else 'ABOVE TARGET'}")
     print(f"routing overhead, same UNet twice vs that UNet alone (median of per-round ratios): {over_twice:+.2f} %; "
@@ -254,7 +254,7 @@ def main():
               f"({'OK' if over_c <= 1.0 else 'ABOVE TARGET'}); speed-up vs the compiled teacher "
               f"{cres['c_teacher']['s'] / cres['c_multi']['s']:.3f}x; graphs compiled after the first runs: "
               f"{new_graphs} ({'nothing recompiled' if new_graphs == 0 else 'RECOMPILED'})")
-    print_phases(time.perf_counter() - T0 - measure_s[0], measure_s[0])
+    print(PH.line())
     print(_device.peak_line(device))
 
 

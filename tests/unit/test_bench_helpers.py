@@ -54,6 +54,31 @@ def test_phases_split_setup_and_measure(dev, monkeypatch):
     assert dev.parse_phase_line(line) == (3.2, 3.2)
 
 
+def test_phases_measure_block_returns_to_the_phase_before(dev, monkeypatch):
+    clock = iter([0.0, 1.0, 4.0, 4.5, 5.0, 7.0, 7.5])
+    ph = dev.Phases(start=next(clock))
+    monkeypatch.setattr(dev.time, "perf_counter", lambda: next(clock))
+    with ph.measure():    # 1.0: setup 1 ... 4.0: measure 3, back to setup
+        pass
+    ph.measuring()        # 4.5: setup 0.5
+    with ph.measure():    # 5.0: measure 0.5 ... 7.0: measure 2, and stays measuring after the block
+        pass
+    ph.line()             # 7.5: measure 0.5
+    monkeypatch.undo()
+    assert (ph.setup_s, ph.measure_s) == (1.5, 6.0)
+
+
+@pytest.mark.parametrize("x, text", [(0.0305, "0.0305"), (39261, "39300"), (1.0, "1.00"), (-2.345, "-2.35")])
+def test_sig3(dev, x, text):
+    assert dev.sig3(x) == text
+
+
+def test_clock_is_cpu_time_on_a_cpu(dev):
+    import time
+
+    assert dev.clock_for("cpu") is time.process_time and dev.clock_name("cpu") == "CPU time of the process"
+
+
 @pytest.mark.parametrize("seconds, text", [(0.0123, "12.3"), (1.234, "1230"), (0.0006, "0.600"), (0.1, "100"),
                                            (0.0456789, "45.7")])
 def test_ms3_three_significant_figures(dev, seconds, text):

@@ -468,3 +468,9 @@ def write_json(path: str, data: dict) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=False)
     os.replace(tmp, path)
+
+
+def image_feature_fn(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images ``[N, H, W, 3]`` in 0..1 (8-bit values / 255) -> CLIP image embeddings: the in-training evaluator's
+    ``image_features``."""
+    return lambda images: image_embeddings(clip_vision, (images.float() * 255.0).round().clamp(0, 255).to(torch.uint8))

@@ -18,10 +18,11 @@ library and the other groups of ``models``.
 """
 
 from .errors import EvaluationError
+from .heldout import HeldoutEvaluator, sample_euler
 from .inception import InceptionFeatures, load_inception, read_reference_stats, read_state_dict
 from .plan import Pair, pairs, parse_prompts, share
 from .report import INFO, ImageSet, Judgement, format_report, higher_is_better, judge
 
-__all__ = ["EvaluationError", "InceptionFeatures", "load_inception", "read_reference_stats", "read_state_dict",
-           "Pair", "pairs", "parse_prompts", "share", "INFO", "ImageSet", "Judgement", "format_report",
-           "higher_is_better", "judge"]
+__all__ = ["EvaluationError", "HeldoutEvaluator", "sample_euler", "InceptionFeatures", "load_inception",
+           "read_reference_stats", "read_state_dict", "Pair", "pairs", "parse_prompts", "share", "INFO", "ImageSet",
+           "Judgement", "format_report", "higher_is_better", "judge"]

@@ -111,7 +111,8 @@ def _quiet():
 def _fid_metric(dim: int):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    m = FrechetInceptionDistance(feature=Features(dim), normalize=True)
+    # sync_on_compute False: under torch.distributed the metric holds all the features on the one rank computing it
+    m = FrechetInceptionDistance(feature=Features(dim), normalize=True, sync_on_compute=False)
     m.set_dtype(torch.float64)
     return m
 
@@ -152,7 +153,7 @@ def kid(reference: torch.Tensor, other: torch.Tensor, *, subsets: int = 100, sub
         raise ValueError("KID needs at least 2 feature vectors on each side")
     with _quiet():
         m = KernelInceptionDistance(feature=Features(reference.shape[1]), subsets=subsets,
-                                    subset_size=min(subset_size, n), normalize=True)
+                                    subset_size=min(subset_size, n), normalize=True, sync_on_compute=False)
     m.update(reference.double(), real=True)
     m.update(other.double(), real=False)
     with torch.random.fork_rng(devices=[]):

@@ -198,3 +198,12 @@ def test_clip_score_only_for_matching_projected_towers():
     assert emb is None and "ViT-bigG/14" in note
     emb, note = J.clip_score_text(FakeClip(), vision(1024), ["a"])
     assert emb is None and "no text projection" in note
+
+
+def test_shipped_workflow_matches_the_node():
+    from _workflows import check_pack_nodes, load
+
+    wf = load("evaluate_student_sd15.json")
+    check_pack_nodes(wf)
+    node = next(n for n in wf["nodes"] if n["type"] == "EvaluateStudent")
+    assert {i["name"]: i["link"] for i in node["inputs"]}["clip_vision"] is None  # optional: the note says how

@@ -90,7 +90,7 @@ def _mean(v: torch.Tensor) -> float:
 
 def judge(teacher: ImageSet, student: ImageSet, *, text: torch.Tensor | None = None, text_note: str | None = None,
           reference_stats: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0, intervals: bool = True,
-          distribution: bool = True) -> Judgement:
+          distribution: bool = True, device=None) -> Judgement:
     """Every metric that applies to ``student`` against ``teacher`` (pair ``i`` of both made from the same prompt
     and seed). ``text``: the projected text embedding of each pair's prompt ``[N, D]`` (clip_score), or None with
     ``text_note`` saying why; ``reference_stats``: pytorch-fid (mu, sigma) for ``fid_stats``; ``distribution``
@@ -99,7 +99,7 @@ def judge(teacher: ImageSet, student: ImageSet, *, text: torch.Tensor | None = N
     if len(teacher) != n:
         raise ValueError(f"{len(teacher)} teacher images for {n} student images")
     j = Judgement()
-    for k, v in M.pair_scores(teacher.images, student.images).items():
+    for k, v in M.pair_scores(teacher.images, student.images, device=device).items():
         j.put(k, _mean(v), n, M.mean_ci(v, seed=seed) if intervals else None)
     h, w = teacher.images.shape[1:3]
     if not M.ms_ssim_fits(h, w):

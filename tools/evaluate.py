@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     j.add_argument("--clip-vision", help="a CLIP vision file (ViT-L/14, ViT-H/14, ViT-bigG/14): the CLIP metrics")
     j.add_argument("--inception", help="the FID Inception file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
     j.add_argument("--reference-stats", help="pytorch-fid statistics (.npz, mu and sigma): the absolute FID")
+    j.add_argument("--fid-size", type=int, default=0,
+                   help="resize the images to this many pixels a side (PIL bicubic) before the Inception (BK-SDM: "
+                        "256); 0: as saved")
     o = ap.add_argument_group("output and runtime")
     o.add_argument("--out", required=True, help="output folder (images, metrics.json, grid.png)")
     o.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
@@ -269,6 +272,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> int:
         outcome = J.run_evaluation(teacher, students, clip, vae, prompts, s, out, model_ids=ids,
                                    clip_vision=clip_vision, inception=net,
                                    inception_note=os.path.basename(args.inception or ""),
+                                   inception_size=args.fid_size,
                                    reference_stats=stats, stats_note=os.path.basename(args.reference_stats or ""),
                                    node=TOOL, rank=rank, world=world, progress=progress, barrier=_barrier)
     finally:

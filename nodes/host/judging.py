@@ -314,12 +314,26 @@ def generate_folder(model, vae, folder: str, pairs: list[P.Pair], conds: list, n
 # features, judging, grid
 
 
-def features(images_u8: torch.Tensor, clip_vision=None, inception: InceptionFeatures | None = None) -> ImageSet:
+def resized(images_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """8-bit images resized to ``size`` x ``size`` with PIL's bicubic filter (BK-SDM resizes its 512 px images to
+    256 px this way before FID)."""
+    from PIL import Image
+
+    out = [torch.from_numpy(np.array(Image.fromarray(im.numpy(), "RGB").resize((size, size), Image.BICUBIC)))
+           for im in images_u8]
+    return torch.stack(out)
+
+
+def features(images_u8: torch.Tensor, clip_vision=None, inception: InceptionFeatures | None = None,
+             inception_size: int = 0) -> ImageSet:
+    """The images with their CLIP embeddings and Inception features (each where its model is given); the
+    Inception sees them resized to ``inception_size`` when it is set (0: as saved)."""
     s = ImageSet(images_u8)
     if clip_vision is not None:
         s.clip = image_embeddings(clip_vision, images_u8)
     if inception is not None:
-        s.pool, s.logits = features_in_batches(inception, images_u8)
+        src = resized(images_u8, inception_size) if inception_size else images_u8
+        s.pool, s.logits = features_in_batches(inception, src)
     return s
 
 
@@ -327,8 +341,9 @@ def judge_all(teacher: ImageSet, students: dict[str, ImageSet], pairs: list[P.Pa
               text: torch.Tensor | None, text_note: str | None, reference_stats=None,
               seed: int = 0) -> dict[str, Judgement]:
     per_image_text = text[[p.prompt for p in pairs]] if text is not None else None
+    device = mm.get_torch_device()  # the image comparisons on the GPU where there is one
     return {name: judge(teacher, st, text=per_image_text, text_note=text_note, reference_stats=reference_stats,
-                        seed=seed) for name, st in students.items()}
+                        seed=seed, device=device) for name, st in students.items()}
 
 
 def heat(teacher_u8: torch.Tensor, student_u8: torch.Tensor) -> torch.Tensor:
@@ -399,7 +414,8 @@ def prepare_folder(folder: str, manifest: dict, *, node: str, input_name: str, r
 
 def run_evaluation(teacher, students: dict, clip, vae, prompts: list[str], s: Settings, out_dir: str, *,
                    model_ids: dict[str, dict], clip_vision=None, inception: InceptionFeatures | None = None,
-                   inception_note: str = "", reference_stats=None, stats_note: str = "", node: str = "EvaluateStudent",
+                   inception_note: str = "", inception_size: int = 0, reference_stats=None, stats_note: str = "",
+                   node: str = "EvaluateStudent",
                    rank: int = 0, world: int = 1, progress: Callable[[int], None] | None = None,
                    cancel: Callable[[], None] | None = None, barrier: Callable[[], None] | None = None,
                    folder_input: str = "out") -> Outcome | None:
@@ -432,7 +448,7 @@ def run_evaluation(teacher, students: dict, clip, vae, prompts: list[str], s: Se
     if cancel:
         cancel()
     images = {name: read_pngs(folders[name], all_pairs) for name in models}
-    sets = {name: features(img, clip_vision, inception) for name, img in images.items()}
+    sets = {name: features(img, clip_vision, inception, inception_size) for name, img in images.items()}
     text, text_note = (None, None)
     tower = None
     if clip_vision is not None:
@@ -447,6 +463,7 @@ def run_evaluation(teacher, students: dict, clip, vae, prompts: list[str], s: Se
               f"{s.width}x{s.height}, {s.sampler} / {s.scheduler}, {s.steps} steps, CFG {s.cfg:g}; images compared "
               "as saved (8-bit PNG)",
               f"CLIP vision: {tower or 'none'}; Inception: {inception_note or 'none'}"
+              + (f" (images resized to {inception_size} px for it)" if inception and inception_size else "")
               + (f"; reference statistics: {stats_note}" if stats_note else ""),
               f"images and metrics.json: {out_dir}"]
     footer = ["", f"grid: teacher | student | difference x{HEAT_GAIN:g} (black = same, white = far) per row, the "
@@ -454,7 +471,8 @@ def run_evaluation(teacher, students: dict, clip, vae, prompts: list[str], s: Se
     report = format_report(results, header=header, footer=footer)
     metrics = {"version": 1, "settings": asdict(s), "prompts": prompts,
                "seeds": f"image k of every prompt uses seed {s.seed} + k", "pairs": n,
-               "clip_vision": tower, "inception": inception_note or None, "reference_stats": stats_note or None,
+               "clip_vision": tower, "inception": inception_note or None, "inception_size": inception_size or None,
+               "reference_stats": stats_note or None,
                "students": {k: j.to_json() for k, j in results.items()},
                "files": {name: os.path.relpath(folders[name], out_dir) for name in models}}
     write_json(os.path.join(out_dir, "metrics.json"), metrics)

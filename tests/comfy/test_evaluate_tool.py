@@ -78,7 +78,7 @@ def main(argv) -> int:
 @pytest.fixture(scope="module")
 def ref1(files):
     out = files["root"] / "one"
-    assert main(args(files, out, "--inception", files["inception"])) == 0
+    assert main(args(files, out, "--inception", files["inception"], "--fid-size", "48")) == 0
     return out
 
 

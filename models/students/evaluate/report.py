@@ -161,9 +161,9 @@ def judge(teacher: ImageSet, student: ImageSet, *, text: torch.Tensor | None = N
             mu, sigma = reference_stats
             j.put("fid_stats", M.frechet_distance_to_stats(mu, sigma, sp), n)
             j.put("fid_stats_teacher", M.frechet_distance_to_stats(mu, sigma, tp), n)
-            if (h, w) != (256, 256):
-                j.notes.append(f"fid_stats on {w}x{h} images: BK-SDM's figures are of 512 px images resized to 256 px, "
-                               "against statistics of 256 px COCO images; other sizes are not comparable with them")
+            j.notes.append("fid_stats is comparable with the papers' FID only at their protocol: 30K COCO captions, "
+                           "512 px images resized to 256 px (tools/evaluate.py --fid-size 256), statistics of the "
+                           "256 px val2014 images")
         if teacher.logits is not None and student.logits is not None and n >= 2:
             j.put("inception_score", M.inception_score(student.logits)[0], n)
             j.put("inception_score_teacher", M.inception_score(teacher.logits)[0], n)

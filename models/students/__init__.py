@@ -6,5 +6,6 @@ from the teacher), ``distill`` (the knowledge-distillation engine shared by the 
 student against its teacher: metrics, the Inception file, the generation plan, the report, the in-training
 evaluator) and ``eval_hook`` (the contract by which the engine evaluates a student while it trains).
 
-May import: torch, the standard library and every other group of ``models``.
+May import: torch, the standard library and every other group of ``models`` (``evaluate`` also numpy, scipy,
+torchmetrics and torch-fidelity).
 """

@@ -154,6 +154,16 @@ BENCHES = [
               "cpu": [],
               "quick": ["--students", "bk-tiny / tiny-sd", "--formats", "kohya,peft"],
           }, gpu_limit_s=GPU_BUDGET_S, device_free=True),
+    # evaluate: the metrics' cost next to generation's at 64 image pairs (full-size SD 1.5 / bk-tiny UNet calls, CLIP
+    # ViT-L/14 and the FID Inception at full size, random weights). It runs on the CPU, also on a GPU machine
+    # (beside the GPU benches, whose budget is spent): its table is the CPU's ratio; `python bench/bench_evaluate.py`
+    # alone measures it on the GPU.
+    Bench("evaluate", "Evaluation: the metrics' cost next to generating the images they judge (64 pairs)",
+          "bench_evaluate.py", {
+              "cuda": ["--device", "cpu", "--px", "512", "--feature-images", "8", "--rounds", "2", "--threads", "4"],
+              "cpu": ["--px", "512", "--feature-images", "8", "--rounds", "2"],
+              "quick": ["--px", "256", "--feature-images", "2", "--rounds", "1", "--threads", "1"],
+          }, gpu_limit_s=GPU_BUDGET_S, device_free=True),
     Bench("workflows", "Example workflows: every workflows/*.json through the real ComfyUI server", "run_all.py", {
         "cuda": ["--check", "workflows"],
         "cpu": ["--check", "workflows"],

@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention, datasets, distill, loaders, lora, sampling, students
+from . import attention, datasets, distill, evaluate, loaders, lora, sampling, students
 
 NODE_CLASSES: list[type[io.ComfyNode]] = [
     *loaders.NODES,
@@ -12,6 +12,7 @@ NODE_CLASSES: list[type[io.ComfyNode]] = [
     *students.NODES,
     *distill.NODES,
     *datasets.NODES,
+    *evaluate.NODES,
 ]
 
 

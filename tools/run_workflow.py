@@ -160,6 +160,14 @@ def substitute_demo(prompt: dict, sdxl: bool) -> list[tuple[str, str, str, str]]
     return swaps
 
 
+#: nodes other than the Empty*Latent* ones that take the image size as width/height inputs
+SIZED_NODES = ("EvaluateStudent",)
+
+
+def _sized(node: dict) -> bool:
+    return node["class_type"].startswith("Empty") or node["class_type"] in SIZED_NODES
+
+
 def shrink(prompt: dict, steps: int | None = None, size: tuple[int, int] | None = None) -> None:
     """Fewer sampling steps and/or a smaller latent (for quick checks); switch steps scale along."""
     for node in prompt.values():
@@ -172,14 +180,15 @@ def shrink(prompt: dict, steps: int | None = None, size: tuple[int, int] | None 
                     inputs[k] = min(steps, max(0, round(inputs[k] * steps / old)))
             if isinstance(inputs.get("switch_step"), int):
                 inputs["switch_step"] = min(max(1, inputs["switch_step"]), max(1, steps - 1))
-        if size is not None and node["class_type"].startswith("Empty") and "width" in inputs and "height" in inputs:
+        if size is not None and _sized(node) and "width" in inputs and "height" in inputs:
             inputs["width"], inputs["height"] = size
 
 
 def expected_sizes(prompt: dict) -> set[tuple[int, int]]:
-    """(width, height) of every EmptyLatentImage-like node: what the saved images should measure."""
+    """(width, height) of every EmptyLatentImage-like node (and Evaluate Student): what the saved images should
+    measure."""
     return {(n["inputs"]["width"], n["inputs"]["height"]) for n in prompt.values()
-            if n["class_type"].startswith("Empty") and isinstance(n["inputs"].get("width"), int)}
+            if _sized(n) and isinstance(n["inputs"].get("width"), int)}
 
 
 def prepare(server: ComfyServer, workflow: dict, demo_dir: Path | None, *, steps=None, size=None,

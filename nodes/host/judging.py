@@ -1,0 +1,494 @@
+"""Judging students on ComfyUI's side: the one engine of the Evaluate Student node and ``tools/evaluate.py``.
+
+* generation with ComfyUI's own sampling (``comfy.sample.prepare_noise`` per (prompt, seed), ``comfy.sample.sample``,
+  the VAE's decode), the same noise for the teacher and every student, images quantised to 8 bit exactly as
+  SaveImage writes them and saved as PNG files (written to a temporary name, then renamed: never half-written, and
+  an image already there is read back, not made again);
+* CLIP vision image embeddings (``CLIP_VISION.encode_image(...)["image_embeds"]``), the text tower's pooled,
+  projected prompt embedding for the CLIP score (``CLIP.encode_from_tokens(..., return_pooled=True)``) where it
+  matches the vision tower, the VAE decoder for the in-training evaluator;
+* the checks made before any image: students of the teacher's family, a size the models take, a CLIP vision
+  model that is one.
+
+The maths is ``models.students.evaluate``; this module hands it 8-bit images and features.
+
+May import: ``comfy.*`` and ``models`` (never ``folder_paths``, ``server`` or the node API).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import numpy as np
+import torch
+
+from ...models.students.evaluate import EvaluationError, ImageSet, Judgement, format_report, judge
+from ...models.students.evaluate import metrics as M
+from ...models.students.evaluate import plan as P
+from ...models.students.evaluate.inception import InceptionFeatures, features_in_batches
+from .unet import topology_of
+
+log = logging.getLogger("distilled_unets")
+
+#: the CLIP vision towers ComfyUI ships configs for, by width (clip_vision_config_vitl / _h / _g.json)
+VISION_TOWERS = {1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/14"}
+#: text tower (ComfyUI's attribute on the CLIP model) -> the vision tower whose embedding space it projects into
+TEXT_FOR_VISION = {"clip_g": "ViT-bigG/14", "clip_h": "ViT-H/14"}
+NATIVE_SIZE = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+GRID_ROWS = 16
+HEAT_GAIN = 4.0
+
+
+# ------------------------------------------------------------------------------------------------
+# checks before any image
+
+
+def family_of(model, node: str, input_name: str) -> str:
+    """'sd1', 'sd2' or 'sdxl' for a MODEL (its UNet structure as ComfyUI built it); anything else is refused."""
+    try:
+        return topology_of(model).family
+    except Exception as e:
+        raise EvaluationError("this MODEL is not an SD 1.x / 2.x / SDXL UNet", "connect an SD 1.x, SD 2.x or SDXL "
+                              "family model (a checkpoint's MODEL or Load Distilled UNet's)", node=node,
+                              input_name=input_name) from e
+
+
+def check_students(teacher, students: dict[str, object], node: str) -> str:
+    """Every student of the teacher's family (same latent space and conditioning); returns the family."""
+    fam = family_of(teacher, node, "teacher")
+    for name, model in students.items():
+        f = family_of(model, node, name)
+        if f != fam:
+            raise EvaluationError(f"the student is an {f.upper()} model, the teacher an {fam.upper()} one: they do "
+                                  "not share latent space and conditioning",
+                                  f"connect a student distilled from an {fam.upper()} teacher (or that family's "
+                                  "teacher)", node=node, input_name=name)
+    return fam
+
+
+def check_size(width: int, height: int, node: str, family: str) -> tuple[int, int]:
+    """(width, height), the family's native size where 0; a size that is not a multiple of 8 of at least 64 is
+    refused (the VAE works on 8x8 pixel blocks)."""
+    w = width or NATIVE_SIZE[family]
+    h = height or NATIVE_SIZE[family]
+    for name, v in (("width", w), ("height", h)):
+        if v % 8 or v < 64 or v > 16384:
+            raise EvaluationError(f"{name} {v} is not a multiple of 8 between 64 and 16384",
+                                  f"use a multiple of 8 (e.g. {max(64, v // 8 * 8)}); {family.upper()} models are "
+                                  f"trained at {NATIVE_SIZE[family]} px", node=node, input_name=name)
+    return w, h
+
+
+def check_sampler(sampler: str, scheduler: str, node: str) -> None:
+    if sampler not in comfy.samplers.KSampler.SAMPLERS:
+        raise EvaluationError(f"unknown sampler '{sampler}'", "pick one of ComfyUI's samplers (euler, dpmpp_2m, ...)",
+                              node=node, input_name="sampler")
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        raise EvaluationError(f"unknown scheduler '{scheduler}'", "pick one of ComfyUI's schedulers (normal, karras, "
+                              "...)", node=node, input_name="scheduler")
+
+
+def vision_tower(clip_vision, node: str = "EvaluateStudent", input_name: str = "clip_vision") -> str:
+    """The name of a CLIP_VISION's tower (ViT-L/14, ViT-H/14, ViT-bigG/14, or its width); refuses a value that
+    is not an image encoder."""
+    if clip_vision is None or not hasattr(clip_vision, "encode_image"):
+        raise EvaluationError(f"{type(clip_vision).__name__} is not a CLIP vision model",
+                              "connect Load CLIP Vision (ViT-L/14, ViT-H/14 or ViT-bigG/14)", node=node,
+                              input_name=input_name)
+    proj = getattr(getattr(clip_vision, "model", None), "visual_projection", None)
+    w = getattr(proj, "weight", None)
+    if w is None:
+        return "an image encoder without a projection"
+    width = int(w.shape[1])
+    return VISION_TOWERS.get(width, f"a CLIP vision tower of width {width}")
+
+
+def load_clip_vision(path: str, input_name: str = "--clip-vision"):
+    """ComfyUI's CLIP vision model from a file (``comfy.clip_vision.load``); a file that is not one is refused."""
+    import comfy.clip_vision
+
+    fix = "give a CLIP vision file (clip_vision_g.safetensors, CLIP-ViT-H-14 or ViT-L-14 from models/clip_vision)"
+    if not os.path.isfile(path):
+        raise EvaluationError("the CLIP vision file does not exist", fix, path=path, input_name=input_name)
+    try:
+        cv = comfy.clip_vision.load(path)
+    except Exception as e:
+        raise EvaluationError(f"the file cannot be read as a CLIP vision model ({type(e).__name__}: "
+                              f"{str(e)[:160]})", fix, path=path, input_name=input_name) from e
+    if cv is None:
+        raise EvaluationError("this is not a CLIP vision model (no vision tower ComfyUI knows in its tensors)", fix,
+                              path=path, input_name=input_name)
+    return cv
+
+
+# ------------------------------------------------------------------------------------------------
+# text and image embeddings
+
+
+def encode(clip, text: str):
+    """CONDITIONING of ``text``, as CLIP Text Encode makes it."""
+    tokens = clip.tokenize(text)
+    if hasattr(clip, "encode_from_tokens_scheduled"):
+        return clip.encode_from_tokens_scheduled(tokens)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def text_tower(clip) -> str | None:
+    """The CLIP model's text tower with a text projection into a CLIP embedding space ('clip_g' of SDXL, 'clip_h'
+    of SD 2.x), or None (SD 1.x's CLIP-L comes without its projection)."""
+    model = getattr(clip, "cond_stage_model", None)
+    for name in TEXT_FOR_VISION:
+        if getattr(model, name, None) is not None:
+            return name
+    return None
+
+
+def clip_score_text(clip, clip_vision, prompts: list[str]) -> tuple[torch.Tensor | None, str | None]:
+    """(pooled, projected text embedding per prompt ``[P, D]``, None) where the CLIP's text tower projects into the
+    vision tower's space; (None, why not) otherwise."""
+    if clip is None:
+        return None, "no CLIP (text encoder) connected"
+    tower = vision_tower(clip_vision)
+    text = text_tower(clip)
+    if text is None:
+        return None, ("the text encoder has no text projection (SD 1.x's CLIP-L ships without one); clip_score "
+                      "needs SDXL's clip_g with ViT-bigG/14, or SD 2.x's OpenCLIP-H with ViT-H/14")
+    if TEXT_FOR_VISION[text] != tower:
+        return None, (f"the text tower ({text}) projects into {TEXT_FOR_VISION[text]}'s space, the vision model is "
+                      f"{tower}: connect {TEXT_FOR_VISION[text]}")
+    out = []
+    for p in prompts:
+        _, pooled = clip.encode_from_tokens(clip.tokenize(p), return_pooled=True)
+        out.append(pooled.reshape(-1).float().cpu())
+    emb = torch.stack(out)
+    return emb, None
+
+
+def image_embeddings(clip_vision, images_u8: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """CLIP image embeddings ``[N, D]`` of 8-bit images, as CLIP Vision Encode computes them (center crop)."""
+    out = []
+    for s in range(0, images_u8.shape[0], batch):
+        x = images_u8[s:s + batch].float() / 255.0
+        with torch.no_grad():
+            emb = clip_vision.encode_image(x)["image_embeds"]
+        out.append(emb.float().cpu())
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# generation
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    cfg: float
+    sampler: str
+    scheduler: str
+    width: int
+    height: int
+    negative: str
+    seed: int
+    images_per_prompt: int
+    batch_size: int = 1
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's decode of sampled latents (as VAE Decode), quantised as SaveImage writes them: uint8 [N,H,W,3]."""
+    with torch.no_grad():
+        img = vae.decode(latents)
+    if img.ndim == 5:  # video VAEs give [B, T, H, W, C]
+        img = img.reshape(-1, *img.shape[-3:])
+    return M.quantize(img[..., :3])
+
+
+def latent_decoder(vae, model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """latents in the model's space (after ``process_latent_in``) -> images [N, H, W, 3] in 0..1, through the
+    model's ``process_latent_out`` and the VAE (the in-training evaluator's ``decode``)."""
+
+    def fn(latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = model.model.process_latent_out(latents.float().cpu())
+            return M.quantize(vae.decode(x)[..., :3]).float() / 255.0
+
+    return fn
+
+
+def sample_latents(model, positive, negative, seeds: list[int], s: Settings) -> torch.Tensor:
+    """Latents of ``len(seeds)`` images of one prompt: each image's noise from its own seed
+    (``comfy.sample.prepare_noise``), one sampler run for the batch (``comfy.sample.sample``)."""
+    latent = torch.zeros([1, 4, s.height // 8, s.width // 8])
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = torch.cat([comfy.sample.prepare_noise(latent, seed) for seed in seeds])
+    latent = latent.expand(len(seeds), *latent.shape[1:]).contiguous()
+    return comfy.sample.sample(model, noise, s.steps, s.cfg, s.sampler, s.scheduler, positive, negative, latent,
+                               denoise=1.0, disable_pbar=True, seed=seeds[0])
+
+
+def png_reads(path: str, size: tuple[int, int] | None = None) -> bool:
+    """Whether ``path`` is a complete PNG (of ``size`` (width, height) when given)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.format == "PNG" and (size is None or im.size == size)
+    except Exception:
+        return False
+
+
+def write_png(path: str, image_u8: torch.Tensor, text: dict | None = None) -> None:
+    """One 8-bit image to ``path``: a temporary file in the same folder, then renamed (never half-written)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, v)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.writing")
+    Image.fromarray(image_u8.numpy(), "RGB").save(tmp, format="PNG", pnginfo=info, compress_level=4)
+    os.replace(tmp, path)
+
+
+def read_pngs(folder: str, pairs: list[P.Pair]) -> torch.Tensor:
+    """The 8-bit images ``folder/NNNNNN.png`` of ``pairs``, in order: uint8 [N, H, W, 3]."""
+    from PIL import Image
+
+    out = []
+    for p in pairs:
+        with Image.open(os.path.join(folder, p.file_name)) as im:
+            out.append(torch.from_numpy(np.array(im.convert("RGB"))))
+    return torch.stack(out)
+
+
+def clean_partial(folder: str) -> None:
+    """Remove half-written files a stopped process left (``.<name>.<pid>.writing``)."""
+    if os.path.isdir(folder):
+        for f in os.listdir(folder):
+            if f.startswith(".") and f.endswith(".writing"):
+                os.remove(os.path.join(folder, f))
+
+
+def generate_folder(model, vae, folder: str, pairs: list[P.Pair], conds: list, negative, s: Settings, *,
+                    prompts: list[str], label: str, progress: Callable[[int], None] | None = None,
+                    cancel: Callable[[], None] | None = None) -> int:
+    """Generate the images of ``pairs`` with ``model`` into ``folder`` (``NNNNNN.png``), skipping those already
+    there and readable; ``conds[p]`` is prompt ``p``'s CONDITIONING. Batches of up to ``s.batch_size`` images of
+    one prompt. ``progress(n)`` after each batch, ``cancel()`` before each. Returns how many were generated."""
+    os.makedirs(folder, exist_ok=True)
+    todo = [p for p in pairs if not png_reads(os.path.join(folder, p.file_name), (s.width, s.height))]
+    if len(todo) < len(pairs) and progress:
+        progress(len(pairs) - len(todo))
+    made = 0
+    i = 0
+    while i < len(todo):
+        batch = [todo[i]]
+        while (len(batch) < s.batch_size and i + len(batch) < len(todo)
+               and todo[i + len(batch)].prompt == batch[0].prompt):
+            batch.append(todo[i + len(batch)])
+        if cancel:
+            cancel()
+        latents = sample_latents(model, conds[batch[0].prompt], negative, [p.seed for p in batch], s)
+        images = decode(vae, latents)
+        for p, img in zip(batch, images):
+            write_png(os.path.join(folder, p.file_name), img,
+                      {"prompt": prompts[p.prompt], "seed": str(p.seed), "model": label,
+                       "settings": json.dumps(asdict(s), sort_keys=True)})
+        made += len(batch)
+        i += len(batch)
+        if progress:
+            progress(len(batch))
+    return made
+
+
+# ------------------------------------------------------------------------------------------------
+# features, judging, grid
+
+
+def resized(images_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """8-bit images resized to ``size`` x ``size`` with PIL's bicubic filter (BK-SDM resizes its 512 px images to
+    256 px this way before FID)."""
+    from PIL import Image
+
+    out = [torch.from_numpy(np.array(Image.fromarray(im.numpy(), "RGB").resize((size, size), Image.BICUBIC)))
+           for im in images_u8]
+    return torch.stack(out)
+
+
+def features(images_u8: torch.Tensor, clip_vision=None, inception: InceptionFeatures | None = None,
+             inception_size: int = 0) -> ImageSet:
+    """The images with their CLIP embeddings and Inception features (each where its model is given); the
+    Inception sees them resized to ``inception_size`` when it is set (0: as saved)."""
+    s = ImageSet(images_u8)
+    if clip_vision is not None:
+        s.clip = image_embeddings(clip_vision, images_u8)
+    if inception is not None:
+        src = resized(images_u8, inception_size) if inception_size else images_u8
+        s.pool, s.logits = features_in_batches(inception, src)
+    return s
+
+
+def judge_all(teacher: ImageSet, students: dict[str, ImageSet], pairs: list[P.Pair], *,
+              text: torch.Tensor | None, text_note: str | None, reference_stats=None,
+              seed: int = 0) -> dict[str, Judgement]:
+    per_image_text = text[[p.prompt for p in pairs]] if text is not None else None
+    device = mm.get_torch_device()  # the image comparisons on the GPU where there is one
+    return {name: judge(teacher, st, text=per_image_text, text_note=text_note, reference_stats=reference_stats,
+                        seed=seed, device=device) for name, st in students.items()}
+
+
+def heat(teacher_u8: torch.Tensor, student_u8: torch.Tensor) -> torch.Tensor:
+    """The difference heat map: mean |teacher - student| over RGB, x4, on a black-red-yellow-white scale."""
+    d = (teacher_u8.float() - student_u8.float()).abs().mean(-1) / 255.0
+    h = (d * HEAT_GAIN).clamp(0, 1)
+    return torch.stack([(3 * h).clamp(0, 1), (3 * h - 1).clamp(0, 1), (3 * h - 2).clamp(0, 1)], dim=-1)
+
+
+def comparison_grid(teacher_u8: torch.Tensor, students_u8: list[torch.Tensor], rows: int = GRID_ROWS) -> torch.Tensor:
+    """IMAGE [1, rows x H, (1 + 2 S) x W, 3]: per (prompt, seed) row the teacher, then each student and its
+    difference heat map (the first ``rows`` pairs)."""
+    n = min(rows, teacher_u8.shape[0])
+    out = []
+    for i in range(n):
+        row = [teacher_u8[i].float() / 255.0]
+        for s in students_u8:
+            row += [s[i].float() / 255.0, heat(teacher_u8[i], s[i])]
+        out.append(torch.cat(row, dim=1))
+    return torch.cat(out, dim=0)[None]
+
+
+def free_memory() -> None:
+    mm.soft_empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole evaluation (node and tool)
+
+#: samplers whose per-step noise is drawn for the whole batch: run one image at a time so that each image
+#: depends only on its own seed
+STOCHASTIC = ("ancestral", "sde", "lcm", "restart", "er_sde", "seeds_")
+
+
+@dataclass
+class Outcome:
+    results: dict[str, Judgement]
+    report: str
+    grid: torch.Tensor                 # IMAGE [1, H', W', 3]
+    images: dict[str, torch.Tensor]    # name -> uint8 [N, H, W, 3] ("teacher" first)
+    metrics: dict                      # what metrics.json holds
+
+
+def effective_settings(s: Settings) -> Settings:
+    if s.batch_size > 1 and any(t in s.sampler for t in STOCHASTIC):
+        log.info("sampler %s draws its per-step noise per batch: generating one image at a time", s.sampler)
+        return Settings(**dict(asdict(s), batch_size=1))
+    return s
+
+
+def prepare_folder(folder: str, manifest: dict, *, node: str, input_name: str, rank: int = 0) -> None:
+    """Use ``folder`` for images described by ``manifest``: new, or holding images of the very same model and
+    settings (those are reused); a folder holding other images is refused (nothing is ever overwritten)."""
+    old = P.read_manifest(folder)
+    if old is not None and old.get("key") != manifest["key"]:
+        raise EvaluationError(f"{folder} holds images made with another {', '.join(P.differences(old, manifest))}",
+                              "pick another output folder (its images are kept)", path=folder, node=node,
+                              input_name=input_name)
+    if old is None and os.path.isdir(folder) and any(f.endswith(".png") for f in os.listdir(folder)):
+        raise EvaluationError(f"{folder} holds images this evaluation did not make",
+                              "pick another output folder (its images are kept)", path=folder, node=node,
+                              input_name=input_name)
+    if rank == 0:
+        clean_partial(folder)
+        if old is None:
+            P.write_manifest(folder, manifest)
+
+
+def run_evaluation(teacher, students: dict, clip, vae, prompts: list[str], s: Settings, out_dir: str, *,
+                   model_ids: dict[str, dict], clip_vision=None, inception: InceptionFeatures | None = None,
+                   inception_note: str = "", inception_size: int = 0, reference_stats=None, stats_note: str = "",
+                   node: str = "EvaluateStudent",
+                   rank: int = 0, world: int = 1, progress: Callable[[int], None] | None = None,
+                   cancel: Callable[[], None] | None = None, barrier: Callable[[], None] | None = None,
+                   folder_input: str = "out") -> Outcome | None:
+    """Generate (this rank's share of) every model's images into ``out_dir/<name>/NNNNNN.png``, then on rank 0
+    judge each student against the teacher from the files and write ``metrics.json`` and ``grid.png`` there.
+    ``students``: {folder name: MODEL}; ``model_ids``: {"teacher" / folder name: what identifies the model}
+    (manifests). Returns the outcome on rank 0, None on the others."""
+    s = effective_settings(s)
+    all_pairs = P.pairs(len(prompts), s.images_per_prompt, s.seed)
+    mine = P.share(all_pairs, rank, world)
+    models = {"teacher": teacher, **students}
+    settings = {k: v for k, v in asdict(s).items() if k != "batch_size"}
+    seeds = [p.seed for p in all_pairs]
+    folders = {name: os.path.join(out_dir, name) for name in models}
+    for name in models:
+        prepare_folder(folders[name], P.manifest_for(model_ids[name], settings, prompts, seeds), node=node,
+                       input_name=folder_input, rank=rank)
+    if barrier:
+        barrier()
+    conds = [encode(clip, p) for p in prompts]
+    negative = encode(clip, s.negative)
+    for name, model in models.items():
+        made = generate_folder(model, vae, folders[name], mine, conds, negative, s, prompts=prompts, label=name,
+                               progress=progress, cancel=cancel)
+        log.info("%s: %d image(s) generated, %d already there", name, made, len(mine) - made)
+    if barrier:
+        barrier()
+    if rank != 0:
+        return None
+    if cancel:
+        cancel()
+    images = {name: read_pngs(folders[name], all_pairs) for name in models}
+    sets = {name: features(img, clip_vision, inception, inception_size) for name, img in images.items()}
+    text, text_note = (None, None)
+    tower = None
+    if clip_vision is not None:
+        tower = vision_tower(clip_vision, node)
+        text, text_note = clip_score_text(clip, clip_vision, prompts)
+    results = judge_all(sets["teacher"], {k: v for k, v in sets.items() if k != "teacher"}, all_pairs, text=text,
+                        text_note=text_note, reference_stats=reference_stats, seed=s.seed)
+    grid = comparison_grid(images["teacher"], [images[k] for k in students])
+    n = len(all_pairs)
+    header = [f"Evaluate Student: {n} image pairs per student ({len(prompts)} prompt(s) x {s.images_per_prompt} "
+              f"seed(s); image k of every prompt uses seed {s.seed} + k, the same noise for teacher and students)",
+              f"{s.width}x{s.height}, {s.sampler} / {s.scheduler}, {s.steps} steps, CFG {s.cfg:g}; images compared "
+              "as saved (8-bit PNG)",
+              f"CLIP vision: {tower or 'none'}; Inception: {inception_note or 'none'}"
+              + (f" (images resized to {inception_size} px for it)" if inception and inception_size else "")
+              + (f"; reference statistics: {stats_note}" if stats_note else ""),
+              f"images and metrics.json: {out_dir}"]
+    footer = ["", f"grid: teacher | student | difference x{HEAT_GAIN:g} (black = same, white = far) per row, the "
+              f"first {min(n, GRID_ROWS)} of {n} pairs"]
+    report = format_report(results, header=header, footer=footer)
+    metrics = {"version": 1, "settings": asdict(s), "prompts": prompts,
+               "seeds": f"image k of every prompt uses seed {s.seed} + k", "pairs": n,
+               "clip_vision": tower, "inception": inception_note or None, "inception_size": inception_size or None,
+               "reference_stats": stats_note or None,
+               "students": {k: j.to_json() for k, j in results.items()},
+               "files": {name: os.path.relpath(folders[name], out_dir) for name in models}}
+    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    write_png(os.path.join(out_dir, "grid.png"), M.quantize(grid[0]))
+    return Outcome(results, report, grid, images, metrics)
+
+
+def write_json(path: str, data: dict) -> None:
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.writing")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def image_feature_fn(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images ``[N, H, W, 3]`` in 0..1 (8-bit values / 255) -> CLIP image embeddings: the in-training evaluator's
+    ``image_features``."""
+    return lambda images: image_embeddings(clip_vision, (images.float() * 255.0).round().clamp(0, 255).to(torch.uint8))

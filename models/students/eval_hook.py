@@ -30,7 +30,8 @@ import torch
 Metrics = dict[str, float]
 
 #: metrics where smaller is better; every other metric is better when larger
-LOWER_IS_BETTER = frozenset({"heldout_kd", "fd_clip", "kid_clip", "cmmd", "fid", "kid", "mse", "lpips"})
+LOWER_IS_BETTER = frozenset({"heldout_kd", "fd_clip", "kid_clip", "cmmd", "fid", "fid_stats", "fid_stats_teacher",
+                             "kid", "mse", "lpips"})
 
 
 def higher_is_better(metric: str) -> bool:

@@ -29,7 +29,9 @@ TensorBoard, Plot Loss Graph), and when :attr:`EvalSchedule.best_metric` is set 
 The caller's side (``Distiller(evaluator=, eval_schedule=, on_eval=, save_best=)``): ``on_eval(step, metrics,
 is_best)`` on every rank after each evaluation, ``save_best(step, cpu_state_dict)`` on rank 0 when the best
 metric improved (the UNet's state dict, the EMA weights when EMA is on), right after that evaluation's
-``on_eval``.
+``on_eval``. The tensors are the run's one copy of the best weights, overwritten in place at the next
+improvement: write them, or keep the dict as "the best so far" (the run counts that copy in its memory check
+on the CPU).
 """
 
 from __future__ import annotations

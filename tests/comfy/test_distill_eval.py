@@ -7,7 +7,7 @@ it; the evaluator sees the EMA weights in eval mode); the best evaluation's weig
 run stopped at that step; evaluations and the best resume with a checkpoint, also one written before
 evaluations were recorded; a best metric the evaluation does not give is refused before the first step; only
 the newest ``keep_checkpoints`` of the same run are kept; a checkpoint's size is known before it is written;
-the memory check sees a container's limit and the processes that share the machine."""
+the memory check sees a container's limit, the processes that share the machine and the best weights kept."""
 
 from __future__ import annotations
 
@@ -178,6 +178,14 @@ def test_the_memory_check_sees_a_container_limit_and_the_local_processes(env, mo
     with pytest.raises(D.TrainingMemoryError, match="per process, x 2 processes on this machine") as e:
         d.check_memory(int(need * 1.5), processes=2)
     assert "fewer processes on this machine" in str(e.value)
+    # the best weights a run keeps (one copy, in host memory) count on the CPU
+    keeper = distiller(env, teacher, student, data, None, steps=1, evaluator=Scores({}), best_metric="score",
+                       save_best=lambda *a: None)
+    extra = keeper.best_copy_bytes()
+    assert extra == sum(v.numel() * 4 for v in student.model.diffusion_model.state_dict().values())
+    keeper.check_memory(int((need + extra) / 0.9) + 1, processes=1)
+    with pytest.raises(D.TrainingMemoryError, match="the best evaluation's weights"):
+        keeper.check_memory(int((need + extra // 2) / 0.9), processes=1)
     # a container whose cgroup v2 limit leaves less than the run needs: the default reading sees it
     (tmp_path / "proc" / "self").mkdir(parents=True)
     (tmp_path / "proc" / "self" / "cgroup").write_text("0::/ctr\n")

@@ -156,6 +156,19 @@ def _meta(run, step: int, opt_steps: int) -> dict[str, str]:
     return meta
 
 
+def student_bytes(run) -> int:
+    """Bytes of the student as the run holds it (trained parameters fp32, frozen ones in the compute dtype,
+    buffers as they are): one checkpoint's ``student.*`` tensors, one best-weights copy."""
+    frozen = torch.finfo(run.autocast or torch.float32).bits // 8
+    train = set(run.train_names)
+    names = dict(run.student.named_parameters())
+    total = 0
+    for k, v in run.student.state_dict(keep_vars=True).items():
+        item = 4 if k in names and k in train else frozen if k in names and v.is_floating_point() else v.element_size()
+        total += v.numel() * item
+    return total
+
+
 def size(run, steps: int) -> int:
     """Bytes of one checkpoint of ``run`` written at ``steps``: exact for the tensors (the student as the run
     holds it: trained parameters fp32, frozen ones in the compute dtype; AdamW's two fp32 moments and the fp32

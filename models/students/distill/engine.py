@@ -86,6 +86,7 @@ class Distiller:
         self._run_id: str | None = None
         self._evals: list[dict] = []
         self._best: dict | None = None
+        self._best_buffer: dict[str, torch.Tensor] | None = None
         self._setup_evaluation(evaluator, eval_schedule or EvalSchedule(), on_eval, save_best)
 
     # ---- identity and evaluation ----------------------------------------------------------------
@@ -186,7 +187,7 @@ class Distiller:
                                            node=self.node, input_name="best_metric")
                     if self._save_best is not None and best and self.eval_schedule.improved(
                             metrics[best], self._best["value"] if self._best else None):
-                        state = {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
+                        state = self._best_copy(m)
                 payload["metrics"] = metrics
             except Exception as e:  # every rank must learn of it (the others wait for the metrics)
                 payload["error"] = f"{type(e).__name__}: {e}"
@@ -210,6 +211,24 @@ class Distiller:
         if is_best and state is not None:
             self._save_best(step, state)
         return metrics
+
+    def _best_copy(self, model) -> dict[str, torch.Tensor]:
+        """The weights of ``model`` in CPU tensors the run keeps for the best evaluation, overwritten in place at
+        the next improvement (one copy in memory however often the best improves)."""
+        sd = model.state_dict()
+        if self._best_buffer is None:
+            self._best_buffer = {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+        else:
+            for k, v in sd.items():
+                self._best_buffer[k].copy_(v.detach())
+        return self._best_buffer
+
+    def best_copy_bytes(self) -> int:
+        """Host memory the best weights take while the run keeps them (a best metric and a caller that takes
+        them); 0 otherwise."""
+        if not (self.eval_schedule.best_metric and self._save_best is not None):
+            return 0
+        return checkpoints.student_bytes(self)
 
     def _heldout_metrics(self, model) -> Metrics:
         return {HELDOUT_KD: self._heldout_error(model)}
@@ -292,7 +311,8 @@ class Distiller:
         else:
             free, where = int(free_bytes), where or f"free on {self.device}"
         n = 1 if self.device.type == "cuda" else (processes or resources.local_processes())
-        if est.total * n <= free * headroom:
+        extra = self.best_copy_bytes() if self.device.type == "cpu" else 0  # on a GPU it is host RAM
+        if (est.total + extra) * n <= free * headroom:
             return est
         fixes = []
         if not est.checkpointing:
@@ -300,7 +320,7 @@ class Distiller:
             fixes.append(f"turn on gradient_checkpointing (~{alt.total / GIB:.2f} GiB)")
         for b in range(est.batch_size - 1, 0, -1):
             alt = est.with_(batch_size=b)
-            if alt.total * n <= free * headroom or b == 1:
+            if (alt.total + extra) * n <= free * headroom or b == 1:
                 acc = math.ceil(est.batch_size * self.cfg.grad_accum / b)
                 fixes.append(f"batch_size {b} with gradient_accumulation {acc} (same samples per step, "
                              f"~{alt.total / GIB:.2f} GiB)")
@@ -311,8 +331,9 @@ class Distiller:
         fixes.append("a smaller latent size (images), a GPU with more memory, or a higher memory limit for the "
                      "container" if self.device.type == "cpu" else "a smaller latent size (images) or a GPU with "
                      "more memory")
-        need = est.describe() if n == 1 else \
-            f"{est.describe()} per process, x {n} processes on this machine = {est.total * n / GIB:.2f} GiB"
+        need = est.describe() + (f" + the best evaluation's weights {extra / GIB:.2f} GiB" if extra else "")
+        if n > 1:
+            need += f" per process, x {n} processes on this machine = {(est.total + extra) * n / GIB:.2f} GiB"
         raise TrainingMemoryError(
             f"distillation needs {need}; {free / GIB:.2f} GiB is {where}", "; or ".join(fixes), estimate=est,
             free_bytes=free, node=self.node, input_name="batch_size")

@@ -454,8 +454,8 @@ def open_folder(out: str, *, resume: str, distiller, key: str, identity: dict, s
                 student_bytes: int, best: bool, settings: dict) -> dict:
     """On rank 0: refuse another run's folder (naming the differences, the shards that changed), decide what to
     resume from (``resume``: auto, none, or a checkpoint file or folder), check the disk; then, and only then,
-    create the folder, remove half-written files a killed process left, and write run.json. Returns {"done": this run's finished student or None, "resume": checkpoint or
-    None, "why": ..., "disk": the disk figures}."""
+    create the folder, remove half-written files a killed process left, and write run.json. Returns {"done":
+    this run's finished student or None, "resume": checkpoint or None, "why": ..., "disk": the disk figures}."""
     d = distiller
     held = run_files(out)
     if resume == "none" and held:

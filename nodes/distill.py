@@ -1,9 +1,10 @@
 """DistillStudentUNet: knowledge distillation of a student UNet from its teacher, inside ComfyUI.
 
-The training engine is host-free (``models/students/distill/``); this module turns ComfyUI values into its inputs
-(LATENT + CONDITIONING through the model's own ``process_latent_in`` and ``extra_conds``, the block map into
-the set of trained parameters, the teacher loaded by ComfyUI's model management), shows progress, honours
-Cancel between steps, and hands the trained weights to the loader's own build path as a new MODEL.
+The training engine is host-free (``models/students/distill/``) and set up from two MODELs by
+``nodes/host/distill.py``, as ``tools/distill.py`` sets it up; this module holds the node: ComfyUI values into
+the engine's data (LATENT + CONDITIONING through the model's own ``process_latent_in`` and ``extra_conds``, or
+a streamed dataset), the checkpoint folder under ComfyUI's output, the VGG file under ``models/vgg``, progress,
+Cancel between steps, and the trained (or best) weights handed back as a new MODEL.
 """
 
 from __future__ import annotations

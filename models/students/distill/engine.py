@@ -221,7 +221,7 @@ class Distiller:
         else:
             for k, v in sd.items():
                 self._best_buffer[k].copy_(v.detach())
-        return self._best_buffer
+        return dict(self._best_buffer)  # the caller's dict (it may pop keys); the tensors are the one copy
 
     def best_copy_bytes(self) -> int:
         """Host memory the best weights take while the run keeps them (a best metric and a caller that takes

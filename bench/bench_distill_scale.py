@@ -78,9 +78,9 @@ def worker(a) -> int:
     import comfy.model_patcher
     from distilled_unets.models.structure import structures as S
     from distilled_unets.models.students import distill as D
-    from distilled_unets.nodes.distill import block_map_for, student_unet_for_training, trainable_filter
+    from distilled_unets.nodes.host.distill import block_map_for, student_unet_for_training
+    from distilled_unets.nodes.host.students import build_student
     from distilled_unets.nodes.host.unet import comfy_model, topology_of
-    from distilled_unets.nodes.students import build_student
 
     torch.manual_seed(0)
     tt = S.TEACHERS["sd1"] if a.part == "gpu" else dataclasses.replace(S.TEACHERS["sd1"], model_channels=a.width)
@@ -93,7 +93,7 @@ def worker(a) -> int:
     student, _ = build_student(teacher, "bk-small")
     st = topology_of(student)
     bm, _ = block_map_for(student, tt, st)
-    trainable, _ = trainable_filter(bm, "all")
+    trainable, _ = D.trainable_filter(bm, "all")
     t_dtype = torch.float32
     if device.type == "cuda":  # the teacher in half precision on the GPU, as ComfyUI loads it for training
         t_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -143,6 +143,13 @@ BENCHES = [
         "cpu": ["--parts", "cpu", "--reps", "3"],
         "quick": ["--parts", "cpu", "--reps", "1", "--steps", "3", "--batch", "4"],
     }, gpu_limit_s=GPU_BUDGET_S, device_free=True),
+    Bench("dataset_digest", "Distillation data identity: hashing the shards' content once vs reading them",
+          "bench_dataset_digest.py", {
+              # CPU and disk only: on a GPU machine it runs beside the GPU benches
+              "cuda": ["--size-gb", "2", "--shard-mb", "128"],
+              "cpu": ["--size-gb", "2", "--shard-mb", "128"],
+              "quick": ["--size-gb", "0.1", "--shard-mb", "16"],
+          }, gpu_limit_s=GPU_BUDGET_S, device_free=True),
     Bench("loader", "Loading: our build vs ComfyUI's own build vs the teacher", "bench_loader.py", {
         "cuda": ["--families", "sd1,sd2,sdxl", "--px", "512", "--sdxl-px", "1024", "--rounds", "3"],
         "cpu": ["--families", "sd1,sd2", "--px", "256", "--rounds", "5", "--threads", "1"],

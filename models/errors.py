@@ -23,6 +23,9 @@ class PackError(ValueError):
         self.input_name = input_name
         super().__init__(problem)
 
+    def __reduce__(self):  # picklable whatever a subclass's __init__ takes (sent between ranks)
+        return (_rebuild, (type(self), self.problem, dict(self.__dict__)))
+
     def __str__(self) -> str:
         where = []
         if self.node:
@@ -32,6 +35,13 @@ class PackError(ValueError):
         head = f"[{', '.join(where)}] " if where else ""
         file = f" (file: {self.path})" if self.path else ""
         return f"{head}{self.problem}{file}. Fix: {self.fix}"
+
+
+def _rebuild(cls, problem: str, state: dict) -> PackError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, problem)
+    err.__dict__.update(state)
+    return err
 
 
 class WeightFileError(PackError):

@@ -1,9 +1,10 @@
 """DistillStudentUNet: knowledge distillation of a student UNet from its teacher, inside ComfyUI.
 
-The training engine is host-free (``models/students/distill/``); this module turns ComfyUI values into its inputs
-(LATENT + CONDITIONING through the model's own ``process_latent_in`` and ``extra_conds``, the block map into
-the set of trained parameters, the teacher loaded by ComfyUI's model management), shows progress, honours
-Cancel between steps, and hands the trained weights to the loader's own build path as a new MODEL.
+The training engine is host-free (``models/students/distill/``) and set up from two MODELs by
+``nodes/host/distill.py``, as ``tools/distill.py`` sets it up; this module holds the node: ComfyUI values into
+the engine's data (LATENT + CONDITIONING through the model's own ``process_latent_in`` and ``extra_conds``, or
+a streamed dataset), the checkpoint folder under ComfyUI's output, the VGG file under ``models/vgg``, progress,
+Cancel between steps, and the trained (or best) weights handed back as a new MODEL.
 """
 
 from __future__ import annotations
@@ -21,35 +22,28 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..models.errors import IncompatibleModelsError, WeightFileError
-from ..models.structure import blockmap as bmod
+from ..models.errors import WeightFileError
 from ..models.students import distill as D
-from ..models.students.distill import vgg as V
+from ..models.students.distill import runs
 from .datasets import DISTILL_DATA, DistillDataset
+from .host import distill as H
 from .host.samples import make_kd_data, prepare_sample
-from .host.unet import (
-    BLOCK_MAP_KEY,
-    RECIPE_KEY,
-    block_map_of_model,
-    model_from_state_dict,
-    node_errors,
-    topology_of,
-    unet_from_state_dict,
-    unet_weights,
-)
-from .students import CATEGORY, sampling_of
+from .host.students import PACK_VERSION
+from .host.unet import node_errors
+from .students import CATEGORY
 
 log = logging.getLogger("distilled_unets")
 
 NODE = "DistillStudentUNet"
-TRAIN_MODES = ["all", "student blocks only", "changed blocks only"]
+TRAIN_MODES = list(D.TRAIN_MODES)
 LOSS_CHOICES = ["bk-sdm", "segmind", "custom"]
 FEATURE_CHOICES = list(D.FEATURE_MODES[1:]) + ["none"]  # stages, stages+mid, none
 PRECISIONS = list(D.PRECISIONS)
 VGG_FOLDER = "vgg"
 NONE = "none"
-#: BK-SDM's released checkpoints: batch 256 x 50K steps (kd_train_text_to_image.py, README)
-BK_SDM_SAMPLES = 256 * 50_000
+BK_SDM_SAMPLES = D.BK_SDM_SAMPLES
+#: what the best_metric input offers: the engine's own held-out error (more when an image evaluator is wired in)
+BEST_METRICS = [NONE, D.HELDOUT_KD]
 
 
 def _register_vgg_folder() -> None:
@@ -148,34 +142,6 @@ def _describe(data: D.KDData) -> str:
     return f"{len(data)} samples in memory, latents " + ", ".join(f"{w * 8}x{h * 8}" for h, w in sizes)
 
 
-def student_unet_for_training(student, topology):
-    """The student's UNet with the weights it samples with (patches merged), without changing the MODEL."""
-    patched = bool(student.patches) or bool(getattr(student, "weight_wrapper_patches", None))
-    if not patched:
-        return student.model.diffusion_model
-    return unet_from_state_dict(topology, unet_weights(student))
-
-
-def block_map_for(student, tt, st):
-    bm = block_map_of_model(student)
-    if bm is not None and bm.student.signature() == st.signature() and \
-            bm.teacher.signature()[1:] == tt.signature()[1:]:
-        return bm, "the student's block map"
-    return bmod.derive(tt, st), "derived from the two structures"
-
-
-def trainable_filter(bm, mode: str):
-    units = set(bm.trainable_units(mode))
-    return lambda name: bm.unit_of(name) in units, units
-
-
-def make_loss_weights(preset: str, task: float, out: float, feat: float, mid: float, vgg: float) -> D.LossWeights:
-    if preset == "custom":
-        return D.LossWeights(task, out, feat, mid, vgg)
-    base = D.PRESETS[preset]
-    return D.LossWeights(base.task, base.out, base.feat)
-
-
 def _plottable(values) -> list[float]:
     """Loss values for Plot Loss Graph: a non-finite value (a skipped step) repeats the last finite one."""
     out, last = [], 0.0
@@ -207,28 +173,37 @@ def distill(student, teacher, latents=None, conditioning=None, *, data=None, ste
             seed: int, ema_decay: float, gradient_checkpointing: bool, checkpoint_every: int = 0,
             precision: str = "auto", heldout_latents=None, heldout_conditioning=None, resume_from: str = NONE,
             run_name: str = "distill", vgg16: str = NONE, task_weight: float = 1.0, output_weight: float = 1.0,
-            feature_weight: float = 1.0, mid_weight: float = 1.0, vgg_weight: float = 1.0, node_id=None):
+            feature_weight: float = 1.0, mid_weight: float = 1.0, vgg_weight: float = 1.0, keep_checkpoints: int = 2,
+            eval_every: int = 0, best_metric: str = NONE, node_id=None):
     """(trained student MODEL, LOSS_MAP, report). The inputs are only read."""
     with torch.inference_mode(False):
         return _distill(**locals())
 
 
+def _vgg(vgg16: str, teacher, weights):
+    if not vgg16 or vgg16 == NONE:
+        return None, None
+    path = folder_paths.get_full_path(VGG_FOLDER, vgg16)
+    if path is None:
+        raise WeightFileError(f"the VGG16 file '{vgg16}' is not under models/{VGG_FOLDER}",
+                              "refresh the node list (press R) and pick an existing file", path=vgg16,
+                              node=NODE, input_name="vgg16")
+    return H.vgg_loss(path, teacher, weights, node=NODE, input_name="vgg16")
+
+
+def _evaluator(teacher, held):
+    """The evaluator; None: the engine's own held-out output-KD error. (The image evaluator of
+    ``models/students/evaluate`` plugs in here, with optional vae / clip_vision inputs of the node.)"""
+    return None
+
+
 def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size, gradient_accumulation, learning_rate,
              loss_weights, feature_points, train, seed, ema_decay, gradient_checkpointing, checkpoint_every,
              precision, heldout_latents, heldout_conditioning, resume_from, run_name, vgg16, task_weight,
-             output_weight, feature_weight, mid_weight, vgg_weight, node_id):
+             output_weight, feature_weight, mid_weight, vgg_weight, keep_checkpoints, eval_every, best_metric,
+             node_id):
     t_start = time.perf_counter()
-    tt, st = topology_of(teacher), topology_of(student)
-    with node_errors(NODE, "teacher"):
-        pred_t, zsnr_t = sampling_of(teacher, NODE, "teacher")
-    with node_errors(NODE, "student"):
-        pred_s, zsnr_s = sampling_of(student, NODE, "student")
-    if (pred_t, zsnr_t) != (pred_s, zsnr_s):
-        raise IncompatibleModelsError(f"the teacher predicts {pred_t}{' (zero terminal SNR)' if zsnr_t else ''}, "
-                                      f"the student {pred_s}{' (zero terminal SNR)' if zsnr_s else ''}",
-                                      "distil a student of the same prediction type as its teacher (set the "
-                                      "loader's prediction input, or a ModelSamplingDiscrete node on both)",
-                                      node=NODE, input_name="student")
+    H.check_predictions(teacher, student, NODE)
     if (heldout_latents is None) != (heldout_conditioning is None):
         raise D.DistillError("held-out latents and held-out conditioning must be given together",
                              "connect both, or neither (then the last ~10 % of the data are held out)", node=NODE,
@@ -239,70 +214,48 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
     if heldout_latents is not None:
         held = make_data(teacher, heldout_latents, heldout_conditioning, which="heldout")
         held_note = "the held-out inputs"
-    bm, bm_note = block_map_for(student, tt, st)
-    trainable, units = trainable_filter(bm, train)
-    weights = make_loss_weights(loss_weights, task_weight, output_weight, feature_weight, mid_weight, vgg_weight)
-    semantic, vgg_note = None, None
-    if vgg16 and vgg16 != NONE:
-        path = folder_paths.get_full_path(VGG_FOLDER, vgg16)
-        if path is None:
-            raise WeightFileError(f"the VGG16 file '{vgg16}' is not under models/{VGG_FOLDER}",
-                                  "refresh the node list (press R) and pick an existing file", path=vgg16,
-                                  node=NODE, input_name="vgg16")
-        try:
-            tensors = comfy.utils.load_torch_file(path, safe_load=True)
-        except Exception as e:
-            raise WeightFileError(f"the VGG16 file cannot be read ({type(e).__name__}: {str(e)[:160]})",
-                                  "use a .safetensors (or weights-only .pth) torchvision VGG16 file", path=path,
-                                  node=NODE, input_name="vgg16") from e
-        with node_errors(NODE, "vgg16"):
-            vgg = V.load_vgg16(tensors, path=path)
-        fmt = teacher.model.latent_format
-        if getattr(fmt, "latent_rgb_factors", None) is None:
-            raise D.DistillError("this model family has no latent->RGB preview factors for the VGG input",
-                                 "set vgg16 to none", node=NODE, input_name="vgg16")
-        semantic = V.SemanticVGGLoss(vgg, fmt.latent_rgb_factors, getattr(fmt, "latent_rgb_factors_bias", None))
-        vgg_note = (f"VGG term ({os.path.basename(path)}): relu1_2/2_2/3_3 of VGG16 on the student's and the "
-                    "teacher's predicted x0, mapped to RGB with the family's latent preview factors, "
-                    f"ImageNet-normalised; relative feature error, weighted by alpha_bar_t; weight "
-                    f"{weights.vgg_weight:g}")
+    with node_errors(NODE, "loss_weights"):
+        weights = D.loss_weights(loss_weights, task_weight, output_weight, feature_weight, mid_weight, vgg_weight)
+    semantic, vgg_note = _vgg(vgg16, teacher, weights)
     ckpt_dir = os.path.join(checkpoint_root(), _run_name(run_name)) if checkpoint_every else None
     resume = _resolve_checkpoint(resume_from)
     if resume and not ckpt_dir:  # keep checkpointing beside the one resumed from
         ckpt_dir = os.path.dirname(resume)
+    if ckpt_dir and hasattr(data, "shard_digests"):
+        data.digest_cache_dir = ckpt_dir  # the shards' content digests, computed once, kept beside the checkpoints
     cfg = D.DistillConfig(steps=steps, batch_size=batch_size, grad_accum=gradient_accumulation,
                           learning_rate=learning_rate, weights=weights, features=feature_points, seed=seed,
                           ema_decay=ema_decay, gradient_checkpointing=gradient_checkpointing, precision=precision,
                           checkpoint_every=checkpoint_every, checkpoint_dir=ckpt_dir,
-                          checkpoint_prefix=_run_name(run_name))
+                          checkpoint_prefix=_run_name(run_name), keep_checkpoints=keep_checkpoints)
     with node_errors(NODE, "steps"):
         cfg.validate()
     device = mm.get_torch_device()
-    ms = teacher.get_model_object("model_sampling")
-    student_unet = student_unet_for_training(student, st)
-    tmodel = teacher.model
-    t_dtype = tmodel.manual_cast_dtype or tmodel.get_dtype()
-    with node_errors(NODE, "train"):
-        d = D.Distiller(teacher=tmodel.diffusion_model, student=student_unet, teacher_topology=tt,
-                        student_topology=st, schedule=D.NoiseSchedule(ms, prediction=pred_t), data=data,
-                        heldout=held, config=cfg, trainable=trainable, semantic=semantic, device=device,
-                        teacher_dtype=t_dtype, node=NODE)
-    # memory before the first step: the teacher through ComfyUI's loader (it frees what the run needs), then the
-    # engine's estimate against what is left
-    est = d.estimate_memory(teacher_resident=True)
-    mm.load_models_gpu([teacher], memory_required=est.total)
-    free = mm.get_free_memory(device)
-    extra = []
-    if train == "all":
-        n_own = sum(p.numel() for n_, p in student_unet.named_parameters()
-                    if bm.unit_of(n_) in set(bm.trainable_units("student blocks only")))
-        if n_own:
-            extra.append(f"train 'student blocks only' ({n_own:,} parameters instead of {d.trainable_params:,})")
-    d.check_memory(free, teacher_resident=True, extra_fixes=extra)
-    partial = hasattr(teacher, "loaded_size") and teacher.loaded_size() < teacher.model_size()
-
-    pbar = comfy.utils.ProgressBar(steps)
+    best_metric = "" if not best_metric or best_metric == NONE else best_metric
+    best_state = {}
     last_text = [0.0]
+    evals_text = []
+
+    def on_eval(step, metrics, is_best):
+        evals_text.append(f"step {step}: " + ", ".join(f"{k} {v:.5g}" for k, v in metrics.items())
+                          + (" (best)" if is_best else ""))
+        _send_text(node_id, "evaluation at " + evals_text[-1])
+
+    run = H.make_run(teacher, student, data, held, cfg, train=train, device=device, node=NODE, semantic=semantic,
+                     evaluator=_evaluator(teacher, held), eval_schedule=D.EvalSchedule(eval_every, best_metric),
+                     on_eval=on_eval, save_best=lambda step, state: best_state.update(step=step, state=state))
+    d = run.distiller
+    if ckpt_dir:  # the checkpoints kept must fit the disk
+        mine = [p for _, _, p in runs.checkpoints_in(ckpt_dir)] if resume else []
+        with node_errors(NODE, "keep_checkpoints"):
+            disk = runs.plan_run_disk(ckpt_dir, d, student_bytes=0, best=False, held_paths=mine,
+                                      names=runs.INPUT_NAMES, node=NODE).describe()
+    # memory before the first step: the teacher through ComfyUI's loader (it frees what the run needs), then the
+    # engine's estimate against what is left (the container's limit included)
+    est, free, where = H.load_teacher_and_check_memory(run, teacher, device, comfy_free=mm.get_free_memory,
+                                                       extra_fixes=H.own_blocks_fix(run, train))
+    partial = hasattr(teacher, "loaded_size") and teacher.loaded_size() < teacher.model_size()
+    pbar = comfy.utils.ProgressBar(steps)
 
     def progress(step, total, loss):
         pbar.update_absolute(step, total)
@@ -316,34 +269,40 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
         return False
 
     res = d.run(progress=progress, cancel=cancel, resume=resume)
-    recipe = dict(student.get_attachment(RECIPE_KEY) or {}) if hasattr(student, "get_attachment") else {}
-    recipe["distilled"] = list(recipe.get("distilled", [])) + [{
-        "steps": res.steps_done, "samples_seen": res.samples_seen, "batch_size": batch_size,
-        "gradient_accumulation": gradient_accumulation, "learning_rate": learning_rate,
-        "loss_weights": weights.describe(), "feature_points": feature_points, "train": train, "seed": seed,
-        "ema_decay": ema_decay, "heldout_before": res.heldout_before, "heldout_after": res.heldout_after}]
-    trained = model_from_state_dict(st, res.state_dict, prediction=pred_s, zsnr=zsnr_s,
-                                    attachments={BLOCK_MAP_KEY: bm, RECIPE_KEY: recipe})
-    if "model_sampling" in student.object_patches:
-        trained.add_object_patch("model_sampling", student.get_model_object("model_sampling"))
+    recipe = H.recipe_after(student, res, cfg, train=train, made_by=f"{PACK_VERSION} {NODE}")
+    use_best = bool(best_metric) and "state" in best_state and res.best is not None
+    trained = H.trained_model(run, best_state["state"] if use_best else res.state_dict, recipe, student)
     loss_map = {"loss": _plottable(res.losses)}  # a skipped (non-finite) step keeps the last value; the report
     for k, v in res.parts.items():                 # lists the skipped steps
         loss_map[f"loss_{k}"] = _plottable(v)
     if res.heldout_curve:
         loss_map["heldout"] = [e for _, e in res.heldout_curve]
-    seen = res.samples_seen + res.resumed_from * batch_size * gradient_accumulation
+    if res.evaluations:
+        loss_map["eval_steps"] = [e["step"] for e in res.evaluations]
+        for k in [k for k in res.evaluations[-1] if k != "step"]:
+            loss_map[f"eval_{k}"] = [e.get(k, math.nan) for e in res.evaluations]
+    seen = res.steps_done * batch_size * gradient_accumulation
     lines = [
-        f"Distilled {st.describe()}",
-        f"teacher: {tt.describe()}",
-        f"what trains: {train} ({len(units)} of {len(bm.units)} units; block map {bm_note})",
+        f"Distilled {run.student_topology.describe()}",
+        f"teacher: {run.teacher_topology.describe()}",
+        f"what trains: {train} ({len(run.units)} of {len(run.block_map.units)} units; block map "
+        f"{run.block_map_note})",
         *res.report,
         f"training data: {data_note}",
         f"held-out samples: {held_note}",
-        f"memory estimate before the first step: {est.describe()}; {free / D.GIB:.2f} GiB was free on {device}",
+        f"memory estimate before the first step: {est.describe()}; {free / D.GIB:.2f} GiB is {where}",
         f"samples seen in total: {seen:,} = {100 * seen / BK_SDM_SAMPLES:.3g} % of a BK-SDM run "
         "(batch 256 x 50K steps); a few thousand steps retarget a released student toward a fine-tune, a "
         "general-purpose student needs the published budgets",
     ]
+    if ckpt_dir:
+        lines.append(f"checkpoint folder {ckpt_dir}: {disk}")
+    if evals_text:
+        lines.append("evaluations: " + "; ".join(evals_text))
+    if best_metric:
+        lines.append(f"the MODEL output holds the best evaluation's weights ({best_metric} {res.best['value']:.5g} at "
+                     f"step {res.best['step']})" if use_best else f"no evaluation gave a {best_metric}: the MODEL "
+                     "output holds the final weights")
     if vgg_note:
         lines.append(vgg_note)
     if partial:
@@ -447,9 +406,23 @@ class DistillStudentUNet(io.ComfyNode):
                                tooltip="custom loss_weights: mid-block term (presets use the feature weight)."),
                 io.Float.Input("vgg_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
                                tooltip="custom loss_weights: VGG term (presets use the output weight)."),
+                io.Int.Input("keep_checkpoints", default=2, min=0, max=1000, optional=True,
+                             tooltip="Keep the newest N checkpoints of this run (0 = all); an older one is deleted "
+                                     "only after a newer one is completely written. The run is refused before the "
+                                     "first step when the checkpoints it keeps would not fit the disk."),
+                io.Int.Input("eval_every", default=0, min=0, max=10_000_000, optional=True,
+                             tooltip="Evaluate the student (EMA weights) every N steps on the held-out samples; 0: "
+                                     "before the first and after the last step only. The values go to the report "
+                                     "and the loss map (eval_*)."),
+                io.Combo.Input("best_metric", options=BEST_METRICS, default=NONE, optional=True,
+                               tooltip="none: the MODEL output is the final weights. heldout_kd: the weights of "
+                                       "the evaluation with the lowest held-out output-KD error (needs held-out "
+                                       "samples)."),
             ],
-            outputs=[io.Model.Output(tooltip="The trained student (a new MODEL; the inputs are unchanged)."),
-                     io.Custom("LOSS_MAP").Output("loss_map", tooltip="Loss per step, for Plot Loss Graph."),
+            outputs=[io.Model.Output(tooltip="The trained student (a new MODEL; the inputs are unchanged): the final "
+                                             "weights, or the best evaluation's with best_metric."),
+                     io.Custom("LOSS_MAP").Output("loss_map", tooltip="Loss per step (loss, loss_<term>), for Plot "
+                                                  "Loss Graph; evaluations as eval_steps and eval_<metric>."),
                      io.String.Output("report", tooltip="Held-out output-KD error before/after, steps, samples "
                                                         "seen, time, feature points, memory.")],
             hidden=[io.Hidden.unique_id],
@@ -460,7 +433,8 @@ class DistillStudentUNet(io.ComfyNode):
                 feature_points, train, seed, ema_decay, gradient_checkpointing, precision, checkpoint_every,
                 latents=None, conditioning=None, data=None, heldout_latents=None, heldout_conditioning=None,
                 resume_from=NONE, run_name="distill", vgg16=NONE, task_weight=1.0, output_weight=1.0,
-                feature_weight=1.0, mid_weight=1.0, vgg_weight=1.0) -> io.NodeOutput:
+                feature_weight=1.0, mid_weight=1.0, vgg_weight=1.0, keep_checkpoints=2, eval_every=0,
+                best_metric=NONE) -> io.NodeOutput:
         # is_input_list: the executor hands every input as a list; latents/conditioning stay lists (one value
         # or Make Training Dataset's many), the others must be one value each
         given = dict(locals())
@@ -472,7 +446,9 @@ class DistillStudentUNet(io.ComfyNode):
                 args.pop("student"), args.pop("teacher"), latents, conditioning,
                 heldout_latents=heldout_latents, heldout_conditioning=heldout_conditioning,
                 **dict(args, resume_from=args["resume_from"] or NONE, run_name=args["run_name"] or "distill",
-                       vgg16=args["vgg16"] or NONE), node_id=node_id)
+                       vgg16=args["vgg16"] or NONE, best_metric=args["best_metric"] or NONE,
+                       keep_checkpoints=2 if args["keep_checkpoints"] is None else args["keep_checkpoints"],
+                       eval_every=args["eval_every"] or 0), node_id=node_id)
         return io.NodeOutput(model, loss_map, report, ui=ui.PreviewText(report))
 
 

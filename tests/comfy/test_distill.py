@@ -18,6 +18,7 @@ import pytest
 import torch
 from distilled_unets.models.structure import structures as S
 from distilled_unets.models.structure.topology import Topology
+from distilled_unets.models.students.eval_hook import EvalSchedule
 
 # teacher: two res blocks per level and a mid block; student: BK-SDM-Base-like (one res block per level,
 # up levels keep blocks 0 and 2 of three, mid block kept). Widths are set by _tiny_models.build.
@@ -86,11 +87,13 @@ def distiller(env, teacher, student, data, held, *, steps, **cfg):
     cfg.setdefault("ema_decay", 0.0)
     trainable = cfg.pop("trainable", None)
     semantic = cfg.pop("semantic", None)
+    hooks = {k: cfg.pop(k) for k in ("evaluator", "on_eval", "save_best") if k in cfg}
+    schedule = EvalSchedule(cfg.pop("eval_every", 0), cfg.pop("best_metric", ""))
     return D.Distiller(teacher=teacher.model.diffusion_model, student=student.model.diffusion_model,
                        teacher_topology=topo(env, teacher), student_topology=topo(env, student),
                        schedule=D.NoiseSchedule(teacher.model.model_sampling, prediction="eps"), data=data,
                        heldout=held, config=D.DistillConfig(steps=steps, **cfg), trainable=trainable, semantic=semantic,
-                       device="cpu")
+                       device="cpu", eval_schedule=schedule, **hooks)
 
 
 def snapshot(module):
@@ -120,7 +123,7 @@ def models(env):
 def distilled(env, models):
     teacher, student, data, held = models
     before = (snapshot(teacher.model.diffusion_model), snapshot(student.model.diffusion_model))
-    d = distiller(env, teacher, student, data, held, steps=24, features="stages+mid", heldout_every=8)
+    d = distiller(env, teacher, student, data, held, steps=24, features="stages+mid", eval_every=8)
     res = d.run()
     return res, before
 
@@ -152,7 +155,7 @@ def test_retargeting_toward_another_teacher(env, models, distilled):
             p.add_(0.3 * p.std().nan_to_num(0.0) * torch.randn(p.shape, generator=g))
     distilled_a = tm.build("sd15", STUDENT, model_channels=32, seed=2)
     distilled_a.model.diffusion_model.load_state_dict(res_a.state_dict)
-    d = distiller(env, teacher_b, distilled_a, data, held, steps=24, heldout_every=8, learning_rate=5e-4)
+    d = distiller(env, teacher_b, distilled_a, data, held, steps=24, eval_every=8, learning_rate=5e-4)
     res = d.run()
     print(f"\nretargeting A->B: loss {fmt(res.losses)}\n  held-out error toward B {res.heldout_curve}")
     assert sum(res.losses[-4:]) < sum(res.losses[:4])
@@ -481,3 +484,38 @@ def test_node_sdxl_conditioning_goes_through_the_models_own_adm(env, node_env):
     assert data._y.shape == (1, 2816) and torch.allclose(data._y, want.float())
     model, loss_map, report = run_node(N, student, teacher, latents, pos, steps=2, feature_points="stages")
     assert len(loss_map["loss"]) == 2 and all(math.isfinite(x) for x in loss_map["loss"])
+
+
+def test_node_evaluates_keeps_the_best_and_bounds_its_checkpoints(node_env, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import comfy.utils
+    import folder_paths
+    from distilled_unets.models.students.distill import DiskSpaceError
+
+    N, teacher, _, bk_small, latents, pos = node_env
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    kw = dict(steps=4, ema_decay=0.9, checkpoint_every=1, keep_checkpoints=2, eval_every=2)
+    model, loss_map, report = run_node(N, bk_small, teacher, latents, pos, run_name="kept",
+                                       best_metric="heldout_kd", **kw)
+    print(f"\nnode evaluations: {loss_map['eval_heldout_kd']}")
+    assert loss_map["eval_steps"] == [0, 2, 4] and loss_map["eval_heldout_kd"] == loss_map["heldout"]
+    folder = tmp_path / "distilled_unets" / "distill_checkpoints" / "kept"
+    assert sorted(os.listdir(folder)) == ["kept_0000003.safetensors", "kept_0000004.safetensors"]
+    assert "(2 older deleted: keep_checkpoints 2)" in report and "checkpoint folder" in report
+    value, step = min(zip(loss_map["eval_heldout_kd"], loss_map["eval_steps"]))
+    assert f"holds the best evaluation's weights (heldout_kd {value:.5g} at step {step})" in report
+    final, plain_map, _ = run_node(N, bk_small, teacher, latents, pos, run_name="plain", **kw)
+    assert plain_map["loss"] == loss_map["loss"]  # the same run; only the weights handed out differ
+    got, last = snapshot(model.model.diffusion_model), snapshot(final.model.diffusion_model)
+    assert same(got, last) == (step == 4)  # the final weights exactly when the final evaluation was the best
+    # the checkpoints it keeps must fit: refused before the first step, naming the node and the input
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, 1 << 10))
+    bars = []
+    monkeypatch.setattr(comfy.utils, "ProgressBar", lambda *a, **k: bars.append(a))
+    with pytest.raises(DiskSpaceError) as e:
+        run_node(N, bk_small, teacher, latents, pos, run_name="full", **kw)
+    assert str(e.value).startswith("[DistillStudentUNet, input 'keep_checkpoints'] the run would not fit on disk")
+    assert "keep one checkpoint (keep_checkpoints 1)" in str(e.value) and not bars

@@ -85,9 +85,9 @@ def ok(p) -> str:
 
 
 def losses(out) -> list[dict]:
-    import distill
+    from distilled_unets.models.students.distill.runs import read_csv
 
-    return distill.read_losses(os.path.join(str(out), "losses.csv"))
+    return read_csv(os.path.join(str(out), "losses.csv"))
 
 
 def student(out, steps=STEPS) -> dict:
@@ -225,9 +225,11 @@ def test_the_node_on_the_same_data_gives_the_trainer_run(files, ref1):
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process_and_back(files, ref1, ref2, inproc):
-    # 2 -> 1, in this process, into a folder where a killed writer left a temporary file and half a csv row
+    # 2 -> 1, in this process, into a folder of this run (its run.json: the same global batch) where a killed
+    # writer left a temporary file and half a csv row
     out = files["root"] / "resume21"
     out.mkdir()
+    (out / "run.json").write_bytes((ref2 / "run.json").read_bytes())
     (out / ".checkpoint_0000004_1.safetensors.999.writing").write_bytes(b"half")
     (out / "losses.csv").write_text("step,loss\n1,0.5\n2,0.")
     assert inproc(trainer_args(files, out, "--resume", str(ref2 / "checkpoint_0000004.safetensors"))) == 0
@@ -392,16 +394,18 @@ def test_all_nan_data_stop_with_the_typed_error_naming_the_last_good_checkpoint(
 
 
 def test_the_trainer_never_writes_a_student_with_non_finite_weights(files, tmp_path):
-    import distill
     from distilled_unets.models.students import distill as D
+    from distilled_unets.nodes.host.distill import write_student
     from distilled_unets.nodes.host.unet import load_distilled_unet, topology_of
 
     stud = load_distilled_unet(files["student"], "fp32")[0]
     state = {k: v.clone() for k, v in stud.model.diffusion_model.state_dict().items()}
     state["out.2.weight"][0, 0, 0, 0] = float("inf")
-    with pytest.raises(D.NonFiniteError, match="out.2.weight"):
-        distill.write_student(str(tmp_path), state, topology=topology_of(stud), prediction="eps", zsnr=False,
-                              block_map=None, recipe={}, steps=1, dtype="fp32", title="t", training={})
+    for replace in (None, "student-best.safetensors"):
+        with pytest.raises(D.NonFiniteError, match="out.2.weight"):
+            write_student(str(tmp_path), state, topology=topology_of(stud), prediction="eps", zsnr=False,
+                          block_map=None, recipe={}, dtype="fp32", title="t", name_for=lambda n: f"s{n}.safetensors",
+                          replace=replace)
     assert os.listdir(tmp_path) == []
 
 
@@ -426,11 +430,14 @@ def test_a_preset_student_from_a_checkpoint_loads_with_its_recipe(files, tmp_pat
             "--out", str(out), "--steps", "1", "--batch-size", "1", "--checkpoint-every", "0", "--save-dtype",
             "fp16", "--comfyui", files["comfyui"], "--no-progress"]
     assert inproc(args + ["--heldout-data", files["data"]]) == 0
-    assert sorted(os.listdir(out)) == ["losses.csv", "student-00001.safetensors"]
+    assert sorted(os.listdir(out)) == ["dataset_digests.json", "eval.csv", "losses.csv", "run.json",
+                                       "student-00001.safetensors"]
     model, info = load_distilled_unet(str(out / "student-00001.safetensors"))
     assert "preset bk-small" in info and "Distilled here: 1 steps, 1 samples" in info
     assert "held-out output-KD error" in info
     assert model.get_attachment("distilled_unets.block_map") is not None
-    # a second run into the same folder never overwrites the student
-    assert inproc(args + ["--resume", "none", "--seed", "1"]) == 0
-    assert sorted(os.listdir(out)) == ["losses.csv", "student-00001.safetensors", "student-00001_1.safetensors"]
+    # another run into the same folder is refused: nothing of the first is overwritten or mixed
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert inproc(args + ["--heldout-data", files["data"], "--seed", "1"]) == 2
+    assert inproc(args + ["--heldout-data", files["data"], "--resume", "none"]) == 2
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before

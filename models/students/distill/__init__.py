@@ -33,24 +33,43 @@ The package, by part:
 * ``schedule.py`` - noising through the model's own sampling object;
 * ``unet.py`` - the attention override, gradient checkpointing and feature taps on ComfyUI's UNet;
 * ``memory.py`` - the up-front memory estimate;
+* ``resources.py`` - what is free: the process's GPU, the RAM its cgroup (container) leaves, local processes;
 * ``step.py`` - one optimisation step (loss, backward, non-finite check, clip, AdamW, EMA);
-* ``checkpoints.py`` - resumable checkpoints;
+* ``checkpoints.py`` - resumable checkpoints (the run's identity, per-shard data digests, bounded count);
+* ``fingerprint.py`` - content digests of a dataset's shard files, cached;
 * ``distributed.py`` - DDP under ``torchrun``;
-* ``engine.py`` - :class:`Distiller`, the run.
+* ``engine.py`` - :class:`Distiller`, the run (evaluation while distilling: ``students/eval_hook.py``);
+* ``runs.py`` - a run's output folder: one run per folder (``run.json``), csv logs, the disk it needs.
 """
 
+from ..eval_hook import HELDOUT_KD, EvalSchedule
 from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint_meta
 from .config import FEATURE_MODES, PRECISIONS, DistillConfig, TrainResult
 from .data import BatchOrder, KDData, check_finite, draw_batch, step_generator
 from .engine import Distiller
-from .errors import CheckpointError, DistillError, NonFiniteError, TrainingMemoryError
+from .errors import CheckpointError, DiskSpaceError, DistillError, NonFiniteError, RunFolderError, TrainingMemoryError
 from .memory import GIB, MemoryEstimate
-from .plan import PRESETS, FeaturePlan, FeaturePoint, LossWeights, feature_plan, unet_layout
+from .plan import (
+    BK_SDM_SAMPLES,
+    PRESETS,
+    TRAIN_MODES,
+    FeaturePlan,
+    FeaturePoint,
+    LossWeights,
+    choose_block_map,
+    feature_plan,
+    loss_weights,
+    parse_loss_weights,
+    trainable_filter,
+    unet_layout,
+)
 from .schedule import NoisedBatch, NoiseSchedule
 from .unet import enable_gradient_checkpointing, sdpa_attention
 
 __all__ = ["LossWeights", "PRESETS", "FeaturePoint", "FeaturePlan", "feature_plan", "NoiseSchedule", "NoisedBatch",
            "KDData", "BatchOrder", "check_finite", "DistillConfig", "Distiller", "TrainResult", "MemoryEstimate",
-           "DistillError", "TrainingMemoryError", "CheckpointError", "NonFiniteError", "sdpa_attention", "draw_batch",
-           "enable_gradient_checkpointing", "read_checkpoint_meta", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION",
-           "FEATURE_MODES", "PRECISIONS", "GIB", "step_generator", "unet_layout"]
+           "DistillError", "TrainingMemoryError", "CheckpointError", "NonFiniteError", "DiskSpaceError",
+           "RunFolderError", "sdpa_attention", "draw_batch", "enable_gradient_checkpointing", "read_checkpoint_meta",
+           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "FEATURE_MODES", "PRECISIONS", "GIB", "step_generator",
+           "unet_layout", "TRAIN_MODES", "loss_weights", "parse_loss_weights", "choose_block_map", "trainable_filter",
+           "EvalSchedule", "HELDOUT_KD", "BK_SDM_SAMPLES"]

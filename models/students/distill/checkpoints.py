@@ -1,17 +1,28 @@
 """Resumable checkpoints: one safetensors file with the trained student, AdamW's moments, the EMA, the loss
-history and the run's settings in its metadata. Written by rank 0 alone, atomically, never over a file; read by
-every rank. A checkpoint records the global batch (batch size x processes), so it resumes at any scale."""
+history, the evaluations and the run's settings in its metadata. Written by rank 0 alone, atomically, never
+over a file; read by every rank. A checkpoint records the global batch (batch size x processes), so it resumes
+at any scale, the run it belongs to (:func:`run_key`), and the digest of every shard of a streamed dataset, so a
+resume on data changed since is refused naming the shard.
+
+Bounded disk: with ``keep_checkpoints`` N, once a checkpoint is completely written the run's checkpoints of
+earlier steps beyond the newest N are deleted (only files whose metadata names this same run; never a student
+file). :func:`size` is what one checkpoint weighs, from the trained parameters, AdamW's moments and the EMA.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 
 import torch
 
 from ...files.weights import save_new
+from ..eval_hook import HELDOUT_KD
 from .config import REPRODUCING
 from .errors import CheckpointError
+from .fingerprint import changed_shards
 
 log = logging.getLogger("distilled_unets")
 
@@ -54,6 +65,38 @@ def differences(meta: dict[str, str], config, global_batch: int) -> list[str]:
     return diff
 
 
+def run_key(config, global_batch: int, data_fingerprint: str, structure: str, trainable: list[str]) -> str:
+    """What makes two runs the same run: every reproducing setting, the global batch (however it is split over
+    processes), the data, the student's structure and what trains (the step count, checkpointing and evaluation
+    settings aside)."""
+    c = json.loads(config.to_json())
+    for k in ("steps", "checkpoint_every", "checkpoint_prefix", "heldout_every", "keep_checkpoints", "batch_size"):
+        c.pop(k, None)
+    raw = json.dumps([c, global_batch, data_fingerprint, structure, trainable], sort_keys=True)
+    return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
+
+
+def data_changes(meta: dict[str, str], data) -> list[str]:
+    """How ``data`` differs from the data a checkpoint was trained on (empty: the same). A streamed dataset is
+    compared shard by shard (content digests); a checkpoint written before digests were recorded, by shard
+    names, sizes and sample shapes."""
+    if "data_shards" in meta and hasattr(data, "shard_digests"):
+        return changed_shards(json.loads(meta["data_shards"]), data.shard_digests())
+    if "data_shards" not in meta and hasattr(data, "layout_fingerprint"):
+        return [] if meta.get("data") == data.layout_fingerprint() else ["the training data differ"]
+    return [] if meta.get("data") == data.fingerprint() else ["the training data differ"]
+
+
+def evaluations_of(meta: dict[str, str], keys: set[str], get) -> list[dict]:
+    """The evaluations a checkpoint holds ({"step": s, metric: value, ...}); a checkpoint written before
+    evaluations were recorded has its held-out error curve as ``history.heldout``."""
+    if "evaluations" in meta:
+        return [dict(e) for e in json.loads(meta["evaluations"])]
+    if "history.heldout" in keys:
+        return [{"step": int(a), HELDOUT_KD: float(b)} for a, b in get("history.heldout").tolist()]
+    return []
+
+
 def read_history(path: str) -> tuple[list[float], dict[str, list[float]], list[int]]:
     """(loss per step, each loss term per step, the skipped steps) a checkpoint holds, from its first step."""
     from safetensors import safe_open
@@ -65,6 +108,15 @@ def read_history(path: str) -> tuple[list[float], dict[str, list[float]], list[i
         parts = {k[len("history."):]: f.get_tensor(k).tolist() for k in sorted(keys)
                  if k.startswith("history.") and k not in ("history.loss", "history.heldout")}
     return losses, parts, [int(s) for s in json.loads(meta.get("skipped_steps", "[]"))]
+
+
+def read_evaluations(path: str) -> list[dict]:
+    """The evaluations a checkpoint holds, from the first ({"step": s, metric: value, ...})."""
+    from safetensors import safe_open
+
+    meta = read_checkpoint_meta(path)
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return evaluations_of(meta, set(f.keys()), f.get_tensor)
 
 
 def _tensors(run, model, step: int) -> tuple[dict, dict]:
@@ -79,24 +131,107 @@ def _tensors(run, model, step: int) -> tuple[dict, dict]:
     tensors["history.loss"] = torch.tensor(run._losses, dtype=torch.float64)
     for k, v in run._parts.items():
         tensors[f"history.{k}"] = torch.tensor(v, dtype=torch.float64)
-    if run._curve:
-        tensors["history.heldout"] = torch.tensor(run._curve, dtype=torch.float64)
     opt_steps = 0
     for p in run._params:
         s = run._opt.state.get(p, {}).get("step")
         if s is not None:
             opt_steps = int(s)
             break
+    return tensors, _meta(run, step, opt_steps)
+
+
+def _meta(run, step: int, opt_steps: int) -> dict[str, str]:
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": str(step),
             "optimizer_steps": str(opt_steps), "ema_updates": str(run._ema_updates),
-            "config": run.cfg.to_json(), "data": run.data.fingerprint(),
+            "config": run.cfg.to_json(), "data": run.data.fingerprint(), "run": run.run_id,
             "global_batch": str(run.cfg.batch_size * run.world_size), "world_size": str(run.world_size),
             "skipped_steps": json.dumps(run._skipped),
             "heldout_before": repr(run._heldout_before),
+            "evaluations": json.dumps(run._evals), "best": json.dumps(run._best),
             "scaler": json.dumps(run._scaler.state_dict() if run._scaler is not None else {}),
             "teacher_structure": run.tt.describe(), "student_structure": run.st.describe(),
             "trainable": json.dumps(run.train_names)}
-    return tensors, meta
+    if hasattr(run.data, "shard_digests"):
+        meta["data_shards"] = json.dumps(run.data.shard_digests(), sort_keys=True)
+    return meta
+
+
+def student_bytes(run) -> int:
+    """Bytes of the student as the run holds it (trained parameters fp32, frozen ones in the compute dtype,
+    buffers as they are): one checkpoint's ``student.*`` tensors, one best-weights copy."""
+    frozen = torch.finfo(run.autocast or torch.float32).bits // 8
+    train = set(run.train_names)
+    names = dict(run.student.named_parameters())
+    total = 0
+    for k, v in run.student.state_dict(keep_vars=True).items():
+        item = 4 if k in names and k in train else frozen if k in names and v.is_floating_point() else v.element_size()
+        total += v.numel() * item
+    return total
+
+
+def size(run, steps: int) -> int:
+    """Bytes of one checkpoint of ``run`` written at ``steps``: exact for the tensors (the student as the run
+    holds it: trained parameters fp32, frozen ones in the compute dtype; AdamW's two fp32 moments and the fp32
+    EMA of every trained parameter; the loss history), the safetensors header estimated from the names,
+    shapes and settings it records (a few KB to a few hundred KB)."""
+    frozen = torch.finfo(run.autocast or torch.float32).bits // 8
+    train = set(run.train_names)
+    tensor_bytes, header = 0, 0
+    names = dict(run.student.named_parameters())
+    for k, v in run.student.state_dict(keep_vars=True).items():
+        if k in names and k in train:
+            item = 4
+        elif k in names and v.is_floating_point():
+            item = frozen
+        else:
+            item = v.element_size()
+        tensor_bytes += v.numel() * item
+        header += len(k) + 8 + len(str(list(v.shape))) + 56
+    per_param = 8 + (4 if run.cfg.ema_decay > 0 else 0)  # AdamW exp_avg + exp_avg_sq, EMA
+    tensor_bytes += run.trainable_params * per_param
+    for n in run.train_names:
+        shape = len(str(list(names[n].shape)))
+        header += (len(n) + 14 + shape + 56) * 2 + ((len(n) + 4 + shape + 56) if run.cfg.ema_decay > 0 else 0)
+    series = 1 + len(run.loss_terms())
+    tensor_bytes += 8 * steps * series
+    header += series * 90
+    meta_len = len(json.dumps(run.train_names)) + len(run.cfg.to_json()) + 1024
+    meta_len += len(json.dumps(getattr(run.data, "_digests", None) or {})) or 48 * len(getattr(run.data, "files", []))
+    return tensor_bytes + header + meta_len + 8
+
+
+def prune(run, written: str, step: int) -> list[str]:
+    """After ``written`` (at ``step``) is complete: delete this run's checkpoints of earlier steps in the
+    checkpoint folder beyond the newest ``keep_checkpoints`` (counting ``written``). Returns what was deleted."""
+    keep = run.cfg.keep_checkpoints
+    folder = run.cfg.checkpoint_dir
+    if not keep or not folder or not os.path.isdir(folder):
+        return []
+    older = []
+    for f in os.listdir(folder):
+        path = os.path.join(folder, f)
+        if f.startswith(".") or not f.endswith(".safetensors") or os.path.samefile(path, written):
+            continue
+        try:
+            meta = read_checkpoint_meta(path)
+        except CheckpointError:
+            continue
+        s = int(meta.get("step", "-1"))
+        if meta.get("run") == run.run_id and s < step:
+            older.append((s, os.path.getmtime(path), path))
+    older.sort()
+    doomed = older[:max(0, len(older) - (keep - 1))]
+    gone = []
+    for _, _, path in doomed:
+        try:
+            os.remove(path)
+            gone.append(path)
+        except OSError as e:
+            log.warning("could not delete the old checkpoint %s (%s)", path, e)
+    if gone:
+        log.info("deleted %d older checkpoint(s) of this run (keep_checkpoints %d): %s", len(gone), keep,
+                 ", ".join(os.path.basename(p) for p in gone))
+    return gone
 
 
 def write(run, model, step: int) -> str:
@@ -105,11 +240,13 @@ def write(run, model, step: int) -> str:
     path = _atomic_save({k: v.detach().contiguous() for k, v in tensors.items()}, meta, run.cfg.checkpoint_dir,
                         f"{run.cfg.checkpoint_prefix}_{step:07d}")
     log.info("distillation checkpoint at step %d: %s", step, path)
+    prune(run, path, step)
     return path
 
 
-def restore(run, model, path: str) -> tuple[int, list[str]]:
-    """Load a checkpoint into the run and its trained copy; returns (step, notes about what differs)."""
+def restore(run, model, path: str, *, allow_changed_data: bool = False) -> tuple[int, list[str]]:
+    """Load a checkpoint into the run and its trained copy; returns (step, notes about what differs). Data
+    changed since the checkpoint are refused unless ``allow_changed_data`` (then noted)."""
     from safetensors import safe_open
 
     meta = read_checkpoint_meta(path)
@@ -126,8 +263,15 @@ def restore(run, model, path: str) -> tuple[int, list[str]]:
     if diff:
         notes.append("settings changed since the checkpoint (the run will not reproduce an uninterrupted "
                      "one): " + ", ".join(diff))
-    if meta.get("data") != run.data.fingerprint():
-        notes.append("the training data differ from the checkpoint's")
+    changed = data_changes(meta, run.data)
+    if changed and not allow_changed_data:
+        raise CheckpointError(f"the training data changed since the checkpoint was written: {', '.join(changed[:5])}"
+                              + (f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""),
+                              "put the data back as they were when the checkpoint was written, or start a new run "
+                              "(to go on training on the new data, start from the distilled student file instead "
+                              "of the checkpoint)", path=path, input_name="resume")
+    if changed:
+        notes.append("the training data differ from the checkpoint's: " + ", ".join(changed[:5]))
     sd = model.state_dict()
     with safe_open(path, framework="pt", device="cpu") as f:
         keys = set(f.keys())
@@ -158,8 +302,7 @@ def restore(run, model, path: str) -> tuple[int, list[str]]:
         for k in keys:
             if k.startswith("history.") and k not in ("history.loss", "history.heldout"):
                 run._parts[k[len("history."):]] = f.get_tensor(k).tolist()
-        if "history.heldout" in keys:
-            run._curve = [(int(a), float(b)) for a, b in f.get_tensor("history.heldout").tolist()]
+        run._evals = evaluations_of(meta, keys, f.get_tensor)
     run._ema_updates = int(meta.get("ema_updates", "0"))
     run._skipped = [int(s) for s in json.loads(meta.get("skipped_steps", "[]"))]
     if run._scaler is not None and meta.get("scaler") not in (None, "{}"):

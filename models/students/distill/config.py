@@ -33,8 +33,8 @@ class DistillConfig:
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     checkpoint_prefix: str = "distill"
+    keep_checkpoints: int = 0        # 0 = every checkpoint; N: the newest N of this run (older ones deleted)
     heldout_timesteps: int = 4
-    heldout_every: int = 0
     attention: str = "sdpa"          # "sdpa": torch SDPA override; "host": the UNet's own backend
     max_nonfinite_steps: int = 5     # this many steps in a row with a non-finite loss or gradient stop the run
 
@@ -48,6 +48,7 @@ class DistillConfig:
             (self.features in FEATURE_MODES, "features", "feature_points", f"one of {FEATURE_MODES}"),
             (self.precision in PRECISIONS, "precision", "precision", f"one of {PRECISIONS}"),
             (self.checkpoint_every >= 0, "checkpoint_every", "checkpoint_every", "0 (off) or more"),
+            (self.keep_checkpoints >= 0, "keep_checkpoints", "keep_checkpoints", "0 (keep all) or more"),
             (self.heldout_timesteps >= 1, "heldout_timesteps", "heldout_timesteps", "at least 1"),
             (self.attention in ("sdpa", "host"), "attention", "attention", "sdpa or host"),
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "max_nonfinite_steps", "at least 1"),
@@ -93,6 +94,8 @@ class TrainResult:
     skipped_steps: list[int] = field(default_factory=list)  # steps whose loss or gradient was not finite
     phases: dict[str, float] = field(default_factory=dict)  # seconds: setup, first_step, steps
     world_size: int = 1
+    evaluations: list[dict] = field(default_factory=list)  # {"step": s, metric: value, ...} in step order
+    best: dict | None = None                                # {"metric", "value", "step"} of the best evaluation
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -31,6 +31,7 @@ import torch
 
 from .data import lcm_of
 from .errors import DistillError
+from .fingerprint import DigestCache, combined
 
 log = logging.getLogger("distilled_unets")
 
@@ -166,7 +167,28 @@ class ShardedDataset:
         y = torch.stack([g[2].float().reshape(-1) for g in got]).clone() if self.has_y else None
         return x0, ctx, y
 
+    def shard_digests(self, cache_dir: str | None = None, *, save: bool = True) -> dict[str, str]:
+        """{shard file name: digest of its content}, computed once (``fingerprint.py``; the cache in
+        ``cache_dir``, or the folder set as ``digest_cache_dir``, keeps them across runs; ``save`` False: the
+        cache is written only by :meth:`save_digests`)."""
+        if getattr(self, "_digests", None) is None:
+            self._digest_cache = DigestCache(cache_dir or getattr(self, "digest_cache_dir", None))
+            self._digests = self._digest_cache.digests(self.files)
+            if save:
+                self._digest_cache.save()
+        return self._digests
+
+    def save_digests(self) -> None:
+        """Write the digest cache (when :meth:`shard_digests` computed digests with ``save`` False)."""
+        if getattr(self, "_digest_cache", None) is not None:
+            self._digest_cache.save()
+
     def fingerprint(self) -> str:
+        """The dataset's identity: every shard's content, and the samples' count and shapes."""
+        return combined(self.shard_digests(), repr((len(self), sorted(set(self._shapes)))))
+
+    def layout_fingerprint(self) -> str:
+        """The identity checkpoints before content digests recorded: shard names and sizes, sample shapes."""
         h = hashlib.blake2b(digest_size=8)
         for f in self.files:
             st = os.stat(f)

@@ -67,6 +67,20 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def broadcast_object(value):
+    """``value`` of rank 0 on every rank (any picklable object); ``value`` itself with one process."""
+    if rank_world()[1] == 1:
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank; ``flag`` alone with one process."""
+    return not any_rank(not flag, device)
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from ...structure.topology import Topology
-from . import checkpoints, distributed
+from ..eval_hook import HELDOUT_KD, EvalSchedule, Metrics, StudentEvaluator, metric_names
+from . import checkpoints, distributed, resources
 from . import step as S
 from .config import DistillConfig, TrainResult, autocast_dtype
 from .data import BatchOrder, KDData, draw_batch, step_generator
 from .errors import DistillError, NonFiniteError, TrainingMemoryError
-from .memory import GIB, MemoryEstimate, activation_profile, free_memory_bytes
+from .memory import GIB, MemoryEstimate, activation_profile
 from .plan import feature_plan
 from .schedule import NoisedBatch, NoiseSchedule
 from .unet import Taps, enable_gradient_checkpointing, sdpa_attention
@@ -51,7 +52,10 @@ class Distiller:
                  schedule: NoiseSchedule, data, config: DistillConfig, heldout: KDData | None = None,
                  trainable: Callable[[str], bool] | None = None, semantic=None,
                  device: torch.device | str | None = None, teacher_transformer_options: dict | None = None,
-                 teacher_dtype: torch.dtype | None = None, node: str = "DistillStudentUNet"):
+                 teacher_dtype: torch.dtype | None = None, node: str = "DistillStudentUNet",
+                 evaluator: StudentEvaluator | None = None, eval_schedule: EvalSchedule | None = None,
+                 on_eval: Callable[[int, Metrics, bool], None] | None = None,
+                 save_best: Callable[[int, dict[str, torch.Tensor]], None] | None = None):
         config.validate()
         self.teacher, self.student = teacher, student
         self.tt, self.st = teacher_topology, student_topology
@@ -79,6 +83,164 @@ class Distiller:
         self._buckets = data.buckets()
         self._order = BatchOrder(config.seed, [len(ix) for _, ix in self._buckets])
         self._estimates: dict[bool, MemoryEstimate] = {}
+        self._run_id: str | None = None
+        self._evals: list[dict] = []
+        self._best: dict | None = None
+        self._best_buffer: dict[str, torch.Tensor] | None = None
+        self._setup_evaluation(evaluator, eval_schedule or EvalSchedule(), on_eval, save_best)
+
+    # ---- identity and evaluation ----------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        """What makes another run the same run (``checkpoints.run_key``); computed on first use (a streamed
+        dataset's shards are hashed then)."""
+        if self._run_id is None:
+            self._run_id = checkpoints.run_key(self.cfg, self.cfg.batch_size * self.world_size,
+                                               self.data.fingerprint(), self.st.describe(), self.train_names)
+        return self._run_id
+
+    def loss_terms(self) -> list[str]:
+        """The loss terms a step reports (besides ``loss``)."""
+        w = self.cfg.weights
+        terms = ["task", "out"]
+        if any(p.kind != "mid" for p in self.plan.points):
+            terms.append("feat")
+        if any(p.kind == "mid" for p in self.plan.points):
+            terms.append("mid")
+        if self.semantic is not None and w.vgg_weight > 0:
+            terms.append("vgg")
+        return terms
+
+    def checkpoint_bytes(self, steps: int | None = None) -> int:
+        """What one checkpoint of this run weighs on disk (at ``steps``, by default the last step)."""
+        return checkpoints.size(self, self.cfg.steps if steps is None else steps)
+
+    def _setup_evaluation(self, evaluator, schedule: EvalSchedule, on_eval, save_best) -> None:
+        """The evaluator (the held-out output-KD error when none is given and there are held-out samples),
+        its schedule, and the best metric checked against what the evaluator returns."""
+        self.eval_schedule = schedule
+        self._on_eval, self._save_best = on_eval, save_best
+        self._own_eval = evaluator is None and self.heldout is not None and len(self.heldout) > 0
+        self.evaluator = evaluator
+        self.metric_names = (HELDOUT_KD,) if self._own_eval else metric_names(evaluator) if evaluator else ()
+        if schedule.every < 0:
+            raise DistillError(f"eval_every is {schedule.every}", "set 0 (before and after the run) or more",
+                               node=self.node, input_name="eval_every")
+        best = schedule.best_metric
+        if best and not self.evaluates:
+            raise DistillError(f"the best metric is {best!r} but nothing is evaluated (no held-out samples)",
+                               "give held-out data (the held-out output-KD error is heldout_kd), or no best metric",
+                               node=self.node, input_name="best_metric")
+        if best and self.metric_names is not None and best not in self.metric_names:
+            raise DistillError(f"the best metric {best!r} is not one the evaluation gives "
+                               f"({', '.join(self.metric_names) or 'none'})",
+                               f"pick one of {', '.join(self.metric_names)}", node=self.node,
+                               input_name="best_metric")
+
+    @property
+    def evaluates(self) -> bool:
+        return self._own_eval or self.evaluator is not None
+
+    @contextlib.contextmanager
+    def _eval_weights(self, model):
+        """The weights the run would save, swapped into the trained copy (the EMA ones when EMA is on: tensors
+        exchanged, nothing copied), in eval mode under ``no_grad``; everything as it was afterwards."""
+        swap = self._ema is not None
+        params = dict(zip(self.train_names, self._params))
+        if swap:
+            for n, p in params.items():
+                p.data, self._ema[n] = self._ema[n], p.data
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield model
+        finally:
+            model.train(was_training)
+            if swap:
+                for n, p in params.items():
+                    p.data, self._ema[n] = self._ema[n], p.data
+
+    def _evaluate(self, model, step: int, *, raw_too: bool = False) -> Metrics | None:
+        """Evaluate the weights after ``step`` steps on rank 0 (the others wait) and share the metrics with every
+        rank; record them, keep the best, and hand them to the caller."""
+        if not self.evaluates:
+            return None
+        payload = {"metrics": None, "error": None, "raw": None}
+        state = None
+        if distributed.is_writer():
+            try:
+                if raw_too and self._own_eval and self._ema is not None:  # the raw weights too, for the report
+                    was_training = model.training
+                    model.eval()
+                    try:
+                        payload["raw"] = self._heldout_error(model)
+                    finally:
+                        model.train(was_training)
+                with self._eval_weights(model) as m:
+                    got = self._heldout_metrics(m) if self._own_eval else self.evaluator(m, step)
+                    metrics = {str(k): float(v) for k, v in dict(got).items()}
+                    best = self.eval_schedule.best_metric
+                    if best and best not in metrics:
+                        raise DistillError(f"the best metric {best!r} is not among the metrics the evaluation "
+                                           f"gave ({', '.join(metrics) or 'none'})", "pick one of those",
+                                           node=self.node, input_name="best_metric")
+                    if self._save_best is not None and best and self.eval_schedule.improved(
+                            metrics[best], self._best["value"] if self._best else None):
+                        state = self._best_copy(m)
+                payload["metrics"] = metrics
+            except Exception as e:  # every rank must learn of it (the others wait for the metrics)
+                payload["error"] = f"{type(e).__name__}: {e}"
+                distributed.broadcast_object(payload)
+                raise
+        payload = distributed.broadcast_object(payload)
+        if payload["error"] is not None:
+            raise DistillError(f"the evaluation on rank 0 failed ({payload['error']})", "see rank 0's error",
+                               node=self.node, input_name="eval_every")
+        metrics = payload["metrics"]
+        if payload["raw"] is not None:
+            self._raw_after = payload["raw"]
+        best = self.eval_schedule.best_metric
+        is_best = bool(best) and self.eval_schedule.improved(metrics[best], self._best["value"] if self._best
+                                                             else None)
+        if is_best:
+            self._best = {"metric": best, "value": metrics[best], "step": step}
+        self._evals.append({"step": step, **metrics})
+        if self._on_eval is not None:
+            self._on_eval(step, dict(metrics), is_best)
+        if is_best and state is not None:
+            self._save_best(step, state)
+        return metrics
+
+    def _best_copy(self, model) -> dict[str, torch.Tensor]:
+        """The weights of ``model`` in CPU tensors the run keeps for the best evaluation, overwritten in place at
+        the next improvement (one copy in memory however often the best improves)."""
+        sd = model.state_dict()
+        if self._best_buffer is None:
+            self._best_buffer = {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+        else:
+            for k, v in sd.items():
+                self._best_buffer[k].copy_(v.detach())
+        return dict(self._best_buffer)  # the caller's dict (it may pop keys); the tensors are the one copy
+
+    def best_copy_bytes(self) -> int:
+        """Host memory the best weights take while the run keeps them (a best metric and a caller that takes
+        them); 0 otherwise."""
+        if not (self.eval_schedule.best_metric and self._save_best is not None):
+            return 0
+        return checkpoints.student_bytes(self)
+
+    def _heldout_metrics(self, model) -> Metrics:
+        return {HELDOUT_KD: self._heldout_error(model)}
+
+    def _restore_best(self) -> None:
+        """The best evaluation by the current best metric among the restored ones."""
+        self._best = None
+        best = self.eval_schedule.best_metric
+        for e in self._evals:
+            if best and best in e and self.eval_schedule.improved(e[best], self._best["value"] if self._best
+                                                                  else None):
+                self._best = {"metric": best, "value": e[best], "step": e["step"]}
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check_models(self):
@@ -135,11 +297,22 @@ class Distiller:
         return est
 
     def check_memory(self, free_bytes: int | None = None, *, teacher_resident: bool = False,
-                     extra_fixes: list[str] | None = None, headroom: float = 0.9) -> MemoryEstimate:
-        """Raise :class:`TrainingMemoryError` (with the figures and the fix) if the run cannot fit."""
+                     extra_fixes: list[str] | None = None, headroom: float = 0.9, processes: int | None = None,
+                     where: str | None = None) -> MemoryEstimate:
+        """Raise :class:`TrainingMemoryError` (with the figures and the fix) if the run cannot fit.
+
+        ``free_bytes`` (with ``where``, what that figure is): by default the process's own GPU's free memory, or
+        on the CPU the RAM the process's cgroup (container) leaves (``resources.free_memory``). On the CPU the
+        ``processes`` of this run on this machine (default: torchrun's ``LOCAL_WORLD_SIZE``) share that RAM,
+        so all of them together must fit; each GPU process has its own device."""
         est = self.estimate_memory(teacher_resident=teacher_resident)
-        free = free_memory_bytes(self.device) if free_bytes is None else int(free_bytes)
-        if est.total <= free * headroom:
+        if free_bytes is None:
+            free, where = resources.free_memory(self.device)
+        else:
+            free, where = int(free_bytes), where or f"free on {self.device}"
+        n = 1 if self.device.type == "cuda" else (processes or resources.local_processes())
+        extra = self.best_copy_bytes() if self.device.type == "cpu" else 0  # on a GPU it is host RAM
+        if (est.total + extra) * n <= free * headroom:
             return est
         fixes = []
         if not est.checkpointing:
@@ -147,16 +320,23 @@ class Distiller:
             fixes.append(f"turn on gradient_checkpointing (~{alt.total / GIB:.2f} GiB)")
         for b in range(est.batch_size - 1, 0, -1):
             alt = est.with_(batch_size=b)
-            if alt.total <= free * headroom or b == 1:
+            if (alt.total + extra) * n <= free * headroom or b == 1:
                 acc = math.ceil(est.batch_size * self.cfg.grad_accum / b)
                 fixes.append(f"batch_size {b} with gradient_accumulation {acc} (same samples per step, "
                              f"~{alt.total / GIB:.2f} GiB)")
                 break
         fixes += list(extra_fixes or [])
-        fixes.append("a smaller latent size (images) or a GPU with more memory")
+        if n > 1:
+            fixes.append(f"fewer processes on this machine than {n}")
+        fixes.append("a smaller latent size (images), a GPU with more memory, or a higher memory limit for the "
+                     "container" if self.device.type == "cpu" else "a smaller latent size (images) or a GPU with "
+                     "more memory")
+        need = est.describe() + (f" + the best evaluation's weights {extra / GIB:.2f} GiB" if extra else "")
+        if n > 1:
+            need += f" per process, x {n} processes on this machine = {(est.total + extra) * n / GIB:.2f} GiB"
         raise TrainingMemoryError(
-            f"distillation needs {est.describe()}; {free / GIB:.2f} GiB is free on {self.device}",
-            "; or ".join(fixes), estimate=est, free_bytes=free, node=self.node, input_name="batch_size")
+            f"distillation needs {need}; {free / GIB:.2f} GiB is {where}", "; or ".join(fixes), estimate=est,
+            free_bytes=free, node=self.node, input_name="batch_size")
 
     # ---- setup ----------------------------------------------------------------------------------
     def _trainable_copy(self) -> torch.nn.Module:
@@ -241,11 +421,11 @@ class Distiller:
     # ---- held-out error -------------------------------------------------------------------------
     def _heldout_batches(self):
         """Fixed (x_in, timesteps, ctx, y, teacher output) batches: each held-out sample at
-        ``heldout_timesteps`` stratified timesteps with fixed noise."""
+        ``heldout_timesteps`` stratified timesteps with fixed noise, drawn per (sample, timestep) so that they do
+        not depend on how the samples are batched (the batch size per process)."""
         if self.heldout is None or len(self.heldout) == 0:
             return []
         k, T = self.cfg.heldout_timesteps, self.schedule.num_timesteps
-        g = step_generator(self.cfg.seed, "heldout")
         batches = []
         order = [(i, j) for j in range(k) for _, ix in self.heldout.buckets() for i in ix]
         for s in range(0, len(order), self.cfg.batch_size):
@@ -256,9 +436,10 @@ class Distiller:
             for part in by_shape.values():
                 idx = torch.tensor([i for i, _ in part])
                 x0, ctx, y = self.heldout.batch(idx)
-                u = torch.rand(len(part), generator=g)
-                t = torch.tensor([min(T - 1, int((j + float(uu)) * T / k)) for (_, j), uu in zip(part, u)])
-                noise = torch.randn(x0.shape, generator=g)
+                gens = [step_generator(self.cfg.seed, "heldout", i, j) for i, j in part]
+                u = [float(torch.rand(1, generator=g)) for g in gens]
+                t = torch.tensor([min(T - 1, int((j + uu) * T / k)) for (_, j), uu in zip(part, u)])
+                noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
                 x0, noise, ctx, y = (self._to_device(v) for v in (x0, noise, ctx, y))
                 nb = self.schedule.noised(x0, noise, t)
                 batches.append((nb, ctx, y, self._run_teacher(nb, ctx, y)))
@@ -279,7 +460,8 @@ class Distiller:
     # ---- the run --------------------------------------------------------------------------------
     def run(self, *, progress: Callable[[int, int, float], None] | None = None,
             cancel: Callable[[], bool] | None = None, resume: str | None = None,
-            on_step: Callable[[int, dict[str, float], bool], None] | None = None) -> TrainResult:
+            on_step: Callable[[int, dict[str, float], bool], None] | None = None,
+            allow_changed_data: bool = False) -> TrainResult:
         """Train. ``cancel()`` is called before every step: True stops after the last finished step (the
         result is returned, a checkpoint written when checkpointing is on); an exception it raises is
         re-raised after that checkpoint. ``progress(step, total, loss)`` is called after every step, and
@@ -287,9 +469,13 @@ class Distiller:
         and whether it was applied (False: skipped, non-finite). A checkpoint at ``steps`` resumes into the result.
 
         Several steps in a row with a non-finite loss or gradient raise :class:`NonFiniteError` (with the last
-        good weights and a checkpoint of them); a step with one alone is skipped (no update)."""
+        good weights and a checkpoint of them); a step with one alone is skipped (no update).
+
+        Evaluation (``eval_hook``): before the first step (not on resume), every ``eval_schedule.every`` steps
+        and after the last step. A checkpoint whose training data have changed since is refused, naming what
+        changed, unless ``allow_changed_data``."""
         with torch.inference_mode(False), torch.enable_grad():
-            return self._run(progress, cancel, resume, on_step)
+            return self._run(progress, cancel, resume, on_step, allow_changed_data)
 
     def _save(self, model, step: int) -> str | None:
         """A checkpoint at ``step``, written by rank 0 (the others wait for it); its path on rank 0."""
@@ -310,14 +496,16 @@ class Distiller:
         self._ema_updates = 0
         self._losses: list[float] = []
         self._parts: dict[str, list[float]] = {}
-        self._curve: list[tuple[int, float]] = []
+        self._evals = []
+        self._best = None
+        self._raw_after = float("nan")
         self._skipped: list[int] = []
         self._heldout_before = float("nan")
         self._last_saved = -1
         if self.semantic is not None:
             self.semantic = self.semantic.to(self.device)
 
-    def _run(self, progress, cancel, resume, on_step=None) -> TrainResult:
+    def _run(self, progress, cancel, resume, on_step=None, allow_changed_data=False) -> TrainResult:
         cfg = self.cfg
         t0 = time.perf_counter()
         model = self._trainable_copy()
@@ -335,13 +523,14 @@ class Distiller:
         was_training = self.teacher.training
         self.teacher.eval()
         try:
-            self._held = self._heldout_batches()
+            self._held = self._heldout_batches() if self._own_eval and distributed.is_writer() else []
             if resume:
-                start, notes = checkpoints.restore(self, model, resume)
+                start, notes = checkpoints.restore(self, model, resume, allow_changed_data=allow_changed_data)
+                self._restore_best()
             else:
-                self._heldout_before = self._heldout_error(model)
-                if self._held:
-                    self._curve.append((0, self._heldout_before))
+                first = self._evaluate(model, 0)
+                if first is not None and HELDOUT_KD in first:
+                    self._heldout_before = first[HELDOUT_KD]
             phases["setup"] = time.perf_counter() - t0
             t_steps = time.perf_counter()
             for step in range(start, cfg.steps):
@@ -375,8 +564,8 @@ class Distiller:
                         self._stop_nonfinite(model, streak, written, start, t0, notes)
                 else:
                     streak = []
-                if cfg.heldout_every and done % cfg.heldout_every == 0 and done < cfg.steps and self._held:
-                    self._curve.append((done, self._heldout_error(model)))
+                if done < cfg.steps and self.eval_schedule.due(done, cfg.steps):
+                    self._evaluate(model, done)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
                     written.append(self._save(model, done))
                 if on_step is not None:
@@ -402,7 +591,7 @@ class Distiller:
         cfg = self.cfg
         path = self._save(model, len(self._losses)) if cfg.checkpoint_dir else None
         written.append(path)
-        self._held = []  # the last good weights as they are (the held-out error is not measured again)
+        # the last good weights as they are (not evaluated again)
         result = self._finish(model, start, False, [p for p in written if p], notes, t0, {}, ema=False)
         where = f"; the last good weights are in {path}" if path else \
             " (no checkpoint folder: set checkpoint_every to keep the last good weights on disk)"
@@ -414,19 +603,16 @@ class Distiller:
 
     def _finish(self, model, start, cancelled, written, notes, t0, phases, *, ema: bool = True) -> TrainResult:
         cfg = self.cfg
-        after_raw = self._heldout_error(model)
+        done = len(self._losses)
+        final = self._evaluate(model, done, raw_too=True) if ema and not cancelled else None
+        after = final.get(HELDOUT_KD, float("nan")) if final else float("nan")
+        after_raw = self._raw_after if self._ema is not None and math.isfinite(self._raw_after) else after
         if self._ema is not None and ema:
             with torch.no_grad():
                 named = dict(model.named_parameters())
                 for n in self.train_names:
                     named[n].copy_(self._ema[n])
-            after = self._heldout_error(model)
-        else:
-            after = after_raw
-        done = len(self._losses)
-        if self._held:
-            self._curve.append((done, after))
-        measured = bool(self._held)
+        measured = final is not None and HELDOUT_KD in final
         S.check_weights_finite(self, model)
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         seconds = time.perf_counter() - t0
@@ -435,9 +621,26 @@ class Distiller:
                               written, notes, phases)
         if not measured:
             after = after_raw = float("nan")
+        curve = [(e["step"], e[HELDOUT_KD]) for e in self._evals if HELDOUT_KD in e]
         return TrainResult(state, list(self._losses), {k: list(v) for k, v in self._parts.items()},
-                           self._heldout_before, after, after_raw, list(self._curve), done, samples, seconds,
-                           written, cancelled, start, report, list(self._skipped), dict(phases), self.world_size)
+                           self._heldout_before, after, after_raw, curve, done, samples, seconds,
+                           [p for p in written if os.path.exists(p)], cancelled, start, report, list(self._skipped),
+                           dict(phases), self.world_size, [dict(e) for e in self._evals],
+                           dict(self._best) if self._best else None)
+
+    def _eval_lines(self) -> list[str]:
+        """The evaluations in the report: each metric's first and last value (and how many), the best."""
+        if not self._evals:
+            return []
+        names = [k for k in self._evals[-1] if k != "step"]
+        first, last = self._evals[0], self._evals[-1]
+        lines = [f"evaluations: {len(self._evals)} (steps {', '.join(str(e['step']) for e in self._evals[:8])}"
+                 + (" ..." if len(self._evals) > 8 else "") + "); "
+                 + "; ".join(f"{k} {first.get(k, float('nan')):.5g} -> {last[k]:.5g}" for k in names)]
+        if self._best:
+            b = self._best
+            lines.append(f"best {b['metric']}: {b['value']:.5g} at step {b['step']}")
+        return lines
 
     def _report(self, done, start, samples, seconds, after, after_raw, cancelled, checkpoints_, notes,
                 phases) -> list[str]:
@@ -461,8 +664,9 @@ class Distiller:
             ema = f" (EMA weights; raw weights {after_raw:.5f})" if cfg.ema_decay > 0 else ""
             lines.append(f"held-out output-KD error (MSE student vs teacher output): {self._heldout_before:.5f} "
                          f"-> {after:.5f}{ema}")
-        else:
+        elif not self.evaluates:
             lines.append("no held-out samples: held-out error not measured")
+        lines += self._eval_lines()
         if self._losses:
             lines.append(f"training loss: first {self._losses[0]:.5f}, last {self._losses[-1]:.5f}")
         if self._skipped:
@@ -470,6 +674,9 @@ class Distiller:
                          + ", ".join(str(s) for s in self._skipped[:10]) + (" ..." if len(self._skipped) > 10 else ""))
         lines += self.plan.report_lines()
         if checkpoints_:
-            lines.append(f"checkpoints: {', '.join(os.path.basename(c) for c in checkpoints_)}")
+            kept = [c for c in checkpoints_ if os.path.exists(c)]
+            gone = len(checkpoints_) - len(kept)
+            lines.append(f"checkpoints: {', '.join(os.path.basename(c) for c in kept) or 'none kept'}"
+                         + (f" ({gone} older deleted: keep_checkpoints {cfg.keep_checkpoints})" if gone else ""))
         lines += notes
         return lines

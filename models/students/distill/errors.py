@@ -33,3 +33,16 @@ class NonFiniteError(DistillError):
         self.step = step
         self.checkpoint = checkpoint
         self.result = result
+
+
+class DiskSpaceError(DistillError):
+    """The run's files (checkpoints kept, the student, the best student) would not fit the free disk space."""
+
+    def __init__(self, problem: str, fix: str, *, needed: int = 0, free: int = 0, **kw):
+        super().__init__(problem, fix, **kw)
+        self.needed = needed
+        self.free = free
+
+
+class RunFolderError(DistillError):
+    """The output folder holds files of another run (or is not a folder): nothing would be overwritten or mixed."""

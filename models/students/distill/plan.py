@@ -1,11 +1,16 @@
-"""What the loss supervises: loss weights (BK-SDM, segmind presets) and the feature points paired between a
-teacher and a student topology (BK-SDM's stage outputs, generalised; A-SDM's mid block)."""
+"""What the loss supervises and what trains: loss weights (BK-SDM, segmind presets, or the user's own), the
+feature points paired between a teacher and a student topology (BK-SDM's stage outputs, generalised; A-SDM's
+mid block), the block map a run uses and the student parameters that train. Shared by the node and the
+headless trainer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from ...structure import blockmap as bmod
 from ...structure.topology import Topology
+from .errors import DistillError
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,62 @@ class LossWeights:
 #: BK-SDM (kd_train_text_to_image.py: lambda_sd = lambda_kd_output = lambda_kd_feat = 1) and segmind
 #: distill-sd (task 1, output 0.5, features 0.5).
 PRESETS = {"bk-sdm": LossWeights(1.0, 1.0, 1.0), "segmind": LossWeights(1.0, 0.5, 0.5)}
+
+#: samples BK-SDM's released checkpoints saw: batch 256 x 50K steps (kd_train_text_to_image.py, README)
+BK_SDM_SAMPLES = 256 * 50_000
+
+
+def loss_weights(preset: str, task: float = 1.0, out: float = 1.0, feat: float = 1.0, mid: float = 1.0,
+                 vgg: float = 1.0) -> LossWeights:
+    """The weights of a preset (``bk-sdm``, ``segmind``: mid and VGG follow the feature and output weights), or
+    ``custom``: the five weights given."""
+    if preset == "custom":
+        return LossWeights(task, out, feat, mid, vgg)
+    if preset not in PRESETS:
+        raise DistillError(f"loss weights {preset!r}", f"use one of {sorted(PRESETS)} or custom",
+                           input_name="loss_weights")
+    base = PRESETS[preset]
+    return LossWeights(base.task, base.out, base.feat)
+
+
+def parse_loss_weights(spec: str) -> LossWeights:
+    """A command-line spelling: a preset name, or ``TASK,OUT,FEAT[,MID[,VGG]]`` numbers."""
+    if spec in PRESETS:
+        return loss_weights(spec)
+    try:
+        vals = [float(x) for x in spec.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) not in (3, 4, 5):
+        raise DistillError(f"the loss weights are {spec!r}", f"give {', '.join(sorted(PRESETS))}, or "
+                           "TASK,OUT,FEAT[,MID[,VGG]] numbers", input_name="loss_weights")
+    return LossWeights(*vals)
+
+
+# ------------------------------------------------------------------------------------------------
+# what trains
+# ------------------------------------------------------------------------------------------------
+
+#: the choices of which student weights train (the node's spelling; the trainer's flags map onto them)
+TRAIN_MODES = ("all", "student blocks only", "changed blocks only")
+
+
+def choose_block_map(attached: bmod.BlockMap | None, teacher: Topology,
+                     student: Topology) -> tuple[bmod.BlockMap, str]:
+    """(block map, where it came from): the student's own (from Build Student UNet or its file) when it
+    describes these two structures, else one derived from them."""
+    if attached is not None and attached.student.signature() == student.signature() and \
+            attached.teacher.signature()[1:] == teacher.signature()[1:]:
+        return attached, "the student's block map"
+    return bmod.derive(teacher, student), "derived from the two structures"
+
+
+def trainable_filter(block_map: bmod.BlockMap, mode: str) -> tuple[Callable[[str], bool], set[str]]:
+    """(``trainable(parameter name)``, the units that train) for one of :data:`TRAIN_MODES`."""
+    if mode not in TRAIN_MODES:
+        raise DistillError(f"train is {mode!r}", f"use one of {', '.join(TRAIN_MODES)}", input_name="train")
+    units = set(block_map.trainable_units(mode))
+    return (lambda name: block_map.unit_of(name) in units), units
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Joining the process group ``torchrun`` set up, and stopping every rank at the same step on a signal: the
+process side of a run under ``torch.distributed`` (``tools/distill.py``). Host-free: torch only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import distributed
+
+log = logging.getLogger("distilled_unets")
+
+
+def init_distributed(device_flag: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; the process group is started when there are
+    several processes (NCCL on GPUs, gloo on CPUs), each rank on the GPU of its LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        store = _attempt_store(int(os.environ.get("RANK", "0")), world)
+        if store is None:
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        else:
+            dist.init_process_group(backend="nccl" if cuda else "gloo", store=store,
+                                    rank=int(os.environ["RANK"]), world_size=world)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+
+
+def _attempt_store(rank: int, world: int):
+    """torchrun's store with the keys of this restart apart (``TORCHELASTIC_RESTART_COUNT``), or None outside
+    torchrun. After ``--max-restarts`` restarted the workers, the agent's store still holds the previous
+    attempt's keys (torch 2.14, where this was written, no longer prefixes them per attempt), and the new process
+    group would read the dead ranks' addresses and fail to connect."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=timedelta(minutes=30), multi_tenant=not agent)
+    return dist.PrefixStore(f"distilled_unets/attempt_{attempt}", store)
+
+
+class Stopper:
+    """SIGINT / SIGTERM set a flag; the engine's cancel callback (called before every step) agrees on it across
+    ranks, so every rank stops at the same step, after the engine wrote a checkpoint. A second signal stops at
+    once (KeyboardInterrupt, no checkpoint)."""
+
+    def __init__(self, device: torch.device):
+        self.flag = False
+        self.signame = ""
+        self._device = device if device.type == "cuda" else torch.device("cpu")
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def uninstall(self):
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.flag:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.flag = True
+        self.signame = signal.Signals(signum).name
+        log.warning("%s: stopping after this step and writing a checkpoint (again: stop now, no checkpoint)",
+                    self.signame)
+
+    def __call__(self) -> bool:
+        return distributed.any_rank(self.flag, self._device)

@@ -82,7 +82,8 @@ FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "gradient_accumulatio
          "ema_decay": "--ema-decay", "feature_points": "--features", "precision": "--precision",
          "checkpoint_every": "--checkpoint-every", "train": "--train", "resume": "--resume",
          "resume_from": "--resume", "latents": "--data", "conditioning": "--data", "teacher": "--teacher",
-         "student": "--student", "preset": "--preset", "max_nonfinite_steps": "--max-nonfinite-steps"}
+         "student": "--student", "preset": "--preset", "max_nonfinite_steps": "--max-nonfinite-steps",
+         "heldout_fraction": "--heldout-fraction"}
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SIGNAL = 0, 1, 2, 3, 130
 
 
@@ -104,6 +105,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     d = ap.add_argument_group("data")
     d.add_argument("--data", required=True, help="a folder written by ComfyUI's Save Training Dataset")
     d.add_argument("--heldout-data", help="another such folder to measure the held-out output-KD error on")
+    d.add_argument("--heldout-fraction", type=float, default=None,
+                   help="hold this fraction of --data out of training (at most 128 samples, chosen by a fixed "
+                        "seed, the same at any number of processes) and measure the held-out error on it; default "
+                        "0.01, or 0 with --heldout-data")
+    d.add_argument("--prefetch", type=int, default=2,
+                   help="micro-batches read ahead by a background thread while a step runs (0 = read in the loop)")
+    d.add_argument("--open-shards", type=int, default=2, help="shard files open at once per process")
     d.add_argument("--heldout-every", type=int, default=0, help="measure the held-out error every N steps "
                                                                  "(0: at the start and the end only)")
     t = ap.add_argument_group("training")
@@ -562,6 +570,16 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         except D.DistillError as e:
             e.input_name = flag
             raise
+    fraction = args.heldout_fraction if args.heldout_fraction is not None else (0.0 if args.heldout_data else 0.01)
+    for ok, what, name, fix in (
+            (not (args.heldout_data and fraction), "both --heldout-data and --heldout-fraction are given",
+             "heldout_fraction", "give one of them"),
+            (0 <= fraction < 1, f"--heldout-fraction is {fraction:g}", "heldout_fraction",
+             "give a fraction in [0, 1) (0 = none)"),
+            (args.prefetch >= 0, f"--prefetch is {args.prefetch}", "--prefetch", "give 0 (read in the loop) or more"),
+            (args.open_shards >= 1, f"--open-shards is {args.open_shards}", "--open-shards", "give 1 or more")):
+        if not ok:
+            raise D.DistillError(what, fix, input_name=name)
     teacher, student, student_what = _load_models(args, device)
     tt, st = topology_of(teacher), topology_of(student)
     pred_t, zsnr_t = sampling_of(teacher, "tools/distill.py", "teacher")
@@ -572,8 +590,11 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     from distilled_unets.nodes.host.samples import prepare_sample
 
     prepare = functools.partial(prepare_sample, teacher.model, node="tools/distill.py", input_name="--data")
-    data = ShardedDataset(args.data, prepare)
-    held = ShardedDataset(args.heldout_data, prepare) if args.heldout_data else None
+    data = ShardedDataset(args.data, prepare, max_open=args.open_shards)
+    held = ShardedDataset(args.heldout_data, prepare, max_open=args.open_shards) if args.heldout_data else None
+    held_note = f"the samples of {held.describe()}" if held is not None else None
+    if held is None:
+        data, held, held_note = D.split_heldout(data, fraction)
     bm, bm_note = block_map_for(student, tt, st)
     trainable, units = trainable_filter(bm, TRAIN_CHOICES[args.train])
     tmodel = teacher.model
@@ -581,7 +602,8 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
                     student_topology=st, schedule=D.NoiseSchedule(teacher.get_model_object("model_sampling"),
                                                                   prediction=pred_t),
                     data=data, heldout=held, config=cfg, trainable=trainable, device=device,
-                    teacher_dtype=tmodel.manual_cast_dtype or tmodel.get_dtype(), node="tools/distill.py")
+                    teacher_dtype=tmodel.manual_cast_dtype or tmodel.get_dtype(), node="tools/distill.py",
+                    prefetch=args.prefetch)
     global_batch = cfg.batch_size * world
     key = run_key(cfg, global_batch, data.fingerprint(), st.describe(), d.train_names)
 
@@ -619,7 +641,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         log.info("teacher %s: %s", os.path.basename(args.teacher), tt.describe())
         log.info("student (%s): %s; trains %s (%d of %d units; block map %s)", student_what, st.describe(),
                  TRAIN_CHOICES[args.train], len(units), len(bm.units), bm_note)
-        log.info("data: %s%s", data.describe(), f"; held out: {held.describe()}" if held else "")
+        log.info("data: %s; held out: %s", data.describe(), held_note)
         log.info("%d process(es) on %s x batch %d x accumulation %d = %d samples per step; memory estimate per "
                  "process: %s", world, device.type, cfg.batch_size, cfg.grad_accum, global_batch * cfg.grad_accum,
                  est.describe())

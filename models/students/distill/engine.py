@@ -19,7 +19,7 @@ from ...structure.topology import Topology
 from . import checkpoints, distributed
 from . import step as S
 from .config import DistillConfig, TrainResult, autocast_dtype
-from .data import BatchOrder, KDData, draw_batch, step_generator
+from .data import BatchOrder, KDData, Prefetcher, draw_batch, step_generator
 from .errors import DistillError, NonFiniteError, TrainingMemoryError
 from .memory import GIB, MemoryEstimate, activation_profile, free_memory_bytes
 from .plan import feature_plan
@@ -45,13 +45,17 @@ class Distiller:
     ``trainable(name)`` selects the student parameters that train (ldm names inside the UNet); the rest stay
     bit-identical. Under ``torch.distributed`` each process trains its share of every global batch and DDP
     averages the gradients (``distributed.py``); ``batch_size`` is per process.
+
+    ``prefetch``: micro-batches read and prepared ahead by a background thread while the step runs (pinned on
+    CUDA, copied to the device without blocking); 0 reads each in the step loop. The draws and the results are
+    the same either way.
     """
 
     def __init__(self, *, teacher, student, teacher_topology: Topology, student_topology: Topology,
                  schedule: NoiseSchedule, data, config: DistillConfig, heldout: KDData | None = None,
                  trainable: Callable[[str], bool] | None = None, semantic=None,
                  device: torch.device | str | None = None, teacher_transformer_options: dict | None = None,
-                 teacher_dtype: torch.dtype | None = None, node: str = "DistillStudentUNet"):
+                 teacher_dtype: torch.dtype | None = None, node: str = "DistillStudentUNet", prefetch: int = 2):
         config.validate()
         self.teacher, self.student = teacher, student
         self.tt, self.st = teacher_topology, student_topology
@@ -79,6 +83,9 @@ class Distiller:
         self._buckets = data.buckets()
         self._order = BatchOrder(config.seed, [len(ix) for _, ix in self._buckets])
         self._estimates: dict[bool, MemoryEstimate] = {}
+        self.prefetch = max(0, int(prefetch))
+        self._feed: Prefetcher | None = None
+        self.data_waits: list[float] = []  # seconds each step of the last run waited for its data
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check_models(self):
@@ -204,7 +211,7 @@ class Distiller:
         if t is None:
             return None
         if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
+            return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
         return t.to(self.device)
 
     def _run_teacher(self, nb: NoisedBatch, ctx, y):
@@ -231,11 +238,24 @@ class Distiller:
                           num_timesteps=self.schedule.num_timesteps, rank=self.rank, world_size=self.world_size,
                           buckets=self._buckets, order=self._order)
 
-    def micro_batch(self, step: int, micro: int):
-        """(noised batch, context, y) of a micro-batch, on the device."""
+    def host_batch(self, step: int, micro: int):
+        """A micro-batch on the host: (x0, noise, timesteps, context, y) CPU tensors, pinned when the device is
+        CUDA. What the prefetch thread prepares while the steps before run."""
         idx, t, noise = self.draw(step, micro)
         x0, ctx, y = self.data.batch(idx)
+        out = (x0, noise, t, ctx, y)
+        if self.device.type == "cuda":
+            out = tuple(None if v is None else v.pin_memory() for v in out)
+        return out
+
+    def micro_batch(self, step: int, micro: int):
+        """(noised batch, context, y) of a micro-batch, on the device. The time it waits for the host batch
+        (read ahead by the prefetch thread, or read here) and for its copies to be queued counts as data wait."""
+        t0 = time.perf_counter()
+        feed = self._feed
+        x0, noise, t, ctx, y = feed.get(step, micro) if feed is not None else self.host_batch(step, micro)
         x0, noise, ctx, y = (self._to_device(v) for v in (x0, noise, ctx, y))
+        self._wait += time.perf_counter() - t0
         return self.schedule.noised(x0, noise, t), ctx, y
 
     # ---- held-out error -------------------------------------------------------------------------
@@ -248,11 +268,12 @@ class Distiller:
         g = step_generator(self.cfg.seed, "heldout")
         batches = []
         order = [(i, j) for j in range(k) for _, ix in self.heldout.buckets() for i in ix]
+        shape_of = {i: shape for shape, ix in self.heldout.buckets() for i in ix}
         for s in range(0, len(order), self.cfg.batch_size):
             chunk = order[s:s + self.cfg.batch_size]
             by_shape: dict = {}
             for i, j in chunk:  # a chunk never mixes latent sizes
-                by_shape.setdefault(self.heldout._shapes[i], []).append((i, j))
+                by_shape.setdefault(shape_of[i], []).append((i, j))
             for part in by_shape.values():
                 idx = torch.tensor([i for i, _ in part])
                 x0, ctx, y = self.heldout.batch(idx)
@@ -314,6 +335,8 @@ class Distiller:
         self._skipped: list[int] = []
         self._heldout_before = float("nan")
         self._last_saved = -1
+        self._wait = 0.0
+        self.data_waits = []
         if self.semantic is not None:
             self.semantic = self.semantic.to(self.device)
 
@@ -342,6 +365,9 @@ class Distiller:
                 self._heldout_before = self._heldout_error(model)
                 if self._held:
                     self._curve.append((0, self._heldout_before))
+            if self.prefetch:
+                self._feed = Prefetcher(self.host_batch, ((s, m) for s in range(start, cfg.steps)
+                                                          for m in range(cfg.grad_accum)), self.prefetch)
             phases["setup"] = time.perf_counter() - t0
             t_steps = time.perf_counter()
             for step in range(start, cfg.steps):
@@ -358,7 +384,9 @@ class Distiller:
                             raise err
                         cancelled = True
                         break
+                self._wait = 0.0
                 parts, finite = S.train_step(self, model, forward, step)
+                self.data_waits.append(self._wait)
                 self._losses.append(parts["loss"])
                 for k, v in parts.items():
                     if k != "loss":
@@ -384,8 +412,12 @@ class Distiller:
                 if progress is not None:
                     progress(done, cfg.steps, parts["loss"])
             phases["steps"] = time.perf_counter() - t_steps
+            phases["data_wait"] = sum(self.data_waits)
             result = self._finish(model, start, cancelled, [p for p in written if p], notes, t0, phases)
         finally:
+            if self._feed is not None:
+                self._feed.close()
+                self._feed = None
             self._t_taps.remove()
             self._s_taps.remove()
             if ckpt_handle is not None:
@@ -457,6 +489,11 @@ class Distiller:
             rest = f", then {(phases['steps'] - phases['first_step']) / steady:.3f} s/step" if steady > 0 else ""
             lines.append(f"time: setup {phases['setup']:.1f} s (copy to the device, held-out teacher passes), first "
                          f"step {phases['first_step']:.2f} s{rest}")
+            if "data_wait" in phases and phases["steps"] > 0:
+                ahead = f"read {self.prefetch} micro-batch(es) ahead by a background thread" if self.prefetch \
+                    else "read in the step loop (no prefetch)"
+                lines.append(f"data: the steps waited {phases['data_wait']:.2f} s for their data "
+                             f"({100 * phases['data_wait'] / phases['steps']:.2g} % of the steps' time; {ahead})")
         if after is not None:
             ema = f" (EMA weights; raw weights {after_raw:.5f})" if cfg.ema_decay > 0 else ""
             lines.append(f"held-out output-KD error (MSE student vs teacher output): {self._heldout_before:.5f} "

@@ -261,11 +261,12 @@ class Distiller:
     # ---- held-out error -------------------------------------------------------------------------
     def _heldout_batches(self):
         """Fixed (x_in, timesteps, ctx, y, teacher output) batches: each held-out sample at
-        ``heldout_timesteps`` stratified timesteps with fixed noise."""
+        ``heldout_timesteps`` stratified timesteps with fixed noise. Each (sample, stratum) draws its timestep and
+        noise from its own generator, seeded by the pair alone: the same whatever the batch size, the number of
+        processes or the run's seed, so every run on the same held-out samples is measured on the same inputs."""
         if self.heldout is None or len(self.heldout) == 0:
             return []
         k, T = self.cfg.heldout_timesteps, self.schedule.num_timesteps
-        g = step_generator(self.cfg.seed, "heldout")
         batches = []
         order = [(i, j) for j in range(k) for _, ix in self.heldout.buckets() for i in ix]
         shape_of = {i: shape for shape, ix in self.heldout.buckets() for i in ix}
@@ -277,9 +278,10 @@ class Distiller:
             for part in by_shape.values():
                 idx = torch.tensor([i for i, _ in part])
                 x0, ctx, y = self.heldout.batch(idx)
-                u = torch.rand(len(part), generator=g)
-                t = torch.tensor([min(T - 1, int((j + float(uu)) * T / k)) for (_, j), uu in zip(part, u)])
-                noise = torch.randn(x0.shape, generator=g)
+                gens = [step_generator(0, "heldout", i, j) for i, j in part]
+                t = torch.tensor([min(T - 1, int((j + float(torch.rand((), generator=g))) * T / k))
+                                  for (_, j), g in zip(part, gens)])
+                noise = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=g) for g in gens])
                 x0, noise, ctx, y = (self._to_device(v) for v in (x0, noise, ctx, y))
                 nb = self.schedule.noised(x0, noise, t)
                 batches.append((nb, ctx, y, self._run_teacher(nb, ctx, y)))

@@ -11,7 +11,6 @@ import functools
 import re
 
 import pytest
-import torch
 
 from ..unit.test_distill_datasets import write_dataset
 from . import test_distill as TD

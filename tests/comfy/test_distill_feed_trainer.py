@@ -11,10 +11,9 @@ import re
 
 import pytest
 
-from .test_distill_trainer import (  # noqa: F401  (files: the module fixture of tiny models and a dataset)
+from . import test_distill_trainer as T
+from .test_distill_trainer import (
     bit_identical,
-    files,
-    inproc,
     launch,
     losses,
     ok,
@@ -24,6 +23,8 @@ from .test_distill_trainer import (  # noqa: F401  (files: the module fixture of
     torchrun,
     trainer_args,
 )
+
+files, inproc = T.files, T.inproc  # the module fixture of tiny models and a dataset; distill.main in this process
 
 HELD = ["--heldout-fraction", "0.125"]  # 2 of the 16 samples
 HELDOUT_LINE = re.compile(r"held-out output-KD error \(MSE student vs teacher output\): ([0-9.]+) -> ([0-9.]+)")
@@ -41,8 +42,7 @@ def two(files):
     out = {}
     for depth in ("0", "2"):
         path = files["root"] / f"feed2_{depth}"
-        out[depth] = (path, ok(launch(torchrun(2, trainer_args(files, path, *HELD, "--prefetch", depth, batch=2,
-                                                               ), *()))))
+        out[depth] = (path, ok(launch(torchrun(2, trainer_args(files, path, *HELD, "--prefetch", depth, batch=2)))))
     return out
 
 

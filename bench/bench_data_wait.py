@@ -22,8 +22,18 @@ Reported per variant: the median step time after ``--warmup`` steps, the median 
 wait as a share of the measured steps' time, and the reader alone: seconds to read and prepare one batch from a
 cold page cache (so its samples/s can be set against a GPU's step rate).
 
-    python bench/bench_data_wait.py                                # CPU: tiny widths, 128 px, batch 64
-    BENCH_DEVICE=cuda python bench/bench_data_wait.py --width 320 --size 64 --checkpointing   # full width, 512 px
+    python bench/bench_data_wait.py --device cpu          # CPU: tiny widths (32 channels), 128 px, batch 64
+    python bench/bench_data_wait.py --device cuda --width 320 --size 64 --checkpointing --samples 2100 --steps 3
+                                                           # GPU: full-width bk-small, 512 px, batch 64
+
+What the figure means: the wait is the reading and preparing the step loop does itself (or, with prefetch, the
+hand-over from the reading thread), so its share depends on how long the step takes. Here a tiny-width step takes
+about 2-3 s on one CPU core at batch 64; a full-width bk-small step at 512 px and batch 64 on one H100 would take
+about 0.4-1.1 s by the pack's cost model (2.3 TFLOP per sample at 60-170 samples/s; not measured), so a GPU would
+see a 2-7x larger share of the same reading when it is not hidden. What transfers directly is the reader's own
+rate ("reader samples/s", one batch from a cold page cache), to set against the GPU's samples/s: read ahead, the
+wait stays near zero while the reader is faster than the step. On a 2-core CPU the reading thread also competes
+with the step for the cores, which a GPU step does not.
 """
 
 from __future__ import annotations
@@ -170,11 +180,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=1, help="rounds over the variants (interleaved)")
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (batch 64 at 512 px on a GPU)")
     ap.add_argument("--threads", type=int, default=1, help="CPU: torch threads (the reading thread needs a core too)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: BENCH_DEVICE, else CUDA when there is one)")
     ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
                     help=f"comma-separated, of: {', '.join(v[0] for v in VARIANTS)}")
     a = ap.parse_args(argv)
     ph = _device.Phases()
-    device, _ = _device.setup()
+    device, _ = _device.setup(a.device)
     setup_comfy()
     import_pack()
     import torch

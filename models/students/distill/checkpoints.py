@@ -4,6 +4,7 @@ every rank. A checkpoint records the global batch (batch size x processes), so i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -47,7 +48,8 @@ def differences(meta: dict[str, str], config, global_batch: int) -> list[str]:
     """The settings of ``config`` (and the global batch) that differ from a checkpoint's, by name: empty when a
     run resumed from it reproduces the uninterrupted one (the data aside: compare ``meta["data"]``)."""
     old, new = json.loads(meta["config"]), json.loads(config.to_json())
-    diff = [k for k in REPRODUCING if old.get(k) != new.get(k)]
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}  # settings added since the checkpoint
+    diff = [k for k in REPRODUCING if old.get(k, defaults.get(k)) != new.get(k)]
     old_global = int(meta.get("global_batch", old.get("batch_size", 0)))
     if old_global != global_batch:
         diff.insert(0, f"global batch ({old_global} -> {global_batch})")

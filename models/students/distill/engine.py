@@ -48,7 +48,8 @@ class Distiller:
 
     ``prefetch``: micro-batches read and prepared ahead by a background thread while the step runs (pinned on
     CUDA, copied to the device without blocking); 0 reads each in the step loop. The draws and the results are
-    the same either way.
+    the same either way. ``ema_thread``: whether an EMA kept on the host (``ema_on_host``) is updated by a host
+    thread from pinned copies (None: on CUDA only; a CPU run's host is its device).
     """
 
     def __init__(self, *, teacher, student, teacher_topology: Topology, student_topology: Topology,
@@ -86,6 +87,9 @@ class Distiller:
         self.prefetch = max(0, int(prefetch))
         self._feed: Prefetcher | None = None
         self.data_waits: list[float] = []  # seconds each step of the last run waited for its data
+        self.ema_thread: bool | None = None
+        self._ema_job = None
+        self._params_copying = None
 
     # ---- checks ---------------------------------------------------------------------------------
     def _check_models(self):
@@ -130,14 +134,18 @@ class Distiller:
             vgg = (64 * 2 * px + 128 * 2 * px / 4 + 256 * 3 * px / 16) * 3 * 4
             for k in list(prof):
                 prof[k] += int(vgg)
+        mode = True if cfg.gradient_checkpointing else ("selective" if cfg.selective_recompute else False)
+        ema = self.trainable_params * 4 if cfg.ema_decay > 0 else 0
+        ema_host = bool(ema and cfg.ema_on_host and self.device.type != "cpu")
         est = MemoryEstimate(
             student_weights=student_w, teacher_weights=teacher_w, grads=self.trainable_params * 4,
-            optimizer=self.trainable_params * 8, ema=self.trainable_params * 4 if cfg.ema_decay > 0 else 0,
+            optimizer=self.trainable_params * 8, ema=0 if ema_host else ema,
             autocast_copies=self.trainable_params * itemsize if self.autocast is not None else 0,
-            activations=prof[cfg.gradient_checkpointing] * cfg.batch_size,
-            workspace=prof[("work", cfg.gradient_checkpointing)] * cfg.batch_size, batch_size=cfg.batch_size,
+            activations=prof[mode] * cfg.batch_size,
+            workspace=prof[("work", mode)] * cfg.batch_size, batch_size=cfg.batch_size,
             latent_hw=(int(h), int(w)), checkpointing=cfg.gradient_checkpointing,
-            trainable_params=self.trainable_params, per_sample_activations=prof)
+            trainable_params=self.trainable_params, per_sample_activations=prof,
+            selective=mode == "selective", accumulating=cfg.grad_accum > 1, host=2 * ema if ema_host else 0)
         self._estimates[teacher_resident] = est
         return est
 
@@ -149,9 +157,16 @@ class Distiller:
         if est.total <= free * headroom:
             return est
         fixes = []
+        if not est.checkpointing and not est.selective:
+            alt = est.with_(selective=True)
+            fixes.append(f"selective recompute (the same loss and weights, a few per cent slower; "
+                         f"~{alt.total / GIB:.2f} GiB)")
         if not est.checkpointing:
             alt = est.with_(checkpointing=True)
             fixes.append(f"turn on gradient_checkpointing (~{alt.total / GIB:.2f} GiB)")
+        if est.ema and self.device.type != "cpu":
+            alt = est.with_(ema_on_host=True)
+            fixes.append(f"the EMA on the host (~{alt.total / GIB:.2f} GiB on the device)")
         for b in range(est.batch_size - 1, 0, -1):
             alt = est.with_(batch_size=b)
             if alt.total <= free * headroom or b == 1:
@@ -316,6 +331,7 @@ class Distiller:
 
     def _save(self, model, step: int) -> str | None:
         """A checkpoint at ``step``, written by rank 0 (the others wait for it); its path on rank 0."""
+        S.ema_join(self)  # a host EMA update in flight lands first
         path = checkpoints.write(self, model, step) if distributed.is_writer() else None
         self._last_saved = step
         distributed.barrier()
@@ -328,9 +344,22 @@ class Distiller:
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                       fused=True if self.device.type == "cuda" else None)
         self._scaler = torch.amp.GradScaler(self.device.type) if self.autocast == torch.float16 else None
-        self._ema = {n: p.detach().clone() for n, p in zip(self.train_names, self._params)} \
-            if cfg.ema_decay > 0 else None
+        host = cfg.ema_on_host and self.device.type != "cpu"
+        self._ema = {n: (p.detach().to("cpu", copy=True) if host else p.detach().clone())
+                     for n, p in zip(self.train_names, self._params)} if cfg.ema_decay > 0 else None
         self._ema_updates = 0
+        self._ema_seen = 0  # the applied steps the EMA holds (ema_every > 1: fewer than _ema_updates)
+        self._ema_job = None
+        self._params_copying = None
+        thread = self.ema_thread if self.ema_thread is not None else self.device.type == "cuda"
+        self._ema_async = bool(self._ema is not None and cfg.ema_on_host and thread)
+        if self._ema_async:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pin = self.device.type == "cuda"
+            self._ema_staging = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for p in self._params]
+            self._ema_stream = torch.cuda.Stream(self.device) if pin else None
+            self._ema_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distilled_unets ema")
         self._losses: list[float] = []
         self._parts: dict[str, list[float]] = {}
         self._curve: list[tuple[int, float]] = []
@@ -346,7 +375,8 @@ class Distiller:
         cfg = self.cfg
         t0 = time.perf_counter()
         model = self._trainable_copy()
-        ckpt_handle = enable_gradient_checkpointing(model) if cfg.gradient_checkpointing else None
+        ckpt_handle = enable_gradient_checkpointing(model, selective=not cfg.gradient_checkpointing) \
+            if cfg.gradient_checkpointing or cfg.selective_recompute else None
         self._t_taps = Taps(self.teacher, {p.name: p.teacher for p in self.plan.points})
         self._s_taps = Taps(model, {p.name: p.student for p in self.plan.points})
         forward = distributed.wrap(model, self.device)
@@ -363,6 +393,7 @@ class Distiller:
             self._held = self._heldout_batches()
             if resume:
                 start, notes = checkpoints.restore(self, model, resume)
+                self._ema_seen = self._ema_updates - self._ema_updates % cfg.ema_every  # what a checkpoint holds
             else:
                 self._heldout_before = self._heldout_error(model)
                 if self._held:
@@ -420,6 +451,12 @@ class Distiller:
             if self._feed is not None:
                 self._feed.close()
                 self._feed = None
+            if getattr(self, "_ema_async", False):
+                try:
+                    S.ema_join(self)
+                finally:
+                    self._ema_pool.shutdown(wait=True)
+                    self._ema_async, self._ema_staging, self._params_copying = False, None, None
             self._t_taps.remove()
             self._s_taps.remove()
             if ckpt_handle is not None:
@@ -450,6 +487,8 @@ class Distiller:
         cfg = self.cfg
         after_raw = self._heldout_error(model)
         if self._ema is not None and ema:
+            S.ema_catch_up(self)  # ema_every > 1: the steps after the last update
+            S.ema_join(self)
             with torch.no_grad():
                 named = dict(model.named_parameters())
                 for n in self.train_names:

@@ -646,7 +646,8 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
 
     est = d.estimate_memory(teacher_resident=True)
     mm.load_models_gpu([teacher], memory_required=est.total, force_full_load=True)
-    d.check_memory(mm.get_free_memory(device), teacher_resident=True)
+    d.check_memory(mm.get_free_memory(device), teacher_resident=True,
+                   options={"selective_recompute": "--selective-recompute", "ema_on_host": "--ema-on-host"})
     if rank == 0:
         log.info("teacher %s: %s", os.path.basename(args.teacher), tt.describe())
         log.info("student (%s): %s; trains %s (%d of %d units; block map %s)", student_what, st.describe(),

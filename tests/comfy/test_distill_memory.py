@@ -79,7 +79,12 @@ def test_the_estimate_and_the_refusal_know_the_memory_options(env, models):
     assert est.with_(selective=True).total == sel.total
     host = est.with_(ema_on_host=True)
     assert host.ema == 0 and host.host == 2 * est.ema and host.total == est.total - est.ema
+    names = {"selective_recompute": "--selective-recompute", "ema_on_host": "--ema-on-host"}
     with pytest.raises(D.TrainingMemoryError) as e:
-        d.check_memory(free_bytes=int(est.total * 0.9))
-    assert "selective recompute" in str(e.value) and "gradient_checkpointing" in str(e.value)
-    assert "EMA on the host" not in str(e.value)  # a CPU run's host is its device
+        d.check_memory(free_bytes=int(est.total * 0.9), options=names)
+    assert "--selective-recompute (the same loss and weights" in str(e.value)
+    assert "gradient_checkpointing" in str(e.value)
+    assert "--ema-on-host" not in str(e.value)  # a CPU run's host is its device
+    with pytest.raises(D.TrainingMemoryError) as e:
+        d.check_memory(free_bytes=int(est.total * 0.9))  # a caller without the options (the node)
+    assert "selective" not in str(e.value)

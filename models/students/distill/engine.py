@@ -150,23 +150,28 @@ class Distiller:
         return est
 
     def check_memory(self, free_bytes: int | None = None, *, teacher_resident: bool = False,
-                     extra_fixes: list[str] | None = None, headroom: float = 0.9) -> MemoryEstimate:
-        """Raise :class:`TrainingMemoryError` (with the figures and the fix) if the run cannot fit."""
+                     extra_fixes: list[str] | None = None, headroom: float = 0.9,
+                     options: dict[str, str] | None = None) -> MemoryEstimate:
+        """Raise :class:`TrainingMemoryError` (with the figures and the fix) if the run cannot fit. ``options``:
+        how the caller names the memory options it offers (``{"selective_recompute": "--selective-recompute",
+        "ema_on_host": ...}``), suggested with their figures when they would help."""
         est = self.estimate_memory(teacher_resident=teacher_resident)
         free = free_memory_bytes(self.device) if free_bytes is None else int(free_bytes)
         if est.total <= free * headroom:
             return est
         fixes = []
-        if not est.checkpointing and not est.selective:
+        options = options or {}
+        if not est.checkpointing and not est.selective and "selective_recompute" in options:
             alt = est.with_(selective=True)
-            fixes.append(f"selective recompute (the same loss and weights, a few per cent slower; "
+            fixes.append(f"{options['selective_recompute']} (the same loss and weights, a few per cent slower; "
                          f"~{alt.total / GIB:.2f} GiB)")
         if not est.checkpointing:
             alt = est.with_(checkpointing=True)
             fixes.append(f"turn on gradient_checkpointing (~{alt.total / GIB:.2f} GiB)")
-        if est.ema and self.device.type != "cpu":
+        if est.ema and self.device.type != "cpu" and "ema_on_host" in options:
             alt = est.with_(ema_on_host=True)
-            fixes.append(f"the EMA on the host (~{alt.total / GIB:.2f} GiB on the device)")
+            fixes.append(f"{options['ema_on_host']} (the EMA in host memory: ~{alt.total / GIB:.2f} GiB on the "
+                         "device)")
         for b in range(est.batch_size - 1, 0, -1):
             alt = est.with_(batch_size=b)
             if alt.total <= free * headroom or b == 1:

@@ -316,6 +316,12 @@ class ShardedDataset:
                 self._open.popitem()[1].close()
             self._cache.clear()
 
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to close
+            pass
+
     def fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=8)
         for f in self.files:

@@ -219,7 +219,8 @@ class ShardedDataset:
         meta = os.path.join(self.folder, "metadata.json")
         if os.path.isfile(meta):
             try:
-                declared = int(json.load(open(meta)).get("num_samples", len(self._where)))
+                with open(meta, encoding="utf-8") as f:
+                    declared = int(json.load(f).get("num_samples", len(self._where)))
             except (ValueError, OSError, AttributeError):
                 declared = len(self._where)
             if declared != len(self._where):

@@ -87,6 +87,7 @@ class Distiller:
         self.prefetch = max(0, int(prefetch))
         self._feed: Prefetcher | None = None
         self.data_waits: list[float] = []  # seconds each step of the last run waited for its data
+        self._wait = 0.0
         self.ema_thread: bool | None = None
         self._ema_job = None
         self._params_copying = None

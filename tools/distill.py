@@ -132,8 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     t.add_argument("--selective-recompute", action="store_true",
                    help="without --gradient-checkpointing: keep the convolution, matmul and attention outputs and "
-                        "recompute only the element-wise ops in backward (about half the activation memory, a few "
-                        "per cent of time; the same loss and weights)")
+                        "recompute only the element-wise ops in backward (about a third less activation memory; "
+                        "the same loss and weights)")
     t.add_argument("--ema-on-host", action="store_true",
                    help="keep the EMA in host memory, updated by a host thread (on a GPU: 4 bytes per trained "
                         "parameter off the device)")

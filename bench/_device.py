@@ -4,7 +4,8 @@ Whatever device is there: CUDA with fp16 when a GPU is visible, the CPU in fp32 
 ``BENCH_DEVICE`` (``cpu`` / ``cuda`` / ``cuda:1``) and ``BENCH_DTYPE`` (``fp32`` / ``fp16`` / ``bf16``)
 override. ``setup()`` exports ``BENCH_DEVICE`` so that ``_pack.setup_comfy()`` (called after it) puts
 ComfyUI on the same device. Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU, the process's
-resident set on the CPU (polled, since torch's CPU allocator has no counter).
+resident set on the CPU (polled, since torch's CPU allocator has no counter); :class:`PeakAllocated` counts the
+live tensor bytes on the CPU too (from the profiler's allocation events), the CPU's counterpart of the GPU figure.
 
 The lines run_all.py reads back (every bench prints both, the phase line once at the end, before the
 peak line)::
@@ -137,6 +138,43 @@ class PeakMemory:
             self._done.set()
             self._thread.join()
             self.mib = max(0, self._peak[0] - self._base) / 2 ** 20
+        return False
+
+
+class PeakAllocated:
+    """``with PeakAllocated(device) as pm: ...`` then ``pm.mib``: the peak of the bytes held by live tensors above
+    the level at entry, in MiB: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the same count from the
+    profiler's allocation events (torch's CPU allocator keeps no counter), which costs time: measure time apart."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.mib = float("nan")
+
+    def __enter__(self):
+        if is_cuda(self.device):
+            self._inner = PeakMemory(self.device)
+            self._inner.__enter__()
+            return self
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if is_cuda(self.device):
+            self._inner.__exit__(*exc)
+            self.mib = self._inner.mib
+            return False
+        self._prof.__exit__(*exc)
+        events = sorted((e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        now = peak = 0
+        for _, n in events:
+            now += n
+            peak = max(peak, now)
+        self.mib = peak / 2 ** 20
+        self._prof = None
         return False
 
 

@@ -7,9 +7,10 @@ BK-SDM-Small student, or the SDXL teacher and a Segmind-Vega / KOALA-700M / SSD-
 samples, timesteps and noise (the engine's ``draw_batch``), and do the same work per step: teacher forward
 (no grad), student forward, loss = task MSE + output KD + feature KD over BK-SDM's stage outputs, backward,
 grad-norm clip 1, AdamW (lr 5e-5, weight decay 1e-2), EMA (diffusers' EMAModel on the diffusers side, as
-BK-SDM). The diffusers side uses its default SDPA attention; the pack runs with its SDPA override (``pack``)
-and, on the CPU, with ComfyUI's own attention backend (``pack-host``: the sub-quadratic one) to show why the
-override exists.
+BK-SDM). The diffusers side uses its default SDPA attention; the pack runs with its SDPA override (``pack``),
+with its memory options (``pack-lowmem``: selective recompute where checkpointing is off, the EMA on the host
+where the device is a GPU; neither changes the loss or the weights) and, on the CPU, with ComfyUI's own attention
+backend (``pack-host``: the sub-quadratic one) to show why the override exists.
 
 Where the models live: every UNet is built once per process per preset, directly on the device and drawn
 there (``tests/layouts.diffusers_model`` under ``torch.device``; the pack's UNets are ComfyUI's own, built on
@@ -23,10 +24,13 @@ Reported per variant: median ms per step after warm-up (three significant figure
 ((median - best) / best; a variant above 5 % gets more rounds, up to ``--max-reps``), samples/s, the model
 FLOP utilisation (MFU: samples/s x the pack's cost model ``models/structure/cost.py`` per sample, teacher forward +
 3x student forward, over the card's bf16 dense peak; CUDA cards of the table in ``_device.peak_tflops``
-only), the peak memory the step needs above the resident teacher (CUDA: ``torch.cuda.max_memory_allocated``;
-CPU: peak RSS over the run; the diffusers side counts the student weights it trains in place, as the pack
-counts its trainable copy), the ratios pack / diffusers, the engine's up-front estimate over the measured
-peak (goal within +-15 %), and how far the two sides' losses are apart (same weights and draws).
+only), the peak memory the step needs above the resident teacher (the bytes of live tensors: CUDA
+``torch.cuda.max_memory_allocated``; CPU the same count from the profiler's allocation events, in a second pass
+of ``--warmup`` + 1 steps so that the timed pass runs without the profiler; the diffusers side counts the student
+weights it trains in place, as the pack counts its trainable copy), on the CPU also the peak RSS of the timed pass
+(which holds the allocator's cached and fragmented pages too), the ratios pack / diffusers, the engine's
+up-front estimate over the measured peak (goal within +-15 %), and how far the two sides' losses are apart
+(same weights and draws).
 
     python bench/bench_distill.py                          # CPU, fp32, reduced width (channels / 10)
     BENCH_DEVICE=cuda python bench/bench_distill.py --preset bk-small,vega   # full width, 512 px and 1024 px
@@ -50,7 +54,7 @@ from _pack import ROOT, import_pack, setup_comfy  # noqa: E402
 # preset -> (teacher family, registry id of the student)
 PRESETS = {"bk-small": ("sd1", "nota-ai/bk-sdm-small"), "vega": ("sdxl", "segmind/Segmind-Vega"),
            "koala-700m": ("sdxl", "etri-vilab/koala-700m"), "sdxl-ssd1b": ("sdxl", "segmind/SSD-1B")}
-IMPLS = ("pack", "pack-host", "diffusers")
+IMPLS = ("pack", "pack-lowmem", "pack-host", "diffusers")
 GOALS = "goals: time <= 1.00x diffusers, peak memory <= 0.80x, estimate/peak within 0.85-1.15, bk-small at " \
         "512 px >= 60 samples/s on one H100"
 
@@ -148,19 +152,23 @@ class Models:
         gc.collect()
 
 
-def run_variant(a, m: Models, impl: str, ckpt: bool, batch: int) -> dict:
-    """One variant on the shared models: warm-up + measured steps; times, peak, losses, estimate."""
+def run_variant(a, m: Models, impl: str, ckpt: bool, batch: int, *, alloc: bool = False) -> dict:
+    """One variant on the shared models: warm-up + measured steps; times, peak, losses, estimate. ``alloc``: a
+    pass of warm-up + 1 steps whose peak is the live tensor bytes (on the CPU through the profiler: no times)."""
     import torch
     from distilled_unets.models.students import distill as D
 
     dev, cuda = m.dev, m.cuda
-    steps = a.warmup + a.steps
+    steps = a.warmup + (1 if alloc else a.steps)
     seed = 7
     out: dict = {"impl": impl, "ckpt": ckpt, "batch": batch}
+    Peak = _device.PeakAllocated if alloc else _device.PeakMemory
     if impl.startswith("pack"):
+        low = impl == "pack-lowmem"
         cfg = D.DistillConfig(steps=steps, batch_size=batch, learning_rate=5e-5, ema_decay=0.9999, seed=seed,
                               gradient_checkpointing=ckpt, precision=m.precision,
-                              attention="host" if impl == "pack-host" else "sdpa")
+                              attention="host" if impl == "pack-host" else "sdpa",
+                              selective_recompute=low and not ckpt, ema_on_host=low)
         d = D.Distiller(teacher=m.pack_teacher, student=m.pack_student, teacher_topology=m.tt,
                         student_topology=m.st, schedule=m.schedule, data=m.data, config=cfg, device=dev,
                         teacher_dtype=m.t_dtype)
@@ -173,7 +181,7 @@ def run_variant(a, m: Models, impl: str, ckpt: bool, batch: int) -> dict:
             _device.sync(dev)
             stamps.append(time.perf_counter())
 
-        with _device.PeakMemory(dev) as pm:
+        with Peak(dev) as pm:
             _device.sync(dev)
             t0 = time.perf_counter()
             res = d.run(progress=progress)
@@ -208,7 +216,7 @@ def run_variant(a, m: Models, impl: str, ckpt: bool, batch: int) -> dict:
         times, losses = [], []
         lat, ctx = m.lat, m.ctx
         try:
-            with _device.PeakMemory(dev) as pm:
+            with Peak(dev) as pm:
                 opt = torch.optim.AdamW(student.parameters(), lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2,
                                         eps=1e-8)
                 ema = EMAModel(student.parameters(), decay=0.9999)
@@ -272,6 +280,17 @@ def _worker_cmd(a, preset, impl, ckpt, batch):
             "--size", str(a.size), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads)]
 
 
+def with_allocated(a, m: Models, impl: str, ckpt: bool, batch: int) -> dict:
+    """A variant timed (peak RSS on the CPU), then on the CPU its live-tensor peak in a second, profiled pass."""
+    r = run_variant(a, m, impl, ckpt, batch)
+    if not m.cuda:
+        r["rss"] = r["peak"]
+        alloc = run_variant(a, m, impl, ckpt, batch, alloc=True)
+        r["peak"] = alloc["peak"]
+        r["alloc_losses"] = alloc["losses"]
+    return r
+
+
 def _run_worker(a, preset, impl, ckpt, batch) -> dict:
     """One CPU variant in a fresh process (its own peak RSS); its setup and measuring seconds come back."""
     t0 = time.perf_counter()
@@ -305,12 +324,14 @@ def _table(a, preset, m: Models, results: dict, variants, device_name, peak_tf):
     print(f"feature points: {', '.join(m.labels)}; cost model {flop:.3g} TFLOP per sample"
           + (f", device peak {peak_tf:g} TFLOP/s bf16 dense" if peak_tf else ", MFU not printed (device peak "
              "unknown)"))
-    print("peak = memory the step needs above the resident teacher and inputs "
-          + ("(torch.cuda.max_memory_allocated)" if m.cuda else
-             "(RSS, each variant in a fresh process)" if not a.in_process else "(RSS, indicative: one process)"))
-    print(f"{'batch':>5} {'ckpt':>4} {'impl':>10} {'1st step':>8} {'ms/step':>8} {'best':>8} {'spread':>6} "
-          f"{'rounds':>6} {'samples/s':>9} {'MFU':>6} {'peak MiB':>9} {'time vs diff.':>13} {'memory vs diff.':>15} "
-          f"{'estimate/peak':>13} {'loss diff':>9}")
+    print("peak = memory the step needs above the resident teacher and inputs, the bytes of live tensors "
+          + ("(torch.cuda.max_memory_allocated)" if m.cuda else "(the profiler's CPU allocation events, a pass of "
+             f"{a.warmup} + 1 steps apart from the timed one); RSS = peak resident set of the timed pass "
+             + ("(each variant in a fresh process)" if not a.in_process else "(indicative: one process)")))
+    rss_head = f" {'RSS MiB':>8}" if not m.cuda else ""
+    print(f"{'batch':>5} {'ckpt':>4} {'impl':>11} {'1st step':>8} {'ms/step':>8} {'best':>8} {'spread':>6} "
+          f"{'rounds':>6} {'samples/s':>9} {'MFU':>6} {'peak MiB':>9}{rss_head} {'time vs diff.':>13} "
+          f"{'memory vs diff.':>15} {'estimate/peak':>13} {'loss diff':>9}")
     batches = sorted({v[2] for v in variants})
     for b in batches:
         for c in sorted({v[1] for v in variants}):
@@ -320,7 +341,7 @@ def _table(a, preset, m: Models, results: dict, variants, device_name, peak_tf):
             for i in [v[0] for v in variants if v[1] == c and v[2] == b]:
                 rs = [r for r in results[(i, c, b)] if "error" not in r]
                 if not rs:
-                    print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {results[(i, c, b)][0]['error']}")
+                    print(f"{b:>5} {'on' if c else 'off':>4} {i:>11} {results[(i, c, b)][0]['error']}")
                     continue
                 times = [x for r in rs for x in r["times"]]
                 med, best = statistics.median(times), min(times)
@@ -333,11 +354,19 @@ def _table(a, preset, m: Models, results: dict, variants, device_name, peak_tf):
                     diff = f"{max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(la, lb)):.1e}"
                 est = f"{rs[0]['estimate'] / mem:.3f}" if "estimate" in rs[0] and mem > 0 else ""
                 first = _device.ms3(min(r["first"] for r in rs))
-                print(f"{b:>5} {'on' if c else 'off':>4} {i:>10} {first:>8} {_device.ms3(med):>8} "
+                rss = f" {max(r['rss'] for r in rs) / 2 ** 20:>8.0f}" if not m.cuda else ""
+                print(f"{b:>5} {'on' if c else 'off':>4} {i:>11} {first:>8} {_device.ms3(med):>8} "
                       f"{_device.ms3(best):>8} {_device.spread(times):>6.1%} {len(rs):>6} {sps:>9.3g} {mfu:>6} "
-                      f"{mem / 2 ** 20:>9.0f} "
+                      f"{mem / 2 ** 20:>9.1f}{rss} "
                       f"{(f'{med / ref_t:.3f}' if ref_t else ''):>13} {(f'{mem / ref_m:.3f}' if ref_m else ''):>15} "
                       f"{est:>13} {diff:>9}")
+    for b in batches:
+        for c in sorted({v[1] for v in variants}):
+            pair = [results.get((i, c, b), []) for i in ("pack", "pack-lowmem")]
+            if all(p and "error" not in p[0] for p in pair):
+                same = pair[0][0]["losses"] == pair[1][0]["losses"]
+                print(f"batch {b}, checkpointing {'on' if c else 'off'}: pack-lowmem's losses "
+                      f"{'equal' if same else 'DIFFER from'} pack's bit for bit ({len(pair[0][0]['losses'])} steps)")
     ests = [r["estimate_s"] for v in variants for r in results[v] if "estimate_s" in r]
     if ests:
         print(f"before its first step each pack run spends {statistics.median(ests):.2f} s in the engine's memory "
@@ -361,7 +390,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=1, help="rounds over all variants (interleaved)")
     ap.add_argument("--max-reps", type=int, default=0, help="bound on the rounds of a variant whose spread is "
                     "above 5 %% (default --reps + 2)")
-    ap.add_argument("--impls", default=None, help="default: pack,diffusers on CUDA; pack,pack-host,diffusers on CPU")
+    ap.add_argument("--impls", default=None, help="default: pack,pack-lowmem,diffusers on CUDA; "
+                    "pack,pack-lowmem,pack-host,diffusers on CPU")
     ap.add_argument("--checkpointing", default="off,on", help="gradient checkpointing for SD presets")
     ap.add_argument("--sdxl-checkpointing", default=None, help="for SDXL presets (default: as --checkpointing)")
     ap.add_argument("--threads", type=int, default=1)
@@ -388,12 +418,12 @@ def main(argv=None):
         preset, impl, ckpt, batch = a.worker.split(",")
         a.size = a.size or (16 if PRESETS[preset][0] == "sdxl" else 32)
         m = Models(a, preset, dev, int(batch))
-        r = run_variant(a, m, impl, bool(int(ckpt)), int(batch))
+        r = with_allocated(a, m, impl, bool(int(ckpt)), int(batch))
         r.update(labels=m.labels)
         print("RESULT " + json.dumps(r))
         return 0
     presets = (a.preset or ("bk-small,vega" if cuda else "bk-small")).split(",")
-    impls = (a.impls or ("pack,diffusers" if cuda else ",".join(IMPLS))).split(",")
+    impls = (a.impls or ("pack,pack-lowmem,diffusers" if cuda else ",".join(IMPLS))).split(",")
     peak_tf = _device.peak_tflops(dev) if cuda else None
     device_name = _device.describe(dev, torch.bfloat16 if cuda else torch.float32)
     size_arg = a.size
@@ -417,7 +447,7 @@ def main(argv=None):
         def one(v, models=m):
             if shared:
                 try:
-                    return run_variant(a, models, *v)
+                    return with_allocated(a, models, *v)
                 except torch.OutOfMemoryError as e:  # one variant out of memory must not hide the others
                     gc.collect()
                     torch.cuda.empty_cache()

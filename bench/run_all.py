@@ -95,7 +95,7 @@ class Bench:
 #   for the rest; on the GPU host's faster CPU with the sampling on the GPU ~= 40 s; distill_student_sd15
 #   (the same build + 4 steps) ~= 10 s; ~= 58 s; an eighth, distill_from_dataset_sd15 (4 images encoded,
 #   a dataset saved and loaded, 4 steps), ~= 10 s more.
-# Sum 470 s of the 480 s budget; lora_coverage runs on the CPU beside them.
+# Sum 470 s of the 480 s budget; lora_coverage, distill_scale and data_wait run on the CPU beside them.
 BENCHES = [
     Bench("multi_unet", "Multi-UNet sampling (A-SDM): tiny-sd early, SD1.5 late", "bench_multi_unet.py", {
         # eager rows only in the 8-minute run (inductor's compile alone takes 1-2.5 min): the compiled
@@ -150,6 +150,16 @@ BENCHES = [
               "cpu": ["--size-gb", "2", "--shard-mb", "128"],
               "quick": ["--size-gb", "0.1", "--shard-mb", "16"],
           }, gpu_limit_s=GPU_BUDGET_S, device_free=True),
+    Bench("data_wait", "Distillation data: the step's wait for a dataset streamed from disk, before and after",
+          "bench_data_wait.py", {
+        # on a GPU machine it runs on the CPU beside the GPU benches (the budget has no room left for it): the GPU
+        # figure is `BENCH_DEVICE=cuda python bench/bench_data_wait.py --width 320 --size 64 --checkpointing
+        # --samples 2100 --steps 3` alone (full-width bk-small at 512 px, batch 64: ~45 s on an H100, estimated)
+        "cuda": ["--device", "cpu", "--threads", "2"],
+        "cpu": ["--threads", "1"],
+        "quick": ["--width", "32", "--size", "8", "--samples", "256", "--shard-size", "64", "--steps", "2",
+                  "--threads", "1"],
+    }, gpu_limit_s=GPU_BUDGET_S, device_free=True),
     Bench("loader", "Loading: our build vs ComfyUI's own build vs the teacher", "bench_loader.py", {
         "cuda": ["--families", "sd1,sd2,sdxl", "--px", "512", "--sdxl-px", "1024", "--rounds", "3"],
         "cpu": ["--families", "sd1,sd2", "--px", "256", "--rounds", "5", "--threads", "1"],

@@ -4,7 +4,12 @@
 The value names the folder and reads nothing big: ``DistillStudentUNet`` opens it with its own teacher (the
 teacher's latent format and conditioning code turn ComfyUI's samples into the UNets' inputs, so the data can never
 be prepared for another model than the one it is distilled from), through ``models.students.distill.datasets``
-(weights-only shard reads, a few shards in memory whatever the dataset's size).
+(weights-only shard reads, a sample index, a few shard files open whatever the dataset's size).
+
+The held-out split is part of the value (``heldout_fraction``): which samples are held out is a property of the
+dataset (a fixed seed, the dataset's size and the fraction), not of a training run, so every run on the same
+dataset, whatever its own seed, settings or number of processes, measures its held-out error on the same samples
+and never trains on them. Held-out latents connected to Distill Student UNet replace the split.
 
 ComfyUI 0.33 registers the ``datasets`` folder (``<ComfyUI>/datasets``, more roots through extra_model_paths);
 on older ComfyUI (0.3.64) the pack registers the same folder, so the node loads and lists nothing until a
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 import folder_paths
 from comfy_api.latest import io
 
+from ..models.students.distill.data import HELDOUT_MAX
 from ..models.students.distill.datasets import SHARD, DatasetError, ShardedDataset, shard_files
 from .students import CATEGORY
 
@@ -29,6 +35,7 @@ log = logging.getLogger("distilled_unets")
 NODE = "LoadDistillationDataset"
 DATASETS = "datasets"
 DISTILL_DATA = "DISTILL_DATA"
+HELDOUT_DEFAULT = 0.01
 NEEDS = ("datasets are written into ComfyUI's datasets folder by Save Training Dataset (Make Training Dataset -> "
          "Save Training Dataset, ComfyUI 0.33 or newer)")
 
@@ -115,12 +122,13 @@ class DistillDataset:
 
     folder: str
     name: str
-    cache_shards: int = 2
+    cache_shards: int = 2         # shard files open at once
+    heldout_fraction: float = 0.0  # held out of training (models.students.distill.split_heldout)
 
     def open(self, prepare) -> ShardedDataset:
         """The streaming data source, samples prepared by ``prepare(latent, conditioning)`` (see
         ``nodes.host.samples.prepare_sample``)."""
-        return ShardedDataset(self.folder, prepare, cache_shards=self.cache_shards)
+        return ShardedDataset(self.folder, prepare, max_open=self.cache_shards)
 
     def __str__(self) -> str:
         return f"dataset '{self.name}' ({self.folder})"
@@ -140,9 +148,12 @@ def _declared_samples(folder: str) -> int | None:
         return None
 
 
-def load_dataset(folder_name: str, saved_latents=None) -> DistillDataset:
+def load_dataset(folder_name: str, saved_latents=None, heldout_fraction: float = HELDOUT_DEFAULT) -> DistillDataset:
     """The checks the loader makes before any training: the folder exists under a datasets root and holds
     shards, and when the latents just saved are connected, it holds as many samples as they are."""
+    if not isinstance(heldout_fraction, (int, float)) or not 0 <= heldout_fraction < 1:
+        raise DatasetError(f"heldout_fraction is {heldout_fraction!r}", "give a fraction in [0, 1) (0 = nothing "
+                           "held out)", node=NODE, input_name="heldout_fraction")
     folder = resolve_dataset(folder_name)
     try:
         files = shard_files(folder)
@@ -155,8 +166,8 @@ def load_dataset(folder_name: str, saved_latents=None) -> DistillDataset:
             raise DatasetError(f"the folder holds {declared} samples, the latents connected to saved_latents are "
                                f"{len(saved_latents)}", "give folder_name the folder_name of the Save Training "
                                "Dataset node those latents go to", path=folder, node=NODE, input_name="folder_name")
-    log.info("%s: %s (%d shard files)", NODE, folder, len(files))
-    return DistillDataset(folder, folder_name)
+    log.info("%s: %s (%d shard files, held-out fraction %g)", NODE, folder, len(files), heldout_fraction)
+    return DistillDataset(folder, folder_name, heldout_fraction=float(heldout_fraction))
 
 
 class LoadDistillationDataset(io.ComfyNode):
@@ -182,6 +193,13 @@ class LoadDistillationDataset(io.ComfyNode):
                                         "Training Dataset. This node then waits for them, and ComfyUI runs the "
                                         "save (an output node) as soon as they are ready, before this node; the "
                                         "folder must hold as many samples."),
+                io.Float.Input("heldout_fraction", default=HELDOUT_DEFAULT, min=0.0, max=0.5, step=0.005,
+                               round=0.0001, optional=True,
+                               tooltip="This fraction of the samples (at least 1, at most "
+                                       f"{HELDOUT_MAX}) is held out of training, chosen by a fixed seed: Distill "
+                                       "Student UNet measures its held-out error on them before, during and after "
+                                       "the run. The same samples for every run on this dataset. 0 = none "
+                                       "(held-out latents connected to Distill Student UNet replace the split)."),
             ],
             outputs=[io.Custom(DISTILL_DATA).Output("data", tooltip="The dataset, for Distill Student UNet's "
                                                                     "`data` input.")],
@@ -194,7 +212,7 @@ class LoadDistillationDataset(io.ComfyNode):
         return name_problem(_first(folder_name)) or True
 
     @classmethod
-    def fingerprint_inputs(cls, folder_name, saved_latents=None):
+    def fingerprint_inputs(cls, folder_name, saved_latents=None, heldout_fraction=None):
         """The shard files' names, sizes and times: a dataset saved again under the same name runs again."""
         name = _first(folder_name)
         h = hashlib.blake2b(digest_size=16)
@@ -210,8 +228,10 @@ class LoadDistillationDataset(io.ComfyNode):
         return h.hexdigest()
 
     @classmethod
-    def execute(cls, folder_name, saved_latents=None) -> io.NodeOutput:
-        return io.NodeOutput(load_dataset(_first(folder_name), saved_latents))
+    def execute(cls, folder_name, saved_latents=None, heldout_fraction=HELDOUT_DEFAULT) -> io.NodeOutput:
+        fraction = _first(heldout_fraction)
+        return io.NodeOutput(load_dataset(_first(folder_name), saved_latents,
+                                          HELDOUT_DEFAULT if fraction is None else fraction))
 
 
 NODES = [LoadDistillationDataset]

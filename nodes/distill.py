@@ -104,7 +104,8 @@ def make_data(teacher, latents, conditioning, *, which: str) -> D.KDData:
 def training_data(teacher, latents, conditioning, data, *, hold_out: bool = True):
     """(the engine's data source, held-out data or None, what was held out) from exactly one data form: LATENT +
     CONDITIONING (single or lists), or a DISTILL_DATA from Load Distillation Dataset. ``hold_out``: keep the last
-    ~10 % of in-memory samples out of training to measure progress on (a streamed dataset holds none out)."""
+    ~10 % of in-memory samples out of training to measure progress on (a streamed dataset: its loader's
+    ``heldout_fraction``, samples chosen by seed)."""
     given = [name for name, v in (("latents", latents), ("conditioning", conditioning), ("data", data))
              if v is not None]
     if not given:
@@ -121,7 +122,11 @@ def training_data(teacher, latents, conditioning, data, *, hold_out: bool = True
                                  "Dataset's output", node=NODE, input_name="data")
         with node_errors(NODE, "data"):
             src = data.open(functools.partial(prepare_sample, teacher.model, node=NODE, input_name="data"))
-        return src, None, "none (a streamed dataset: connect held-out latents to measure progress)"
+        fraction = getattr(data, "heldout_fraction", 0.0) if hold_out else 0.0
+        if not fraction:
+            return src, None, ("none (heldout_fraction 0 on Load Distillation Dataset: set a fraction, or connect "
+                               "held-out latents, to measure progress)")
+        return D.split_heldout(src, fraction)
     if len(given) == 1:
         missing = "conditioning" if given == ["latents"] else "latents"
         raise D.DistillError(f"{given[0]} without {missing}", f"connect {missing} too (one caption per latent, in "
@@ -347,8 +352,8 @@ class DistillStudentUNet(io.ComfyNode):
                     "data", optional=True,
                     tooltip="Instead of latents + conditioning: a dataset streamed shard by shard from ComfyUI's "
                             "datasets folder (Load Distillation Dataset), for data that do not fit in memory. "
-                            "Prepared with the teacher; nothing is held out (connect held-out latents to measure "
-                            "progress)."),
+                            "Prepared with the teacher; the loader's heldout_fraction is held out of training "
+                            "and measures progress (held-out latents connected here replace it)."),
                 io.Int.Input("steps", default=1000, min=1, max=10_000_000,
                              tooltip="Optimizer steps (BK-SDM: 50,000 at batch 256)."),
                 io.Int.Input("batch_size", default=2, min=1, max=1024, tooltip="Samples per forward pass."),

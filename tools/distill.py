@@ -91,7 +91,8 @@ FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "gradient_accumulatio
          "resume": "--resume", "resume_from": "--resume", "latents": "--data", "conditioning": "--data",
          "teacher": "--teacher", "student": "--student", "preset": "--preset", "vgg16": "--vgg16",
          "max_nonfinite_steps": "--max-nonfinite-steps", "keep_checkpoints": "--keep-checkpoints",
-         "eval_every": "--eval-every", "best_metric": "--best-metric", "out": "--out", "save_dtype": "--save-dtype"}
+         "eval_every": "--eval-every", "best_metric": "--best-metric", "out": "--out", "save_dtype": "--save-dtype",
+         "heldout_fraction": "--heldout-fraction", "ema_every": "--ema-every"}
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SIGNAL = 0, 1, 2, 3, 130
 TENSORBOARD_HINT = "--tensorboard needs TensorBoard: pip install tensorboard (into the Python that runs this script)"
 
@@ -119,6 +120,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="evaluate every N steps (0: before the first and after the last step only)")
     d.add_argument("--best-metric", default="", help="keep the weights of the best evaluation by this metric as "
                                                      "student-best.safetensors (heldout_kd)")
+    d.add_argument("--heldout-fraction", type=float, default=None,
+                   help="hold this fraction of --data out of training (at most 128 samples, chosen by a fixed "
+                        "seed, the same at any number of processes) and measure the held-out error on it; default "
+                        "0.01, or 0 with --heldout-data")
+    d.add_argument("--prefetch", type=int, default=2,
+                   help="micro-batches read ahead by a background thread while a step runs (0 = read in the loop)")
+    d.add_argument("--open-shards", type=int, default=2, help="shard files open at once per process")
     t = ap.add_argument_group("training")
     t.add_argument("--steps", type=int, required=True, help="optimizer steps (BK-SDM: 50,000 at batch 256)")
     t.add_argument("--batch-size", type=int, default=1, help="samples per forward pass, per process")
@@ -136,6 +144,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0 = off)")
     t.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    t.add_argument("--selective-recompute", action="store_true",
+                   help="without --gradient-checkpointing: keep the convolution, matmul and attention outputs and "
+                        "recompute only the element-wise ops in backward (about a third less activation memory; "
+                        "the same loss and weights)")
+    t.add_argument("--ema-on-host", action="store_true",
+                   help="keep the EMA in host memory, updated by a host thread (on a GPU: 4 bytes per trained "
+                        "parameter off the device)")
+    t.add_argument("--ema-every", type=int, default=1,
+                   help="update the EMA every N steps with the product of their decays (1 = every step, exact)")
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast: auto = bf16 on a GPU (fp16 without bf16), fp32 on the CPU; master weights fp32")
     t.add_argument("--max-nonfinite-steps", type=int, default=5,
@@ -306,7 +323,8 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
                           gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
                           checkpoint_every=args.checkpoint_every, checkpoint_dir=out,
                           checkpoint_prefix=CHECKPOINT_PREFIX, keep_checkpoints=args.keep_checkpoints,
-                          max_nonfinite_steps=args.max_nonfinite_steps)
+                          max_nonfinite_steps=args.max_nonfinite_steps, selective_recompute=args.selective_recompute,
+                          ema_on_host=args.ema_on_host, ema_every=args.ema_every)
     cfg.validate()
     for flag, path in (("teacher", args.teacher), ("student", args.student), ("base_student", args.base_student),
                        ("vgg16", args.vgg16)):
@@ -320,17 +338,31 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         except D.DistillError as e:
             e.input_name = flag
             raise
+    fraction = args.heldout_fraction if args.heldout_fraction is not None else (0.0 if args.heldout_data else 0.01)
+    for ok, what, name, fix in (
+            (not (args.heldout_data and fraction), "both --heldout-data and --heldout-fraction are given",
+             "heldout_fraction", "give one of them"),
+            (0 <= fraction < 1, f"--heldout-fraction is {fraction:g}", "heldout_fraction",
+             "give a fraction in [0, 1) (0 = none)"),
+            (args.prefetch >= 0, f"--prefetch is {args.prefetch}", "--prefetch", "give 0 (read in the loop) or more"),
+            (args.open_shards >= 1, f"--open-shards is {args.open_shards}", "--open-shards", "give 1 or more")):
+        if not ok:
+            raise D.DistillError(what, fix, input_name=name)
     teacher, student, student_what = load_models(args)
     prepare = functools.partial(prepare_sample, teacher.model, node=NODE, input_name="--data")
-    data = ShardedDataset(args.data, prepare)
-    held = ShardedDataset(args.heldout_data, prepare) if args.heldout_data else None
+    data = ShardedDataset(args.data, prepare, max_open=args.open_shards)
+    held = ShardedDataset(args.heldout_data, prepare, max_open=args.open_shards) if args.heldout_data else None
+    held_note = f"the samples of {held.describe()}" if held is not None else None
+    if held is None:
+        data, held, held_note = D.split_heldout(data, fraction)
     semantic, vgg_note = H.vgg_loss(args.vgg16, teacher, weights, node=NODE, input_name="vgg16") \
         if args.vgg16 else (None, None)
     hooks = {"on_eval": None, "save_best": None}
     run = H.make_run(teacher, student, data, held, cfg, train=TRAIN_CHOICES[args.train], device=device, node=NODE,
                      semantic=semantic, evaluator=make_evaluator(args, teacher, held),
                      eval_schedule=D.EvalSchedule(args.eval_every, args.best_metric),
-                     on_eval=lambda *a: hooks["on_eval"](*a), save_best=lambda *a: hooks["save_best"](*a))
+                     on_eval=lambda *a: hooks["on_eval"](*a), save_best=lambda *a: hooks["save_best"](*a),
+                     prefetch=args.prefetch)
     d = run.distiller
     decision = key = ident = None
     if rank == 0:  # rank 0 hashes the shards; the digest cache goes to --out once the folder is accepted
@@ -367,15 +399,16 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         raise D.CheckpointError("the checkpoint to resume from is not visible on every node", "put --out on a file "
                                 "system every node shares (at the same path)", path=resume, input_name="out")
     start = int(D.read_checkpoint_meta(resume)["step"]) if resume else 0
-    est, free, where = H.load_teacher_and_check_memory(run, teacher, device, force_full_load=True,
-                                                       extra_fixes=H.own_blocks_fix(run, TRAIN_CHOICES[args.train]),
-                                                       processes=resources.local_processes())
+    est, free, where = H.load_teacher_and_check_memory(
+        run, teacher, device, force_full_load=True, extra_fixes=H.own_blocks_fix(run, TRAIN_CHOICES[args.train]),
+        processes=resources.local_processes(),
+        options={"selective_recompute": "--selective-recompute", "ema_on_host": "--ema-on-host"})
     if rank == 0:
         log.info("teacher %s: %s", os.path.basename(args.teacher), run.teacher_topology.describe())
         log.info("student (%s): %s; trains %s (%d of %d units; block map %s)", student_what,
                  run.student_topology.describe(), TRAIN_CHOICES[args.train], len(run.units),
                  len(run.block_map.units), run.block_map_note)
-        log.info("data: %s%s", data.describe(), f"; held out: {held.describe()}" if held else "")
+        log.info("data: %s; held out: %s", data.describe(), held_note or "none")
         log.info("%d process(es) on %s x batch %d x accumulation %d = %d samples per step; memory per process: "
                  "%s; %.2f GiB is %s", world, device.type, cfg.batch_size, cfg.grad_accum,
                  cfg.batch_size * world * cfg.grad_accum, est.describe(), free / D.GIB, where)
@@ -385,7 +418,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         when = f"every {args.eval_every} steps, at the start and the end" if args.eval_every else "at the start and end"
         best = f"; the best by {args.best_metric} goes to {runs.BEST}" if args.best_metric else ""
         log.info("evaluation: %s", f"{', '.join(d.metric_names or ['the evaluator'])} {when}{best}" if d.evaluates
-                 else "none (no --heldout-data)")
+                 else "none (no held-out samples)")
         log.info("resume: %s%s", decision["why"], f" ({resume}, step {start})" if resume else "")
 
     progress = Progress(rank=rank, world=world, start=start, total=cfg.steps, bar=not args.no_progress,

@@ -136,19 +136,22 @@ def own_blocks_fix(run: Run, train: str) -> list[str]:
 
 
 def load_teacher_and_check_memory(run: Run, teacher, device, *, comfy_free=None, force_full_load: bool = False,
-                                  extra_fixes: list[str] | None = None, processes: int | None = None):
+                                  extra_fixes: list[str] | None = None, processes: int | None = None,
+                                  options: dict[str, str] | None = None):
     """Load the teacher through ComfyUI's model management (it frees what the run needs), then check the
     engine's estimate against what is left: the lower of ComfyUI's figure (``comfy_free(device)``, by default
     ``mm.get_free_memory``) and the pack's own reading (the GPU's free memory, or on the CPU the RAM the
-    process's container leaves; ``processes`` on one machine share it). Returns (estimate, free bytes, what
-    the free figure is)."""
+    process's container leaves; ``processes`` on one machine share it); ``options``: the memory options the
+    caller offers, by name (see ``Distiller.check_memory``). Returns (estimate, free bytes, what the free
+    figure is)."""
     d = run.distiller
     est = d.estimate_memory(teacher_resident=True)
     kw = {"force_full_load": True} if force_full_load else {}
     mm.load_models_gpu([teacher], memory_required=est.total, **kw)
     host_free = (comfy_free or mm.get_free_memory)(device)
     free, where = resources.free_memory(device, host_free)
-    d.check_memory(free, teacher_resident=True, extra_fixes=extra_fixes, processes=processes, where=where)
+    d.check_memory(free, teacher_resident=True, extra_fixes=extra_fixes, processes=processes, where=where,
+                   options=options)
     return est, free, where
 
 

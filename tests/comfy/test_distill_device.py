@@ -113,8 +113,9 @@ def _run(env, monkeypatch, **cfg):
     return audit, off_device, res, trained
 
 
-@pytest.mark.parametrize("cfg", [{}, {"gradient_checkpointing": True, "ema_decay": 0.999, "grad_accum": 2}],
-                         ids=["plain", "checkpointing+ema+accumulation"])
+@pytest.mark.parametrize("cfg", [{}, {"gradient_checkpointing": True, "ema_decay": 0.999, "grad_accum": 2},
+                                 {"selective_recompute": True, "ema_decay": 0.99, "ema_on_host": True}],
+                         ids=["plain", "checkpointing+ema+accumulation", "selective+ema-on-host"])
 def test_every_parameter_and_activation_of_a_step_is_on_the_chosen_device(env, monkeypatch, cfg):
     audit, off_device, res, trained = _run(env, monkeypatch, **cfg)
     assert res.steps_done == 2 and len(res.losses) == 2

@@ -73,10 +73,11 @@ def executor_call(N, student, teacher, **kw):
         return N.DistillStudentUNet.execute(student=[student], teacher=[teacher], **listed).args
 
 
-def load_data(name, saved_latents=None):
+def load_data(name, saved_latents=None, heldout_fraction=0.0):
+    """Load Distillation Dataset's output (nothing held out unless asked: these tests compare whole datasets)."""
     from distilled_unets.nodes import datasets as DN
 
-    return DN.LoadDistillationDataset.execute([name], saved_latents).args[0]
+    return DN.LoadDistillationDataset.execute([name], saved_latents, [heldout_fraction]).args[0]
 
 
 # ---- ComfyUI's list formats -------------------------------------------------------------------------

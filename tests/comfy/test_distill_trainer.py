@@ -38,7 +38,7 @@ STUDENT = Topology("sd1", 320, (1, 2), (1, 1), (1, 1), (1, 1, 1, 1), 1, 768, Fal
 STEPS, EVERY = 8, 4
 SAMPLES, SHARD = 16, 2  # one shard of NaN samples hits at most 2 of the 4 steps of an epoch (the streak limit is 5)
 LAUNCH_TIMEOUT = 240
-COMMON = ["--lr", "5e-5", "--ema-decay", "0.9", "--seed", "3", "--no-progress"]
+COMMON = ["--lr", "5e-5", "--ema-decay", "0.9", "--seed", "3", "--no-progress", "--heldout-fraction", "0"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,23 +29,60 @@ def prepare(latent, cond):
     return latent[0] * 2.0, cond[0][0][0], None
 
 
-def test_streams_shard_by_shard_and_matches_the_samples(tmp_path):
+@pytest.mark.parametrize("index", [True, False])
+def test_streams_shard_by_shard_and_matches_the_samples(tmp_path, index):
+    """Indexed: a batch parses no shard and opens only the files its samples are in; not indexed (the fallback):
+    it parses only those shards."""
     sizes = [(4, 4)] * 5 + [(4, 6)] * 3
     lat, cond = write_dataset(tmp_path, sizes)
-    ds = DS.ShardedDataset(str(tmp_path), prepare, cache_shards=1)
+    ds = DS.ShardedDataset(str(tmp_path), prepare, max_open=1, index=index)
+    assert ds.indexed == index
     assert len(ds) == 8 and ds.channels == 4 and ds.context_dim == 16 and ds.max_tokens == 7 and not ds.has_y
     buckets = ds.buckets()
     assert [(s, ix) for s, ix in buckets] == [((4, 4, 4), [0, 1, 2, 3, 4]), ((4, 4, 6), [5, 6, 7])]
     loads = []
     orig = DS.load_shard
+    ds.close()
     try:
         DS.load_shard = lambda path, **kw: (loads.append(os.path.basename(path)), orig(path, **kw))[1]
         x0, ctx, y = ds.batch(torch.tensor([4, 3]))
     finally:
         DS.load_shard = orig
-    assert loads == ["shard_0001.pkl"], "a batch reads only the shards its samples are in"
+    if index:
+        assert loads == [] and [os.path.basename(ds.files[s]) for s in ds._open] == ["shard_0001.pkl"]
+    else:
+        assert loads == ["shard_0001.pkl"], "a batch reads only the shards its samples are in"
     assert torch.equal(x0, torch.stack([lat[4]["samples"][0] * 2, lat[3]["samples"][0] * 2]))
     assert torch.equal(ctx[1], cond[3][0][0][0]) and y is None
+    # every sample, both ways, from batches spanning every shard (one file open at a time)
+    for picks in ([0, 4, 2, 1, 3], [7, 5, 6]):
+        x_all, c_all, _ = ds.batch(torch.tensor(picks))
+        for j, i in enumerate(picks):
+            assert torch.equal(x_all[j], lat[i]["samples"][0] * 2) and torch.equal(c_all[j], cond[i][0][0][0])
+    assert len(ds._open) <= 1 and len(ds._cache) <= 1
+    ds.close()
+
+
+def test_the_index_reads_the_options_the_host_needs(tmp_path):
+    """SDXL-like conditioning options (a pooled tensor, sizes) come back from the index as the shard holds them."""
+    g = torch.Generator().manual_seed(3)
+    lat = [{"samples": torch.randn(1, 4, 4, 4, generator=g)} for _ in range(4)]
+    cond = [[[torch.randn(1, 5, 16, generator=g).half(), {"pooled_output": torch.randn(1, 8, generator=g),
+                                                           "width": 32 + i, "crop_w": 0}]] for i in range(4)]
+    write_training_dataset(tmp_path, lat, cond, 3)
+    seen = []
+
+    def keep(latent, c):
+        seen.append(c)
+        return latent[0], c[0][0][0].float(), c[0][1]["pooled_output"][0]
+
+    ds = DS.ShardedDataset(str(tmp_path), keep)
+    assert ds.indexed and ds.has_y
+    seen.clear()
+    _, ctx, y = ds.batch(torch.tensor([3, 1]))
+    assert [s[0][1]["width"] for s in seen] == [33, 35] or [s[0][1]["width"] for s in seen] == [35, 33]
+    assert torch.equal(ctx[0], cond[3][0][0][0].float()) and torch.equal(y[1], cond[1][0][1]["pooled_output"][0])
+    assert seen[0][0][0].dtype == torch.float16
 
 
 def test_a_shard_that_needs_a_full_unpickler_is_refused_with_its_name(tmp_path):

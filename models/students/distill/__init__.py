@@ -28,8 +28,9 @@ downsamples a level that the student does not, and ``+mid`` adds the mid-block o
 The package, by part:
 
 * ``plan.py`` - loss weights and the feature points paired between two topologies;
-* ``data.py`` - training samples (in memory; ``datasets.py`` streams ComfyUI's training datasets) and the
-  order they are drawn in, the same at any number of processes;
+* ``data.py`` - training samples (in memory; ``datasets.py`` streams ComfyUI's training datasets through a
+  sample index), the order they are drawn in (the same at any number of processes), a held-out split by seed,
+  and the prefetch thread that reads the next micro-batches while a step runs;
 * ``schedule.py`` - noising through the model's own sampling object;
 * ``unet.py`` - the attention override, gradient checkpointing and feature taps on ComfyUI's UNet;
 * ``memory.py`` - the up-front memory estimate;
@@ -45,7 +46,18 @@ The package, by part:
 from ..eval_hook import HELDOUT_KD, EvalSchedule
 from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, read_checkpoint_meta
 from .config import FEATURE_MODES, PRECISIONS, DistillConfig, TrainResult
-from .data import BatchOrder, KDData, check_finite, draw_batch, step_generator
+from .data import (
+    HELDOUT_MAX,
+    BatchOrder,
+    KDData,
+    Prefetcher,
+    Subset,
+    check_finite,
+    draw_batch,
+    heldout_indices,
+    split_heldout,
+    step_generator,
+)
 from .engine import Distiller
 from .errors import CheckpointError, DiskSpaceError, DistillError, NonFiniteError, RunFolderError, TrainingMemoryError
 from .memory import GIB, MemoryEstimate
@@ -72,4 +84,5 @@ __all__ = ["LossWeights", "PRESETS", "FeaturePoint", "FeaturePlan", "feature_pla
            "RunFolderError", "sdpa_attention", "draw_batch", "enable_gradient_checkpointing", "read_checkpoint_meta",
            "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "FEATURE_MODES", "PRECISIONS", "GIB", "step_generator",
            "unet_layout", "TRAIN_MODES", "loss_weights", "parse_loss_weights", "choose_block_map", "trainable_filter",
-           "EvalSchedule", "HELDOUT_KD", "BK_SDM_SAMPLES"]
+           "EvalSchedule", "HELDOUT_KD", "BK_SDM_SAMPLES", "HELDOUT_MAX", "Prefetcher", "Subset", "heldout_indices",
+           "split_heldout"]

@@ -11,6 +11,7 @@ file). :func:`size` is what one checkpoint weighs, from the trained parameters, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -58,7 +59,8 @@ def differences(meta: dict[str, str], config, global_batch: int) -> list[str]:
     """The settings of ``config`` (and the global batch) that differ from a checkpoint's, by name: empty when a
     run resumed from it reproduces the uninterrupted one (the data aside: compare ``meta["data"]``)."""
     old, new = json.loads(meta["config"]), json.loads(config.to_json())
-    diff = [k for k in REPRODUCING if old.get(k) != new.get(k)]
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}  # settings added since the checkpoint
+    diff = [k for k in REPRODUCING if old.get(k, defaults.get(k)) != new.get(k)]
     old_global = int(meta.get("global_batch", old.get("batch_size", 0)))
     if old_global != global_batch:
         diff.insert(0, f"global batch ({old_global} -> {global_batch})")
@@ -70,7 +72,8 @@ def run_key(config, global_batch: int, data_fingerprint: str, structure: str, tr
     processes), the data, the student's structure and what trains (the step count, checkpointing and evaluation
     settings aside)."""
     c = json.loads(config.to_json())
-    for k in ("steps", "checkpoint_every", "checkpoint_prefix", "heldout_every", "keep_checkpoints", "batch_size"):
+    for k in ("steps", "checkpoint_every", "checkpoint_prefix", "heldout_every", "keep_checkpoints", "batch_size",
+              "selective_recompute", "ema_on_host"):
         c.pop(k, None)
     raw = json.dumps([c, global_batch, data_fingerprint, structure, trainable], sort_keys=True)
     return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()

@@ -37,6 +37,10 @@ class DistillConfig:
     heldout_timesteps: int = 4
     attention: str = "sdpa"          # "sdpa": torch SDPA override; "host": the UNet's own backend
     max_nonfinite_steps: int = 5     # this many steps in a row with a non-finite loss or gradient stop the run
+    # memory (step.py, unet.py): neither changes the loss or the weights; ema_every > 1 changes the EMA's maths
+    selective_recompute: bool = False  # checkpointing off: recompute the element-wise ops, keep conv/matmul outputs
+    ema_on_host: bool = False        # the EMA in host memory (on a GPU: off the device), updated by a host thread
+    ema_every: int = 1               # update the EMA every N applied steps, with the product of their decays
 
     def validate(self) -> None:
         checks = [
@@ -52,6 +56,7 @@ class DistillConfig:
             (self.heldout_timesteps >= 1, "heldout_timesteps", "heldout_timesteps", "at least 1"),
             (self.attention in ("sdpa", "host"), "attention", "attention", "sdpa or host"),
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "max_nonfinite_steps", "at least 1"),
+            (self.ema_every >= 1, "ema_every", "ema_every", "at least 1 (1 = every step)"),
         ]
         for ok, attr, name, want in checks:
             if not ok:
@@ -72,7 +77,7 @@ class DistillConfig:
 #: settings that must equal the checkpoint's for a resumed run to reproduce the uninterrupted one (with the global
 #: batch, batch_size x processes, which the checkpoint records apart: any split of it over processes reproduces)
 REPRODUCING = ("grad_accum", "learning_rate", "weights", "features", "seed", "ema_decay",
-                "grad_clip", "weight_decay", "betas", "adam_eps", "precision")
+                "grad_clip", "weight_decay", "betas", "adam_eps", "precision", "ema_every")
 
 
 @dataclass

@@ -14,6 +14,10 @@ resumed from a checkpoint draws what the uninterrupted run drew.
 Per bucket, samples come in a stream of epoch permutations (every sample once per epoch); with several
 buckets, each global micro-batch picks its bucket at random, weighted by the bucket's size (as ComfyUI's
 ``TrainLoraNode`` does in bucket mode), and takes the next ``G`` samples of that bucket's stream.
+
+Also here: a held-out split of any data source (:func:`split_heldout`: a fixed set of samples chosen by seed, never
+trained on; :class:`Subset` is each side) and :class:`Prefetcher`, which prepares the next micro-batches in a
+background thread while the step runs (the same draws, in the same order: only when they are read changes).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -191,7 +196,7 @@ class BatchOrder:
 
     def __init__(self, seed: int, sizes: list[int]):
         self.seed, self.sizes = seed, list(sizes)
-        self.make_loss_weights = torch.tensor(self.sizes, dtype=torch.float64)
+        self.bucket_weights = torch.tensor(self.sizes, dtype=torch.float64)
         self._picks: list[int] = []
         self._counts: list[int] = []  # how many earlier picks of the same bucket, per micro-batch
         self._seen = [0] * len(self.sizes)
@@ -202,7 +207,7 @@ class BatchOrder:
             return 0, k
         while len(self._picks) <= k:
             j = len(self._picks)
-            b = int(torch.multinomial(self.make_loss_weights, 1, generator=step_generator(self.seed, "bucket", j)))
+            b = int(torch.multinomial(self.bucket_weights, 1, generator=step_generator(self.seed, "bucket", j)))
             self._picks.append(b)
             self._counts.append(self._seen[b])
             self._seen[b] += 1
@@ -237,3 +242,166 @@ def draw_batch(seed: int, step: int, micro: int, *, n_data: int | None = None, b
     noise = torch.randn((g, *shape), generator=gen, dtype=torch.float32)
     sl = slice(rank * batch_size, (rank + 1) * batch_size)
     return torch.tensor(idx, dtype=torch.long), t[sl].clone(), noise[sl].clone()
+
+
+# ------------------------------------------------------------------------------------------------
+# a held-out split of a data source
+# ------------------------------------------------------------------------------------------------
+
+#: the most samples a held-out split takes, whatever the fraction: the held-out batches (teacher outputs
+#: included) stay on the device for the whole run, and 128 samples x ``heldout_timesteps`` measure the error
+#: well enough
+HELDOUT_MAX = 128
+
+
+def heldout_indices(n: int, fraction: float, seed: int = 0, *, limit: int = HELDOUT_MAX) -> list[int]:
+    """The samples (of ``0..n-1``) a held-out split of ``fraction`` keeps out of training, sorted: ``round(fraction
+    x n)`` of them, at least 1 when ``fraction > 0`` and at most ``limit`` and ``n - 1``, chosen by a generator
+    seeded ``(seed, "heldout split")`` alone. So they depend on the data's size, the fraction and the seed, never
+    on the training draws, the number of processes or where a run resumes."""
+    if not 0 <= fraction < 1:
+        raise DistillError(f"the held-out fraction is {fraction!r}", "give a fraction in [0, 1) (0 = none)",
+                           input_name="heldout_fraction")
+    if fraction == 0 or n < 2:
+        return []
+    k = min(max(1, round(fraction * n)), limit, n - 1)
+    return sorted(torch.randperm(n, generator=step_generator(seed, "heldout split"))[:k].tolist())
+
+
+class Subset:
+    """Some samples of a data source, by their global indices (which :meth:`batch` keeps): the training or the
+    held-out side of a split. Follows the engine's data protocol; its fingerprint is the source's with the split."""
+
+    def __init__(self, source, keep, tag: str):
+        self.source = source
+        self._keep = sorted(int(i) for i in keep)
+        self._tag = tag
+        keep_set = set(self._keep)
+        self._buckets = [(shape, [i for i in ix if i in keep_set]) for shape, ix in source.buckets()]
+        self._buckets = [(shape, ix) for shape, ix in self._buckets if ix]
+        self.channels, self.context_dim = source.channels, source.context_dim
+        self.max_tokens, self.has_y = source.max_tokens, source.has_y
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    @property
+    def indices(self) -> list[int]:
+        return list(self._keep)
+
+    def buckets(self) -> list[tuple[tuple[int, ...], list[int]]]:
+        return [(shape, list(ix)) for shape, ix in self._buckets]
+
+    def batch(self, idx: torch.Tensor):
+        return self.source.batch(idx)
+
+    def fingerprint(self) -> str:
+        return hashlib.blake2b(f"{self.source.fingerprint()}|{self._tag}".encode(), digest_size=8).hexdigest()
+
+    def __getattr__(self, name: str):
+        """What a streamed source also has (AttributeError where the source has none, e.g. in memory): its shard
+        files and their digests (``shard_digests``, ``save_digests``, ``close``: a split reads the same files) and
+        ``layout_fingerprint`` (the identity checkpoints before content digests recorded) with the split: such a
+        checkpoint was trained on the whole source, so a split of it is other data."""
+        if name in ("shard_digests", "save_digests", "close"):
+            return getattr(self.source, name)
+        if name == "layout_fingerprint":
+            whole = getattr(self.source, name)
+            return lambda: hashlib.blake2b(f"{whole()}|{self._tag}".encode(), digest_size=8).hexdigest()
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+def split_heldout(source, fraction: float, seed: int = 0):
+    """(training side, held-out side or None, what was held out) of a data source: :func:`heldout_indices`."""
+    held = heldout_indices(len(source), fraction, seed)
+    if not held:
+        why = "a fraction of 0" if fraction == 0 else f"only {len(source)} sample(s)"
+        return source, None, f"none ({why}: nothing is held out)"
+    tag = f"heldout {fraction!r} seed {seed}"
+    out = set(held)
+    train = Subset(source, [i for i in range(len(source)) if i not in out], f"train | {tag}")
+    limit = " (the most a split takes)" if len(held) == HELDOUT_MAX and round(fraction * len(source)) > len(held) \
+        else ""
+    note = (f"{len(held)} of {len(source)} samples ({100 * len(held) / len(source):.2g} %{limit}), chosen by seed "
+            f"{seed}: never trained on")
+    return train, Subset(source, held, f"held | {tag}"), note
+
+
+# ------------------------------------------------------------------------------------------------
+# reading ahead
+# ------------------------------------------------------------------------------------------------
+
+class Prefetcher:
+    """Prepares items ``produce(*key)`` for ``keys``, in order, in one background thread, at most ``depth`` ahead
+    of :meth:`get` (``depth`` 0: made on demand, in the caller's thread). An error while producing is raised
+    by the :meth:`get` that would have returned that item; :meth:`close` stops the thread.
+
+    A thread rather than worker processes: reading a shard's bytes and the host's per-sample preparation release
+    the GIL or are short, the prepared batch needs no copy between processes, the data source is shared with the
+    run (one index, one bound on open files per process), and ``prepare`` (the teacher's model code) need not be
+    pickled into other processes."""
+
+    def __init__(self, produce: Callable, keys, depth: int = 2, *, name: str = "distilled_unets data"):
+        import queue
+        import threading
+
+        self._produce, self._keys, self.depth = produce, iter(keys), max(0, int(depth))
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=max(1, self.depth))
+        self._thread = None
+        if self.depth:
+            self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        import queue
+
+        for key in self._keys:
+            if self._stop.is_set():
+                return
+            try:
+                item = (key, self._produce(*key), None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                item = (key, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def get(self, *key):
+        """The item of ``key`` (the next key of the sequence)."""
+        if self._thread is None:
+            expected = next(self._keys, None)
+            if expected is not None and tuple(expected) != key:
+                raise RuntimeError(f"prefetch order: asked for {key}, the next is {tuple(expected)}")
+            return self._produce(*key)
+        import queue
+
+        while True:
+            try:
+                got, item, err = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError(f"prefetch: nothing more to read (asked for {key})") from None
+        if err is not None:
+            raise err
+        if tuple(got) != key:
+            raise RuntimeError(f"prefetch order: asked for {key}, the next is {tuple(got)}")
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            import queue
+
+            while self._thread.is_alive():
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    self._thread.join(timeout=0.05)
+            self._thread = None

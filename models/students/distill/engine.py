@@ -20,7 +20,7 @@ from ..eval_hook import HELDOUT_KD, EvalSchedule, Metrics, StudentEvaluator, met
 from . import checkpoints, distributed, resources
 from . import step as S
 from .config import DistillConfig, TrainResult, autocast_dtype
-from .data import BatchOrder, KDData, draw_batch, step_generator
+from .data import BatchOrder, KDData, Prefetcher, draw_batch, step_generator
 from .errors import DistillError, NonFiniteError, TrainingMemoryError
 from .memory import GIB, MemoryEstimate, activation_profile
 from .plan import feature_plan
@@ -46,13 +46,18 @@ class Distiller:
     ``trainable(name)`` selects the student parameters that train (ldm names inside the UNet); the rest stay
     bit-identical. Under ``torch.distributed`` each process trains its share of every global batch and DDP
     averages the gradients (``distributed.py``); ``batch_size`` is per process.
+
+    ``prefetch``: micro-batches read and prepared ahead by a background thread while the step runs (pinned on
+    CUDA, copied to the device without blocking); 0 reads each in the step loop. The draws and the results are
+    the same either way. ``ema_thread``: whether an EMA kept on the host (``ema_on_host``) is updated by a host
+    thread from pinned copies (None: on CUDA only; a CPU run's host is its device).
     """
 
     def __init__(self, *, teacher, student, teacher_topology: Topology, student_topology: Topology,
                  schedule: NoiseSchedule, data, config: DistillConfig, heldout: KDData | None = None,
                  trainable: Callable[[str], bool] | None = None, semantic=None,
                  device: torch.device | str | None = None, teacher_transformer_options: dict | None = None,
-                 teacher_dtype: torch.dtype | None = None, node: str = "DistillStudentUNet",
+                 teacher_dtype: torch.dtype | None = None, node: str = "DistillStudentUNet", prefetch: int = 2,
                  evaluator: StudentEvaluator | None = None, eval_schedule: EvalSchedule | None = None,
                  on_eval: Callable[[int, Metrics, bool], None] | None = None,
                  save_best: Callable[[int, dict[str, torch.Tensor]], None] | None = None):
@@ -83,6 +88,13 @@ class Distiller:
         self._buckets = data.buckets()
         self._order = BatchOrder(config.seed, [len(ix) for _, ix in self._buckets])
         self._estimates: dict[bool, MemoryEstimate] = {}
+        self.prefetch = max(0, int(prefetch))
+        self._feed: Prefetcher | None = None
+        self.data_waits: list[float] = []  # seconds each step of the last run waited for its data
+        self._wait = 0.0
+        self.ema_thread: bool | None = None
+        self._ema_job = None
+        self._params_copying = None
         self._run_id: str | None = None
         self._evals: list[dict] = []
         self._best: dict | None = None
@@ -285,26 +297,32 @@ class Distiller:
             vgg = (64 * 2 * px + 128 * 2 * px / 4 + 256 * 3 * px / 16) * 3 * 4
             for k in list(prof):
                 prof[k] += int(vgg)
+        mode = True if cfg.gradient_checkpointing else ("selective" if cfg.selective_recompute else False)
+        ema = self.trainable_params * 4 if cfg.ema_decay > 0 else 0
+        ema_host = bool(ema and cfg.ema_on_host and self.device.type != "cpu")
         est = MemoryEstimate(
             student_weights=student_w, teacher_weights=teacher_w, grads=self.trainable_params * 4,
-            optimizer=self.trainable_params * 8, ema=self.trainable_params * 4 if cfg.ema_decay > 0 else 0,
+            optimizer=self.trainable_params * 8, ema=0 if ema_host else ema,
             autocast_copies=self.trainable_params * itemsize if self.autocast is not None else 0,
-            activations=prof[cfg.gradient_checkpointing] * cfg.batch_size,
-            workspace=prof[("work", cfg.gradient_checkpointing)] * cfg.batch_size, batch_size=cfg.batch_size,
+            activations=prof[mode] * cfg.batch_size,
+            workspace=prof[("work", mode)] * cfg.batch_size, batch_size=cfg.batch_size,
             latent_hw=(int(h), int(w)), checkpointing=cfg.gradient_checkpointing,
-            trainable_params=self.trainable_params, per_sample_activations=prof)
+            trainable_params=self.trainable_params, per_sample_activations=prof,
+            selective=mode == "selective", accumulating=cfg.grad_accum > 1, host=2 * ema if ema_host else 0)
         self._estimates[teacher_resident] = est
         return est
 
     def check_memory(self, free_bytes: int | None = None, *, teacher_resident: bool = False,
                      extra_fixes: list[str] | None = None, headroom: float = 0.9, processes: int | None = None,
-                     where: str | None = None) -> MemoryEstimate:
+                     where: str | None = None, options: dict[str, str] | None = None) -> MemoryEstimate:
         """Raise :class:`TrainingMemoryError` (with the figures and the fix) if the run cannot fit.
 
         ``free_bytes`` (with ``where``, what that figure is): by default the process's own GPU's free memory, or
         on the CPU the RAM the process's cgroup (container) leaves (``resources.free_memory``). On the CPU the
         ``processes`` of this run on this machine (default: torchrun's ``LOCAL_WORLD_SIZE``) share that RAM,
-        so all of them together must fit; each GPU process has its own device."""
+        so all of them together must fit; each GPU process has its own device. ``options``: how the caller
+        names the memory options it offers (``{"selective_recompute": "--selective-recompute", "ema_on_host":
+        ...}``), suggested with their figures when they would help."""
         est = self.estimate_memory(teacher_resident=teacher_resident)
         if free_bytes is None:
             free, where = resources.free_memory(self.device)
@@ -315,9 +333,18 @@ class Distiller:
         if (est.total + extra) * n <= free * headroom:
             return est
         fixes = []
+        options = options or {}
+        if not est.checkpointing and not est.selective and "selective_recompute" in options:
+            alt = est.with_(selective=True)
+            fixes.append(f"{options['selective_recompute']} (the same loss and weights, a few per cent slower; "
+                         f"~{alt.total / GIB:.2f} GiB)")
         if not est.checkpointing:
             alt = est.with_(checkpointing=True)
             fixes.append(f"turn on gradient_checkpointing (~{alt.total / GIB:.2f} GiB)")
+        if est.ema and self.device.type != "cpu" and "ema_on_host" in options:
+            alt = est.with_(ema_on_host=True)
+            fixes.append(f"{options['ema_on_host']} (the EMA in host memory: ~{alt.total / GIB:.2f} GiB on the "
+                         "device)")
         for b in range(est.batch_size - 1, 0, -1):
             alt = est.with_(batch_size=b)
             if (alt.total + extra) * n <= free * headroom or b == 1:
@@ -384,7 +411,7 @@ class Distiller:
         if t is None:
             return None
         if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
+            return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
         return t.to(self.device)
 
     def _run_teacher(self, nb: NoisedBatch, ctx, y):
@@ -411,35 +438,50 @@ class Distiller:
                           num_timesteps=self.schedule.num_timesteps, rank=self.rank, world_size=self.world_size,
                           buckets=self._buckets, order=self._order)
 
-    def micro_batch(self, step: int, micro: int):
-        """(noised batch, context, y) of a micro-batch, on the device."""
+    def host_batch(self, step: int, micro: int):
+        """A micro-batch on the host: (x0, noise, timesteps, context, y) CPU tensors, pinned when the device is
+        CUDA. What the prefetch thread prepares while the steps before run."""
         idx, t, noise = self.draw(step, micro)
         x0, ctx, y = self.data.batch(idx)
+        out = (x0, noise, t, ctx, y)
+        if self.device.type == "cuda":
+            out = tuple(None if v is None else v.pin_memory() for v in out)
+        return out
+
+    def micro_batch(self, step: int, micro: int):
+        """(noised batch, context, y) of a micro-batch, on the device. The time it waits for the host batch
+        (read ahead by the prefetch thread, or read here) and for its copies to be queued counts as data wait."""
+        t0 = time.perf_counter()
+        feed = self._feed
+        x0, noise, t, ctx, y = feed.get(step, micro) if feed is not None else self.host_batch(step, micro)
         x0, noise, ctx, y = (self._to_device(v) for v in (x0, noise, ctx, y))
+        self._wait += time.perf_counter() - t0
         return self.schedule.noised(x0, noise, t), ctx, y
 
     # ---- held-out error -------------------------------------------------------------------------
     def _heldout_batches(self):
         """Fixed (x_in, timesteps, ctx, y, teacher output) batches: each held-out sample at
-        ``heldout_timesteps`` stratified timesteps with fixed noise, drawn per (sample, timestep) so that they do
-        not depend on how the samples are batched (the batch size per process)."""
+        ``heldout_timesteps`` stratified timesteps with fixed noise. Each (sample, stratum) draws its timestep and
+        noise from its own generator, seeded by the pair alone: the same whatever the batch size, the number of
+        processes or the run's seed, so every run on the same held-out samples is measured on the same inputs."""
         if self.heldout is None or len(self.heldout) == 0:
             return []
         k, T = self.cfg.heldout_timesteps, self.schedule.num_timesteps
         batches = []
         order = [(i, j) for j in range(k) for _, ix in self.heldout.buckets() for i in ix]
+        shape_of = {i: shape for shape, ix in self.heldout.buckets() for i in ix}
         for s in range(0, len(order), self.cfg.batch_size):
             chunk = order[s:s + self.cfg.batch_size]
             by_shape: dict = {}
             for i, j in chunk:  # a chunk never mixes latent sizes
-                by_shape.setdefault(self.heldout._shapes[i], []).append((i, j))
+                by_shape.setdefault(shape_of[i], []).append((i, j))
             for part in by_shape.values():
                 idx = torch.tensor([i for i, _ in part])
                 x0, ctx, y = self.heldout.batch(idx)
-                gens = [step_generator(self.cfg.seed, "heldout", i, j) for i, j in part]
-                u = [float(torch.rand(1, generator=g)) for g in gens]
-                t = torch.tensor([min(T - 1, int((j + uu) * T / k)) for (_, j), uu in zip(part, u)])
-                noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+                gens = [step_generator(0, "heldout", i, j) for i, j in part]
+                t = torch.tensor([min(T - 1, int((j + float(torch.rand((), generator=g))) * T / k))
+                                  for (_, j), g in zip(part, gens)])
+                noise = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=g) for g in gens])
                 x0, noise, ctx, y = (self._to_device(v) for v in (x0, noise, ctx, y))
                 nb = self.schedule.noised(x0, noise, t)
                 batches.append((nb, ctx, y, self._run_teacher(nb, ctx, y)))
@@ -479,6 +521,7 @@ class Distiller:
 
     def _save(self, model, step: int) -> str | None:
         """A checkpoint at ``step``, written by rank 0 (the others wait for it); its path on rank 0."""
+        S.ema_join(self)  # a host EMA update in flight lands first
         path = checkpoints.write(self, model, step) if distributed.is_writer() else None
         self._last_saved = step
         distributed.barrier()
@@ -491,9 +534,22 @@ class Distiller:
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                       fused=True if self.device.type == "cuda" else None)
         self._scaler = torch.amp.GradScaler(self.device.type) if self.autocast == torch.float16 else None
-        self._ema = {n: p.detach().clone() for n, p in zip(self.train_names, self._params)} \
-            if cfg.ema_decay > 0 else None
+        host = cfg.ema_on_host and self.device.type != "cpu"
+        self._ema = {n: (p.detach().to("cpu", copy=True) if host else p.detach().clone())
+                     for n, p in zip(self.train_names, self._params)} if cfg.ema_decay > 0 else None
         self._ema_updates = 0
+        self._ema_seen = 0  # the applied steps the EMA holds (ema_every > 1: fewer than _ema_updates)
+        self._ema_job = None
+        self._params_copying = None
+        thread = self.ema_thread if self.ema_thread is not None else self.device.type == "cuda"
+        self._ema_async = bool(self._ema is not None and cfg.ema_on_host and thread)
+        if self._ema_async:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pin = self.device.type == "cuda"
+            self._ema_staging = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for p in self._params]
+            self._ema_stream = torch.cuda.Stream(self.device) if pin else None
+            self._ema_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distilled_unets ema")
         self._losses: list[float] = []
         self._parts: dict[str, list[float]] = {}
         self._evals = []
@@ -502,6 +558,8 @@ class Distiller:
         self._skipped: list[int] = []
         self._heldout_before = float("nan")
         self._last_saved = -1
+        self._wait = 0.0
+        self.data_waits = []
         if self.semantic is not None:
             self.semantic = self.semantic.to(self.device)
 
@@ -509,7 +567,8 @@ class Distiller:
         cfg = self.cfg
         t0 = time.perf_counter()
         model = self._trainable_copy()
-        ckpt_handle = enable_gradient_checkpointing(model) if cfg.gradient_checkpointing else None
+        ckpt_handle = enable_gradient_checkpointing(model, selective=not cfg.gradient_checkpointing) \
+            if cfg.gradient_checkpointing or cfg.selective_recompute else None
         self._t_taps = Taps(self.teacher, {p.name: p.teacher for p in self.plan.points})
         self._s_taps = Taps(model, {p.name: p.student for p in self.plan.points})
         forward = distributed.wrap(model, self.device)
@@ -527,10 +586,14 @@ class Distiller:
             if resume:
                 start, notes = checkpoints.restore(self, model, resume, allow_changed_data=allow_changed_data)
                 self._restore_best()
+                self._ema_seen = self._ema_updates - self._ema_updates % cfg.ema_every  # what a checkpoint holds
             else:
                 first = self._evaluate(model, 0)
                 if first is not None and HELDOUT_KD in first:
                     self._heldout_before = first[HELDOUT_KD]
+            if self.prefetch:
+                self._feed = Prefetcher(self.host_batch, ((s, m) for s in range(start, cfg.steps)
+                                                          for m in range(cfg.grad_accum)), self.prefetch)
             phases["setup"] = time.perf_counter() - t0
             t_steps = time.perf_counter()
             for step in range(start, cfg.steps):
@@ -547,7 +610,9 @@ class Distiller:
                             raise err
                         cancelled = True
                         break
+                self._wait = 0.0
                 parts, finite = S.train_step(self, model, forward, step)
+                self.data_waits.append(self._wait)
                 self._losses.append(parts["loss"])
                 for k, v in parts.items():
                     if k != "loss":
@@ -573,8 +638,18 @@ class Distiller:
                 if progress is not None:
                     progress(done, cfg.steps, parts["loss"])
             phases["steps"] = time.perf_counter() - t_steps
+            phases["data_wait"] = sum(self.data_waits)
             result = self._finish(model, start, cancelled, [p for p in written if p], notes, t0, phases)
         finally:
+            if self._feed is not None:
+                self._feed.close()
+                self._feed = None
+            if getattr(self, "_ema_async", False):
+                try:
+                    S.ema_join(self)
+                finally:
+                    self._ema_pool.shutdown(wait=True)
+                    self._ema_async, self._ema_staging, self._params_copying = False, None, None
             self._t_taps.remove()
             self._s_taps.remove()
             if ckpt_handle is not None:
@@ -608,6 +683,8 @@ class Distiller:
         after = final.get(HELDOUT_KD, float("nan")) if final else float("nan")
         after_raw = self._raw_after if self._ema is not None and math.isfinite(self._raw_after) else after
         if self._ema is not None and ema:
+            S.ema_catch_up(self)  # ema_every > 1: the steps after the last update
+            S.ema_join(self)
             with torch.no_grad():
                 named = dict(model.named_parameters())
                 for n in self.train_names:
@@ -660,6 +737,11 @@ class Distiller:
             rest = f", then {(phases['steps'] - phases['first_step']) / steady:.3f} s/step" if steady > 0 else ""
             lines.append(f"time: setup {phases['setup']:.1f} s (copy to the device, held-out teacher passes), first "
                          f"step {phases['first_step']:.2f} s{rest}")
+            if "data_wait" in phases and phases["steps"] > 0:
+                ahead = f"read {self.prefetch} micro-batch(es) ahead by a background thread" if self.prefetch \
+                    else "read in the step loop (no prefetch)"
+                lines.append(f"data: the steps waited {phases['data_wait']:.2f} s for their data "
+                             f"({100 * phases['data_wait'] / phases['steps']:.2g} % of the steps' time; {ahead})")
         if after is not None:
             ema = f" (EMA weights; raw weights {after_raw:.5f})" if cfg.ema_decay > 0 else ""
             lines.append(f"held-out output-KD error (MSE student vs teacher output): {self._heldout_before:.5f} "

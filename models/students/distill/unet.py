@@ -1,6 +1,7 @@
 """The engine's hooks into ComfyUI's openaimodel ``UNetModel`` (duck-typed: ``input_blocks``, ``middle_block``,
 ``output_blocks``): a fused-attention override with a backward on every device, gradient checkpointing of res
-blocks and transformers, and forward hooks that record the feature points' outputs."""
+blocks and transformers (whole, or selective: only the cheap element-wise ops recomputed), and forward hooks that
+record the feature points' outputs."""
 
 from __future__ import annotations
 
@@ -65,10 +66,42 @@ class _CheckpointHandle:
         self.layers = []
 
 
-def enable_gradient_checkpointing(unet) -> _CheckpointHandle:
+def _saved_ops() -> frozenset:
+    """The ops whose outputs selective recompute keeps: convolutions, matrix products and fused attention (what
+    costs compute to redo). Everything else (normalisations, activations, additions, casts, views) is redone."""
+    aten = torch.ops.aten
+    names = ("convolution", "mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward")
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+SAVED_OPS = _saved_ops()
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_context():
+    """The ``context_fn`` of selective recompute (torch's selective activation checkpointing)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def enable_gradient_checkpointing(unet, *, selective: bool = False) -> _CheckpointHandle:
     """Checkpoint every res block and transformer layer of ``unet`` (non-reentrant; a per-instance
-    ``forward`` so ComfyUI's isinstance dispatch in ``forward_timestep_embed`` still works)."""
+    ``forward`` so ComfyUI's isinstance dispatch in ``forward_timestep_embed`` still works).
+
+    ``selective``: keep the outputs of :data:`SAVED_OPS` (convolutions, matrix products, attention) and recompute
+    only the rest in backward: about a third less activation memory than no checkpointing (bk-small's structure),
+    where full checkpointing recomputes every layer. Either way the recomputed values are those of the forward
+    (the same ops on the same inputs), so the loss and the weights are the ones of no checkpointing."""
     patched = []
+    context = {"context_fn": selective_context} if selective else {}
     for layer in transformer_layers(unet):
         if not checkpointable(layer) or "forward" in layer.__dict__:
             continue
@@ -76,7 +109,7 @@ def enable_gradient_checkpointing(unet) -> _CheckpointHandle:
 
         def fwd(*args, _orig=orig, **kwargs):
             if torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(_orig, *args, use_reentrant=False, **kwargs)
+                return torch.utils.checkpoint.checkpoint(_orig, *args, use_reentrant=False, **context, **kwargs)
             return _orig(*args, **kwargs)
 
         layer.forward = fwd

@@ -27,6 +27,7 @@ from ..models.students import distill as D
 from ..models.students.distill import runs
 from .datasets import DISTILL_DATA, DistillDataset
 from .host import distill as H
+from .host import judging as J
 from .host.samples import make_kd_data, prepare_sample
 from .host.students import PACK_VERSION
 from .host.unet import node_errors
@@ -42,8 +43,12 @@ PRECISIONS = list(D.PRECISIONS)
 VGG_FOLDER = "vgg"
 NONE = "none"
 BK_SDM_SAMPLES = D.BK_SDM_SAMPLES
-#: what the best_metric input offers: the engine's own held-out error (more when an image evaluator is wired in)
-BEST_METRICS = [NONE, D.HELDOUT_KD]
+#: what the best_metric input offers: the engine's own held-out error, and the image metrics of the held-out
+#: evaluation (with the teacher's VAE connected; the CLIP ones with a CLIP vision model too)
+IMAGE_METRICS = ["psnr", "ssim", "ms_ssim"]
+CLIP_METRICS = ["clip_image_cosine", "fd_clip", "kid_clip", "cmmd"]
+BEST_METRICS = [NONE, D.HELDOUT_KD, *IMAGE_METRICS, *CLIP_METRICS]
+EVAL_SAMPLING_STEPS = 8  # Euler steps of the held-out images (the same noise for teacher and student)
 
 
 def _register_vgg_folder() -> None:
@@ -179,7 +184,7 @@ def distill(student, teacher, latents=None, conditioning=None, *, data=None, ste
             precision: str = "auto", heldout_latents=None, heldout_conditioning=None, resume_from: str = NONE,
             run_name: str = "distill", vgg16: str = NONE, task_weight: float = 1.0, output_weight: float = 1.0,
             feature_weight: float = 1.0, mid_weight: float = 1.0, vgg_weight: float = 1.0, keep_checkpoints: int = 2,
-            eval_every: int = 0, best_metric: str = NONE, node_id=None):
+            eval_every: int = 0, best_metric: str = NONE, vae=None, clip_vision=None, node_id=None):
     """(trained student MODEL, LOSS_MAP, report). The inputs are only read."""
     with torch.inference_mode(False):
         return _distill(**locals())
@@ -196,19 +201,32 @@ def _vgg(vgg16: str, teacher, weights):
     return H.vgg_loss(path, teacher, weights, node=NODE, input_name="vgg16")
 
 
-def _evaluator(teacher, held):
-    """The evaluator; None: the engine's own held-out output-KD error. (The image evaluator of
-    ``models/students/evaluate`` plugs in here, with optional vae / clip_vision inputs of the node.)"""
-    return None
+def _evaluator(teacher, held, vae, clip_vision, best_metric: str, *, prediction: str, seed: int):
+    """The image evaluator of the held-out samples (with the teacher's VAE), or None: then the engine's own
+    held-out output-KD error alone. A best metric that needs an input not connected is refused here."""
+    if vae is None:
+        if clip_vision is not None or best_metric in IMAGE_METRICS + CLIP_METRICS:
+            what = f"best_metric {best_metric}" if best_metric in IMAGE_METRICS + CLIP_METRICS else "clip_vision"
+            raise D.DistillError(f"{what} needs the held-out images, and no VAE is connected",
+                                 "connect the teacher's VAE to vae (Load Checkpoint's VAE), or pick heldout_kd",
+                                 node=NODE, input_name="vae")
+        return None
+    if clip_vision is None and best_metric in CLIP_METRICS:
+        raise D.DistillError(f"best_metric {best_metric} is a CLIP metric and no CLIP vision model is connected",
+                             "connect Load CLIP Vision to clip_vision, or pick psnr / ssim / heldout_kd", node=NODE,
+                             input_name="clip_vision")
+    with node_errors(NODE, "vae"):
+        return J.heldout_evaluator(teacher, held, vae, clip_vision, prediction=prediction,
+                                   steps=EVAL_SAMPLING_STEPS, seed=seed, node=NODE)
 
 
 def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size, gradient_accumulation, learning_rate,
              loss_weights, feature_points, train, seed, ema_decay, gradient_checkpointing, checkpoint_every,
              precision, heldout_latents, heldout_conditioning, resume_from, run_name, vgg16, task_weight,
              output_weight, feature_weight, mid_weight, vgg_weight, keep_checkpoints, eval_every, best_metric,
-             node_id):
+             vae, clip_vision, node_id):
     t_start = time.perf_counter()
-    H.check_predictions(teacher, student, NODE)
+    prediction, _ = H.check_predictions(teacher, student, NODE)
     if (heldout_latents is None) != (heldout_conditioning is None):
         raise D.DistillError("held-out latents and held-out conditioning must be given together",
                              "connect both, or neither (then the last ~10 % of the data are held out)", node=NODE,
@@ -247,7 +265,9 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
         _send_text(node_id, "evaluation at " + evals_text[-1])
 
     run = H.make_run(teacher, student, data, held, cfg, train=train, device=device, node=NODE, semantic=semantic,
-                     evaluator=_evaluator(teacher, held), eval_schedule=D.EvalSchedule(eval_every, best_metric),
+                     evaluator=_evaluator(teacher, held, vae, clip_vision, best_metric, prediction=prediction,
+                                          seed=seed),
+                     eval_schedule=D.EvalSchedule(eval_every, best_metric),
                      on_eval=on_eval, save_best=lambda step, state: best_state.update(step=step, state=state))
     d = run.distiller
     if ckpt_dir:  # the checkpoints kept must fit the disk
@@ -420,9 +440,18 @@ class DistillStudentUNet(io.ComfyNode):
                                      "before the first and after the last step only. The values go to the report "
                                      "and the loss map (eval_*)."),
                 io.Combo.Input("best_metric", options=BEST_METRICS, default=NONE, optional=True,
-                               tooltip="none: the MODEL output is the final weights. heldout_kd: the weights of "
-                                       "the evaluation with the lowest held-out output-KD error (needs held-out "
-                                       "samples)."),
+                               tooltip="none: the MODEL output is the final weights. Else the weights of the best "
+                                       "evaluation by this metric: heldout_kd (lowest held-out output-KD error), "
+                                       "psnr / ssim / ms_ssim (closest held-out images to the teacher's, same noise; "
+                                       "needs vae), clip_image_cosine / fd_clip / kid_clip / cmmd (needs vae and "
+                                       "clip_vision)."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="The teacher's VAE: each evaluation then samples the held-out captions with "
+                                     "teacher and student from the same noise (8 Euler steps), decodes them and "
+                                     "reports psnr, ssim, ms_ssim (Evaluate Student's metrics)."),
+                io.ClipVision.Input("clip_vision", optional=True,
+                                    tooltip="With vae: the CLIP metrics of the held-out images too "
+                                            "(clip_image_cosine, fd_clip, kid_clip, cmmd)."),
             ],
             outputs=[io.Model.Output(tooltip="The trained student (a new MODEL; the inputs are unchanged): the final "
                                              "weights, or the best evaluation's with best_metric."),
@@ -439,7 +468,7 @@ class DistillStudentUNet(io.ComfyNode):
                 latents=None, conditioning=None, data=None, heldout_latents=None, heldout_conditioning=None,
                 resume_from=NONE, run_name="distill", vgg16=NONE, task_weight=1.0, output_weight=1.0,
                 feature_weight=1.0, mid_weight=1.0, vgg_weight=1.0, keep_checkpoints=2, eval_every=0,
-                best_metric=NONE) -> io.NodeOutput:
+                best_metric=NONE, vae=None, clip_vision=None) -> io.NodeOutput:
         # is_input_list: the executor hands every input as a list; latents/conditioning stay lists (one value
         # or Make Training Dataset's many), the others must be one value each
         given = dict(locals())

@@ -92,6 +92,7 @@ FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "gradient_accumulatio
          "teacher": "--teacher", "student": "--student", "preset": "--preset", "vgg16": "--vgg16",
          "max_nonfinite_steps": "--max-nonfinite-steps", "keep_checkpoints": "--keep-checkpoints",
          "eval_every": "--eval-every", "best_metric": "--best-metric", "out": "--out", "save_dtype": "--save-dtype",
+         "vae": "--vae", "clip_vision": "--clip-vision",
          "heldout_fraction": "--heldout-fraction", "ema_every": "--ema-every"}
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SIGNAL = 0, 1, 2, 3, 130
 TENSORBOARD_HINT = "--tensorboard needs TensorBoard: pip install tensorboard (into the Python that runs this script)"
@@ -119,7 +120,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     d.add_argument("--eval-every", "--heldout-every", dest="eval_every", type=int, default=0,
                    help="evaluate every N steps (0: before the first and after the last step only)")
     d.add_argument("--best-metric", default="", help="keep the weights of the best evaluation by this metric as "
-                                                     "student-best.safetensors (heldout_kd)")
+                                                     "student-best.safetensors (heldout_kd; with --vae psnr, ssim, "
+                                                     "ms_ssim; with --clip-vision too clip_image_cosine, fd_clip, "
+                                                     "kid_clip, cmmd)")
+    d.add_argument("--vae", help="the teacher's VAE (a VAE file or the teacher's full checkpoint): every evaluation "
+                                 "then samples the held-out captions with teacher and student from the same noise, "
+                                 "decodes them and judges the images (psnr, ssim, ms_ssim)")
+    d.add_argument("--clip-vision", help="with --vae, a CLIP vision file: the CLIP metrics of those images too")
+    d.add_argument("--eval-sampling-steps", type=int, default=8, help="Euler steps of the held-out images")
     d.add_argument("--heldout-fraction", type=float, default=None,
                    help="hold this fraction of --data out of training (at most 128 samples, chosen by a fixed "
                         "seed, the same at any number of processes) and measure the held-out error on it; default "
@@ -280,10 +288,27 @@ def load_models(args):
     return teacher, student, f"preset {args.preset} built from the teacher{extra}"
 
 
-def make_evaluator(args, teacher, held):
-    """The evaluator of the run; None: the engine's own held-out output-KD error on ``held``. (The image
-    evaluator of ``models/students/evaluate`` plugs in here: it needs the teacher's VAE.)"""
-    return None
+def make_evaluator(args, rank: int, teacher, student, held):
+    """The image evaluator of the held-out samples (``--vae``, ``--clip-vision``; rank 0 loads them, the other
+    processes never evaluate), or None: the engine's held-out output-KD error alone."""
+    from distilled_unets.models.students import distill as D
+    from distilled_unets.nodes.host import distill as H
+    from distilled_unets.nodes.host import judging as J
+
+    if not args.vae:
+        if args.clip_vision:
+            raise D.DistillError("--clip-vision is given without --vae (the CLIP metrics judge the held-out images)",
+                                 "give the teacher's VAE with --vae too", input_name="--vae")
+        return None
+    for flag, path in (("--vae", args.vae), ("--clip-vision", args.clip_vision)):
+        if path and not os.path.isfile(path):
+            raise D.DistillError(f"{flag} {path} does not exist", f"give an existing file to {flag}", path=path,
+                                 input_name=flag)
+    prediction = H.check_predictions(teacher, student, NODE)[0]
+    vae = J.load_vae(args.vae) if rank == 0 else None
+    cv = J.load_clip_vision(args.clip_vision) if rank == 0 and args.clip_vision else None
+    return J.heldout_evaluator(teacher, held, vae, cv, prediction=prediction, steps=args.eval_sampling_steps,
+                               seed=args.seed, node=NODE, features=bool(args.clip_vision))
 
 
 def identity(args, world, run, data, held, student_what) -> dict:
@@ -359,7 +384,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
         if args.vgg16 else (None, None)
     hooks = {"on_eval": None, "save_best": None}
     run = H.make_run(teacher, student, data, held, cfg, train=TRAIN_CHOICES[args.train], device=device, node=NODE,
-                     semantic=semantic, evaluator=make_evaluator(args, teacher, held),
+                     semantic=semantic, evaluator=make_evaluator(args, rank, teacher, student, held),
                      eval_schedule=D.EvalSchedule(args.eval_every, args.best_metric),
                      on_eval=lambda *a: hooks["on_eval"](*a), save_best=lambda *a: hooks["save_best"](*a),
                      prefetch=args.prefetch)

@@ -50,7 +50,7 @@ HELDOUT_KD = "heldout_kd"
 
 #: metrics where smaller is better; every other metric is better when larger
 LOWER_IS_BETTER = frozenset({"heldout_kd", "fd_clip", "kid_clip", "cmmd", "fid", "fid_stats", "fid_stats_teacher",
-                             "kid", "mse", "lpips"})
+                             "kid"})
 
 
 def higher_is_better(metric: str) -> bool:

@@ -29,7 +29,15 @@ import comfy.samplers
 import numpy as np
 import torch
 
-from ...models.students.evaluate import EvaluationError, ImageSet, Judgement, format_report, judge
+from ...models.students.distill import NoiseSchedule
+from ...models.students.evaluate import (
+    EvaluationError,
+    HeldoutEvaluator,
+    ImageSet,
+    Judgement,
+    format_report,
+    judge,
+)
 from ...models.students.evaluate import metrics as M
 from ...models.students.evaluate import plan as P
 from ...models.students.evaluate.inception import InceptionFeatures, features_in_batches
@@ -492,3 +500,60 @@ def image_feature_fn(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:
     """images ``[N, H, W, 3]`` in 0..1 (8-bit values / 255) -> CLIP image embeddings: the in-training evaluator's
     ``image_features``."""
     return lambda images: image_embeddings(clip_vision, (images.float() * 255.0).round().clamp(0, 255).to(torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation while distilling (the engine calls it: models/students/eval_hook.py)
+
+
+def load_vae(path: str, input_name: str = "--vae"):
+    """ComfyUI's VAE from a VAE file or a full checkpoint (its ``first_stage_model.`` part); anything else is
+    refused naming the file."""
+    import comfy.sd
+    import comfy.utils
+
+    fix = "give the teacher's VAE: a VAE file (models/vae) or the teacher's full checkpoint"
+    if not os.path.isfile(path):
+        raise EvaluationError("the VAE file does not exist", fix, path=path, input_name=input_name)
+    try:
+        sd = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:
+        raise EvaluationError(f"the file cannot be read ({type(e).__name__}: {str(e)[:160]})", fix, path=path,
+                              input_name=input_name) from e
+    prefix = "first_stage_model."
+    if any(k.startswith(prefix) for k in sd):
+        sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
+    if not any(k.startswith(("decoder.", "post_quant_conv.")) for k in sd):
+        raise EvaluationError("this file holds no VAE decoder (no decoder.* tensors)", fix, path=path,
+                              input_name=input_name)
+    try:
+        return comfy.sd.VAE(sd=sd)
+    except Exception as e:
+        raise EvaluationError(f"ComfyUI cannot build a VAE from it ({type(e).__name__}: {str(e)[:160]})", fix,
+                              path=path, input_name=input_name) from e
+
+
+def heldout_evaluator(teacher, heldout, vae, clip_vision=None, *, prediction: str, steps: int = 8, seed: int = 0,
+                      node: str = "DistillStudentUNet", features: bool | None = None):
+    """The image evaluator of a distillation run (``models.students.evaluate.HeldoutEvaluator``): teacher MODEL
+    and student sampled from the same noise on the held-out conditionings, decoded by ``vae`` (the teacher's),
+    judged (PSNR, SSIM, MS-SSIM; the CLIP metrics with ``clip_vision``). None without held-out samples.
+
+    Under ``torchrun`` only rank 0 evaluates: the other processes pass ``vae`` / ``clip_vision`` None and
+    ``features`` (whether rank 0 has a CLIP vision model), so that every rank declares the same metrics."""
+    if heldout is None or len(heldout) == 0:
+        return None
+    if clip_vision is not None:
+        vision_tower(clip_vision, node=node, input_name="clip_vision")
+    schedule = NoiseSchedule(teacher.get_model_object("model_sampling"), prediction=prediction)
+    decode = latent_decoder(vae, teacher) if vae is not None else _rank0_only
+    if clip_vision is not None:
+        image_features = image_feature_fn(clip_vision)
+    else:
+        image_features = _rank0_only if features else None
+    return HeldoutEvaluator(teacher.model.diffusion_model, schedule, heldout, decode, image_features=image_features,
+                            steps=steps, seed=seed)
+
+
+def _rank0_only(*_):
+    raise RuntimeError("the held-out evaluation runs on rank 0 only")

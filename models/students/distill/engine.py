@@ -128,13 +128,16 @@ class Distiller:
         return checkpoints.size(self, self.cfg.steps if steps is None else steps)
 
     def _setup_evaluation(self, evaluator, schedule: EvalSchedule, on_eval, save_best) -> None:
-        """The evaluator (the held-out output-KD error when none is given and there are held-out samples),
-        its schedule, and the best metric checked against what the evaluator returns."""
+        """What is evaluated: the held-out output-KD error (``heldout_kd``) whenever there are held-out samples,
+        plus the given evaluator's metrics (the image metrics of ``students.evaluate``); its schedule, and the
+        best metric checked against what the evaluation returns."""
         self.eval_schedule = schedule
         self._on_eval, self._save_best = on_eval, save_best
-        self._own_eval = evaluator is None and self.heldout is not None and len(self.heldout) > 0
+        self._kd_eval = self.heldout is not None and len(self.heldout) > 0
         self.evaluator = evaluator
-        self.metric_names = (HELDOUT_KD,) if self._own_eval else metric_names(evaluator) if evaluator else ()
+        own = (HELDOUT_KD,) if self._kd_eval else ()
+        declared = metric_names(evaluator) if evaluator is not None else ()
+        self.metric_names = None if declared is None else own + tuple(declared)
         if schedule.every < 0:
             raise DistillError(f"eval_every is {schedule.every}", "set 0 (before and after the run) or more",
                                node=self.node, input_name="eval_every")
@@ -151,17 +154,27 @@ class Distiller:
 
     @property
     def evaluates(self) -> bool:
-        return self._own_eval or self.evaluator is not None
+        return self._kd_eval or self.evaluator is not None
 
     @contextlib.contextmanager
     def _eval_weights(self, model):
-        """The weights the run would save, swapped into the trained copy (the EMA ones when EMA is on: tensors
-        exchanged, nothing copied), in eval mode under ``no_grad``; everything as it was afterwards."""
+        """The weights the run would save, put into the trained copy (the EMA ones when EMA is on, as of its last
+        update: tensors exchanged where the EMA lives with the weights; copied in and back where it lives in host
+        memory, the raw weights kept there meanwhile), in eval mode under ``no_grad``; everything as it was
+        afterwards."""
         swap = self._ema is not None
         params = dict(zip(self.train_names, self._params))
+        kept: dict[str, torch.Tensor] = {}
         if swap:
-            for n, p in params.items():
-                p.data, self._ema[n] = self._ema[n], p.data
+            S.ema_join(self)  # a host EMA update in flight lands first
+            with torch.no_grad():
+                for n, p in params.items():
+                    e = self._ema[n]
+                    if e.device == p.device and e.dtype == p.dtype:
+                        p.data, self._ema[n] = e, p.data
+                    else:
+                        kept[n] = p.detach().to(e.device, copy=True)
+                        p.copy_(e)
         was_training = model.training
         model.eval()
         try:
@@ -170,8 +183,12 @@ class Distiller:
         finally:
             model.train(was_training)
             if swap:
-                for n, p in params.items():
-                    p.data, self._ema[n] = self._ema[n], p.data
+                with torch.no_grad():
+                    for n, p in params.items():
+                        if n in kept:
+                            p.copy_(kept.pop(n))
+                        else:
+                            p.data, self._ema[n] = self._ema[n], p.data
 
     def _evaluate(self, model, step: int, *, raw_too: bool = False) -> Metrics | None:
         """Evaluate the weights after ``step`` steps on rank 0 (the others wait) and share the metrics with every
@@ -182,7 +199,7 @@ class Distiller:
         state = None
         if distributed.is_writer():
             try:
-                if raw_too and self._own_eval and self._ema is not None:  # the raw weights too, for the report
+                if raw_too and self._kd_eval and self._ema is not None:  # the raw weights too, for the report
                     was_training = model.training
                     model.eval()
                     try:
@@ -190,8 +207,10 @@ class Distiller:
                     finally:
                         model.train(was_training)
                 with self._eval_weights(model) as m:
-                    got = self._heldout_metrics(m) if self._own_eval else self.evaluator(m, step)
-                    metrics = {str(k): float(v) for k, v in dict(got).items()}
+                    got = dict(self._heldout_metrics(m)) if self._kd_eval else {}
+                    if self.evaluator is not None:
+                        got.update(self.evaluator(m, step))
+                    metrics = {str(k): float(v) for k, v in got.items()}
                     best = self.eval_schedule.best_metric
                     if best and best not in metrics:
                         raise DistillError(f"the best metric {best!r} is not among the metrics the evaluation "
@@ -582,7 +601,7 @@ class Distiller:
         was_training = self.teacher.training
         self.teacher.eval()
         try:
-            self._held = self._heldout_batches() if self._own_eval and distributed.is_writer() else []
+            self._held = self._heldout_batches() if self._kd_eval and distributed.is_writer() else []
             if resume:
                 start, notes = checkpoints.restore(self, model, resume, allow_changed_data=allow_changed_data)
                 self._restore_best()

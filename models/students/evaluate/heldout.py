@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from .metrics import quantize
+from .metrics import ms_ssim_fits, quantize
 from .report import ImageSet, judge
 
 
@@ -72,6 +72,20 @@ class HeldoutEvaluator:
         order = [i for _, idx in samples.buckets() for i in idx]
         self.indices = order[:max_samples] if max_samples else order
         self._teacher_set: ImageSet | None = None
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics every call returns (``students.eval_hook``; their ``*_ci_low`` / ``*_ci_high`` bounds
+        come too): same-seed agreement always (``ms_ssim`` where every held-out size allows it), and with an image
+        feature function the CLIP metrics (the distribution distances from two held-out samples on)."""
+        keep = set(self.indices)
+        sizes = [(shape[-2] * 8, shape[-1] * 8) for shape, idx in self.samples.buckets() if keep.intersection(idx)]
+        names = ["psnr", "ssim"] + (["ms_ssim"] if sizes and all(ms_ssim_fits(h, w) for h, w in sizes) else [])
+        if self.image_features is not None:
+            names.append("clip_image_cosine")
+            if len(self.indices) >= 2:
+                names += ["fd_clip", "kid_clip", "kid_clip_std", "cmmd"]
+        return tuple(names)
 
     def _plan(self, device):
         sig, ts = self.schedule.tables(device)

@@ -13,33 +13,30 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..eval_hook import higher_is_better
 from . import metrics as M
 
-#: metric -> (higher is better, what it says); the keys are those of ``metrics.json`` and the evaluator
-INFO: dict[str, tuple[bool, str]] = {
-    "psnr": (True, "same-seed agreement with the teacher, dB (pixels; 30+ very close, <15 different pictures)"),
-    "ssim": (True, "same-seed structural similarity with the teacher (1 = identical)"),
-    "ms_ssim": (True, "same-seed multi-scale SSIM with the teacher (1 = identical)"),
-    "clip_image_cosine": (True, "same-seed cosine of CLIP image embeddings (1 = same content to CLIP)"),
-    "fd_clip": (False, "Frechet distance of the student's images from the teacher's in CLIP space (0 = same)"),
-    "kid_clip": (False, "KID in CLIP space, student vs teacher images (0 = same; unbiased, can be < 0)"),
-    "cmmd": (False, "CMMD (CLIP MMD, x1000) student vs teacher images; unbiased at small counts (0 = same)"),
-    "clip_score": (True, "cosine of image and prompt embeddings (BK-SDM: SD 1.4 0.2958, BK-SDM-Small 0.2677)"),
-    "clip_score_teacher": (True, "the teacher's CLIP score on the same prompts and seeds"),
-    "clip_score_ratio": (True, "student's CLIP score / teacher's (1 = follows the prompts as well)"),
-    "fid": (False, "FID of the student's images against the teacher's (Inception pool3; 0 = same)"),
-    "kid": (False, "KID (Inception) of the student's images against the teacher's (0 = same)"),
-    "fid_stats": (False, "FID against the reference statistics: absolute, paper-comparable at 30K images, 256 px"),
-    "fid_stats_teacher": (False, "the teacher's FID against the same reference statistics"),
-    "inception_score": (True, "Inception Score of the student's images (torch-fidelity, 10 splits)"),
-    "inception_score_teacher": (True, "the teacher's Inception Score"),
+#: metric -> what it says; the keys are those of ``metrics.json`` and the evaluator (which way is better:
+#: ``students.eval_hook.higher_is_better``, the one table of directions)
+INFO: dict[str, str] = {
+    "psnr": "same-seed agreement with the teacher, dB (pixels; 30+ very close, <15 different pictures)",
+    "ssim": "same-seed structural similarity with the teacher (1 = identical)",
+    "ms_ssim": "same-seed multi-scale SSIM with the teacher (1 = identical)",
+    "clip_image_cosine": "same-seed cosine of CLIP image embeddings (1 = same content to CLIP)",
+    "fd_clip": "Frechet distance of the student's images from the teacher's in CLIP space (0 = same)",
+    "kid_clip": "KID in CLIP space, student vs teacher images (0 = same; unbiased, can be < 0)",
+    "cmmd": "CMMD (CLIP MMD, x1000) student vs teacher images; unbiased at small counts (0 = same)",
+    "clip_score": "cosine of image and prompt embeddings (BK-SDM: SD 1.4 0.2958, BK-SDM-Small 0.2677)",
+    "clip_score_teacher": "the teacher's CLIP score on the same prompts and seeds",
+    "clip_score_ratio": "student's CLIP score / teacher's (1 = follows the prompts as well)",
+    "fid": "FID of the student's images against the teacher's (Inception pool3; 0 = same)",
+    "kid": "KID (Inception) of the student's images against the teacher's (0 = same)",
+    "fid_stats": "FID against the reference statistics: absolute, paper-comparable at 30K images, 256 px",
+    "fid_stats_teacher": "the teacher's FID against the same reference statistics",
+    "inception_score": "Inception Score of the student's images (torch-fidelity, 10 splits)",
+    "inception_score_teacher": "the teacher's Inception Score",
 }
 ORDER = list(INFO)
-
-
-def higher_is_better(metric: str) -> bool:
-    base = metric.split("_ci_")[0].removesuffix("_std")
-    return INFO.get(base, (True, ""))[0]
 
 
 @dataclass
@@ -196,8 +193,8 @@ def format_report(results: dict[str, Judgement], *, header: list[str] | None = N
                 continue
             lo_hi = j.ci.get(k)
             ci_s = f"{_fmt(lo_hi[0])} .. {_fmt(lo_hi[1])}" if lo_hi else "-"
-            better = "higher" if INFO[k][0] else "lower"
-            rows.append((k, _fmt(j.metrics[k]), ci_s, str(j.counts.get(k, "")), f"{INFO[k][1]}; {better} is better"))
+            better = "higher" if higher_is_better(k) else "lower"
+            rows.append((k, _fmt(j.metrics[k]), ci_s, str(j.counts.get(k, "")), f"{INFO[k]}; {better} is better"))
         widths = [max(len(r[c]) for r in rows) for c in range(4)]
         for r in rows:
             lines.append("  ".join(r[c].ljust(widths[c]) for c in range(4)) + "  " + r[4])

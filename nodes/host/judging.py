@@ -523,9 +523,9 @@ def load_vae(path: str, input_name: str = "--vae"):
     prefix = "first_stage_model."
     if any(k.startswith(prefix) for k in sd):
         sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
-    if not any(k.startswith(("decoder.", "post_quant_conv.")) for k in sd):
-        raise EvaluationError("this file holds no VAE decoder (no decoder.* tensors)", fix, path=path,
-                              input_name=input_name)
+    if not any(k.startswith(("decoder.", "taesd_decoder.")) for k in sd):
+        raise EvaluationError("this file holds no VAE decoder (no decoder.* or taesd_decoder.* tensors)", fix,
+                              path=path, input_name=input_name)
     try:
         return comfy.sd.VAE(sd=sd)
     except Exception as e:

@@ -298,6 +298,10 @@ class Subset:
     def fingerprint(self) -> str:
         return hashlib.blake2b(f"{self.source.fingerprint()}|{self._tag}".encode(), digest_size=8).hexdigest()
 
+    def describe(self) -> str:
+        what = self.source.describe() if hasattr(self.source, "describe") else f"{len(self.source)} samples"
+        return f"{len(self)} of {what}"
+
     def __getattr__(self, name: str):
         """What a streamed source also has (AttributeError where the source has none, e.g. in memory): its shard
         files and their digests (``shard_digests``, ``save_digests``, ``close``: a split reads the same files) and

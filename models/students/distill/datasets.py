@@ -62,9 +62,9 @@ def load_shard(path: str, *, mmap: bool = True) -> tuple[list, list]:
         raise DatasetError(f"the shard needs more than the weights-only loader allows ({str(e).splitlines()[0]})",
                            "remake the dataset with Save Training Dataset; never load shards of unknown origin "
                            "with a full unpickler", path=path) from e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        if mmap and "mmap" in str(e):  # an old (non-zip) torch.save format cannot be memory-mapped
-            return load_shard(path, mmap=False)
+    except Exception as e:  # torch's readers raise whatever a damaged archive or pickle makes them meet
+        if mmap and isinstance(e, RuntimeError) and "mmap" in str(e):  # an old (non-zip) torch.save format
+            return load_shard(path, mmap=False)                          # cannot be memory-mapped
         raise DatasetError(f"the shard cannot be read ({type(e).__name__}: {str(e)[:160]})",
                            "remake the dataset (the file is truncated or not a torch.save file)", path=path) from e
     ok = isinstance(data, dict) and isinstance(data.get("latents"), list) and \

@@ -213,6 +213,23 @@ def distill(student, teacher, latents=None, conditioning=None, *, data=None, ste
         return _distill(**locals())
 
 
+def read_vgg16(name: str):
+    """(frozen VGG16 features, path) of the file ``name`` under models/vgg, checked before any training."""
+    path = folder_paths.get_full_path(VGG_FOLDER, name)
+    if path is None:
+        raise WeightFileError(f"the VGG16 file '{name}' is not under models/{VGG_FOLDER}",
+                              "refresh the node list (press R) and pick an existing file", path=name,
+                              node=NODE, input_name="vgg16")
+    try:
+        tensors = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:
+        raise WeightFileError(f"the VGG16 file cannot be read ({type(e).__name__}: {str(e)[:160]})",
+                              "use a .safetensors (or weights-only .pth) torchvision VGG16 file", path=path,
+                              node=NODE, input_name="vgg16") from e
+    with node_errors(NODE, "vgg16"):
+        return V.load_vgg16(tensors, path=path), path
+
+
 def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size, gradient_accumulation, learning_rate,
              loss_weights, feature_points, train, seed, ema_decay, gradient_checkpointing, checkpoint_every,
              precision, heldout_latents, heldout_conditioning, resume_from, run_name, vgg16, task_weight,
@@ -244,19 +261,7 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
     weights = make_loss_weights(loss_weights, task_weight, output_weight, feature_weight, mid_weight, vgg_weight)
     semantic, vgg_note = None, None
     if vgg16 and vgg16 != NONE:
-        path = folder_paths.get_full_path(VGG_FOLDER, vgg16)
-        if path is None:
-            raise WeightFileError(f"the VGG16 file '{vgg16}' is not under models/{VGG_FOLDER}",
-                                  "refresh the node list (press R) and pick an existing file", path=vgg16,
-                                  node=NODE, input_name="vgg16")
-        try:
-            tensors = comfy.utils.load_torch_file(path, safe_load=True)
-        except Exception as e:
-            raise WeightFileError(f"the VGG16 file cannot be read ({type(e).__name__}: {str(e)[:160]})",
-                                  "use a .safetensors (or weights-only .pth) torchvision VGG16 file", path=path,
-                                  node=NODE, input_name="vgg16") from e
-        with node_errors(NODE, "vgg16"):
-            vgg = V.load_vgg16(tensors, path=path)
+        vgg, path = read_vgg16(vgg16)
         fmt = teacher.model.latent_format
         if getattr(fmt, "latent_rgb_factors", None) is None:
             raise D.DistillError("this model family has no latent->RGB preview factors for the VGG input",

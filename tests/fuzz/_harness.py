@@ -21,6 +21,7 @@ Counts per reader and outcome are kept in :data:`STATS` and printed at the end o
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import resource
 import shutil
@@ -31,7 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from distilled_unets.models.errors import PackError
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from . import _mutate as M
@@ -54,7 +57,9 @@ class Reader:
     ``load(path)`` is the entry point under test (its result goes to ``works``, which raises unless it is a
     working model); ``mutate(draw, path) -> label`` breaks a copy of a valid input in place. ``node`` and
     ``names``: the (node, input) pairs a typed error may name when a node reads the input (empty: a host-free
-    reader, whose errors name the file only). ``host``: needs ComfyUI.
+    reader, whose errors name the file only). ``host``: needs ComfyUI. ``setup(workdir)``: a context the cases
+    run in (e.g. ``workdir`` registered as a ComfyUI models folder, where the cases are written). ``refused``:
+    variants that are refused by design even unmutated (a pickled LoRA).
     """
 
     name: str
@@ -64,6 +69,11 @@ class Reader:
     mutate: Callable[[Callable, Path], str]
     names: tuple[tuple[str, str], ...] = ()
     host: bool = False
+    setup: Callable[[Path], contextlib.AbstractContextManager] | None = None
+    refused: tuple[str, ...] = ()
+
+    def context(self, workdir: Path) -> contextlib.AbstractContextManager:
+        return self.setup(workdir) if self.setup else contextlib.nullcontext()
 
 
 REGISTRY: dict[str, Reader] = {}
@@ -209,11 +219,10 @@ def case_name(n: int, src: Path) -> str:
     return f"case{n:05d}-{src.name}"
 
 
-def run_case(reader: Reader, draw, variants: dict[str, Path], workdir: Path, n: int,
-             place: Callable[[Path, str], Path] | None = None) -> str:
-    """One fuzz case: copy a drawn valid input to ``place(src, name)`` (default: ``workdir/name``), mutate it, run
-    the reader, count the outcome. Returns the outcome; a failure raises :class:`CaseFailure` whose message ends
-    with what was drawn to make the input."""
+def run_case(reader: Reader, draw, variants: dict[str, Path], workdir: Path, n: int) -> str:
+    """One fuzz case: copy a drawn valid input into ``workdir``, mutate it, run the reader, count the outcome.
+    Returns the outcome; a failure raises :class:`CaseFailure` whose message ends with what was drawn to make the
+    input."""
     drawn: list[str] = []
 
     def recorded(strategy, label=None):
@@ -225,8 +234,7 @@ def run_case(reader: Reader, draw, variants: dict[str, Path], workdir: Path, n: 
     variant = recorded(st.sampled_from(sorted(variants)), label="valid input")
     src = variants[variant]
     name = case_name(n, src)
-    dst = place(src, name) if place else workdir / name
-    case = copy_input(src, dst)
+    case = copy_input(src, workdir / name)
     try:
         label = reader.mutate(recorded, case)
         try:
@@ -242,3 +250,42 @@ def run_case(reader: Reader, draw, variants: dict[str, Path], workdir: Path, n: 
             shutil.rmtree(case, ignore_errors=True)
         elif case.exists():
             case.unlink()
+
+
+def fuzz(reader: Reader, variants: dict[str, Path], workdir: Path, cases: int, seed_: int) -> None:
+    """``cases`` inputs through ``reader``, drawn by Hypothesis from ``seed_``, written under ``workdir`` (inside
+    ``reader.context``). Every case runs; the failures are listed at the end, each with the draws that made its
+    input (no shrinking: the draws are the reproducer)."""
+    counter = itertools.count()
+    failures: list[str] = []
+
+    @seed(seed_)
+    @settings(max_examples=cases, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck), print_blob=False)
+    @given(st.data())
+    def one(data):
+        try:
+            run_case(reader, data.draw, variants, workdir, next(counter))
+        except CaseFailure as e:
+            failures.append(str(e))
+
+    before = STATS[reader.name].copy()
+    with reader.context(workdir):
+        one()
+    ran = STATS[reader.name] - before
+    if failures:
+        shown = int(os.environ.get("DISTILLED_UNETS_FUZZ_SHOW", "20"))
+        pytest.fail(f"{len(failures)} of {sum(ran.values())} inputs failed:\n\n" + "\n\n".join(failures[:shown]),
+                    pytrace=False)
+    assert ran["typed"] + ran["working"] == sum(ran.values()) > 0
+    if cases >= 50:  # the mutations reach both ends: refusals, and loads that work
+        assert ran["typed"] and ran["working"], dict(ran)
+
+
+def check_valid(reader: Reader, variants: dict[str, Path], workdir: Path) -> None:
+    """Every unmutated input is a working load (but those refused by design): the 'working' outcome is real."""
+    with reader.context(workdir):
+        for n, (variant, src) in enumerate(sorted(variants.items())):
+            case = copy_input(src, workdir / case_name(n, src))
+            want = "typed" if variant in reader.refused else "working"
+            assert classify(reader, case) == want, variant

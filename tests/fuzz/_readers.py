@@ -142,7 +142,8 @@ def make_diffusers_folder(folder: Path) -> dict[str, Path]:
     (sharded / "config.json").write_text(json.dumps(cfg))
     sched = folder / "sharded" / "scheduler"
     sched.mkdir()
-    (sched / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon", "num_train_timesteps": 1000}))
+    (sched / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon",
+                                                             "num_train_timesteps": 1000}))
     return {"folder": single, "sharded folder": sharded}
 
 

@@ -77,19 +77,27 @@ def load_shard(path: str, *, mmap: bool = True) -> tuple[list, list]:
 
 def _latent_tensor(entry, path: str) -> torch.Tensor:
     t = entry.get("samples") if isinstance(entry, dict) else entry
-    if not isinstance(t, torch.Tensor) or t.ndim not in (3, 4) or (t.ndim == 4 and t.shape[0] != 1):
-        raise DatasetError("a latent in the shard is not one [1, C, H, W] sample", "remake the dataset with Make "
-                           "Training Dataset", path=path)
+    if not isinstance(t, torch.Tensor) or t.ndim not in (3, 4) or (t.ndim == 4 and t.shape[0] != 1) \
+            or not t.is_floating_point() or min(t.shape[-3:]) < 1:
+        raise DatasetError("a latent in the shard is not one [1, C, H, W] sample of numbers", "remake the dataset "
+                           "with Make Training Dataset", path=path)
     return t if t.ndim == 4 else t[None]
 
 
 def _cond_tokens(cond, path: str) -> tuple[int, int]:
-    try:
-        c = cond[0][0]
-        return int(c.shape[-2]), int(c.shape[-1])
-    except (TypeError, IndexError, AttributeError) as e:
-        raise DatasetError("a conditioning in the shard is not a CONDITIONING ([[tensor, {...}], ...])",
-                           "remake the dataset with Make Training Dataset", path=path) from e
+    """(tokens, width) of one sample's conditioning: one CLIP Text Encode output, ``[[cond [1, L, D], {...}]]``
+    (or its one entry ``[cond, {...}]``), as Make Training Dataset stores it."""
+    def entry(x) -> bool:
+        return isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], torch.Tensor) and \
+            isinstance(x[1], dict)
+
+    e = cond if entry(cond) else cond[0] if isinstance(cond, (list, tuple)) and len(cond) == 1 else None
+    c = e[0] if entry(e) else None
+    if c is None or c.ndim not in (2, 3) or (c.ndim == 3 and c.shape[0] != 1) or not c.is_floating_point() \
+            or min(c.shape[-2:]) < 1:
+        raise DatasetError("a conditioning in the shard is not one CLIP Text Encode output ([[tensor [1, L, D], "
+                           "{...}]])", "remake the dataset with Make Training Dataset", path=path)
+    return int(c.shape[-2]), int(c.shape[-1])
 
 
 class ShardedDataset:
@@ -103,13 +111,18 @@ class ShardedDataset:
         self._cache: OrderedDict[int, tuple[list, list]] = OrderedDict()
         self._where: list[tuple[int, int]] = []   # global index -> (shard, position)
         self._shapes: list[tuple[int, ...]] = []
-        tokens, width = 0, None
+        tokens, width, channels = 0, None, None
         for s, path in enumerate(self.files):
             lats, conds = load_shard(path)
             for i, (lat, cond) in enumerate(zip(lats, conds)):
                 self._shapes.append(tuple(_latent_tensor(lat, path).shape[1:]))
                 n, d = _cond_tokens(cond, path)
                 tokens, width = max(tokens, n), d if width is None else width
+                channels = self._shapes[-1][0] if channels is None else channels
+                if (d, self._shapes[-1][0]) != (width, channels):  # one batch stacks them: one width, one C
+                    raise DatasetError(f"sample {i} of the shard has {self._shapes[-1][0]} latent channels and "
+                                       f"conditioning width {d}, the first sample {channels} and {width}",
+                                       "make the whole dataset with one VAE and one CLIP", path=path)
                 self._where.append((s, i))
         if not self._where:
             raise DatasetError("the dataset has no samples", "make the dataset from at least one image",
@@ -117,8 +130,9 @@ class ShardedDataset:
         meta = os.path.join(self.folder, "metadata.json")
         if os.path.isfile(meta):
             try:
-                declared = int(json.load(open(meta)).get("num_samples", len(self._where)))
-            except (ValueError, OSError, AttributeError):
+                with open(meta, encoding="utf-8") as f:
+                    declared = int(json.load(f).get("num_samples", len(self._where)))
+            except (ValueError, OSError, AttributeError, TypeError, OverflowError, RecursionError):
                 declared = len(self._where)
             if declared != len(self._where):
                 log.warning("dataset %s: metadata.json says %d samples, the shards hold %d (using the shards)",
@@ -152,7 +166,11 @@ class ShardedDataset:
     def _sample(self, i: int):
         s, pos = self._where[i]
         lats, conds = self._shard(s)
-        return self.prepare(_latent_tensor(lats[pos], self.files[s]).float(), conds[pos])
+        try:
+            return self.prepare(_latent_tensor(lats[pos], self.files[s]).float(), conds[pos])
+        except DistillError as e:  # what the host's conversion refuses: name the shard
+            e.path = e.path or self.files[s]
+            raise
 
     def batch(self, idx: torch.Tensor):
         """(x0, context, y) of samples ``idx`` as new CPU tensors (only their shards are read)."""

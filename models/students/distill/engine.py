@@ -300,7 +300,8 @@ class Distiller:
 
     def _setup(self, model):
         cfg = self.cfg
-        self._params = [dict(model.named_parameters())[n] for n in self.train_names]
+        named = dict(model.named_parameters())  # once: per name it walks every module
+        self._params = [named[n] for n in self.train_names]
         self._opt = torch.optim.AdamW(self._params, lr=cfg.learning_rate, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                       fused=True if self.device.type == "cuda" else None)
@@ -337,7 +338,12 @@ class Distiller:
         try:
             self._held = self._heldout_batches()
             if resume:
-                start, notes = checkpoints.restore(self, model, resume)
+                try:
+                    start, notes = checkpoints.restore(self, model, resume)
+                except DistillError as e:  # the checkpoint is the node's resume_from input
+                    e.node = e.node or self.node
+                    e.input_name = e.input_name or "resume_from"
+                    raise
             else:
                 self._heldout_before = self._heldout_error(model)
                 if self._held:

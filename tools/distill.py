@@ -510,15 +510,19 @@ def _loss_weights(spec: str):
 
 def _load_models(args, device):
     """(teacher MODEL, student MODEL, student description) as the pack's loader and builder make them."""
-    from distilled_unets.nodes.host.unet import load_distilled_unet
+    from distilled_unets.nodes.host.unet import load_distilled_unet, node_errors
     from distilled_unets.nodes.students import build_student
 
-    teacher, _ = load_distilled_unet(args.teacher, args.teacher_dtype, disable_dynamic=True)
+    with node_errors("tools/distill.py", "teacher"):  # a file's errors name its flag
+        teacher, _ = load_distilled_unet(args.teacher, args.teacher_dtype, disable_dynamic=True)
     if args.student:
-        student, _ = load_distilled_unet(args.student, "fp32", disable_dynamic=True)
+        with node_errors("tools/distill.py", "student"):
+            student, _ = load_distilled_unet(args.student, "fp32", disable_dynamic=True)
         what = f"student file {os.path.basename(args.student)}"
     else:
-        base = load_distilled_unet(args.base_student, "fp32", disable_dynamic=True)[0] if args.base_student else None
+        with node_errors("tools/distill.py", "--base-student"):
+            base = load_distilled_unet(args.base_student, "fp32", disable_dynamic=True)[0] if args.base_student \
+                else None
         student, _ = build_student(teacher, args.preset, base, os.path.basename(args.teacher),
                                    condconv_experts=args.condconv_experts, seed=args.seed)
         what = f"preset {args.preset} built from the teacher"
@@ -536,7 +540,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     from distilled_unets.models.students.distill.checkpoints import read_history
     from distilled_unets.models.students.distill.datasets import ShardedDataset, shard_files
     from distilled_unets.nodes.distill import BK_SDM_SAMPLES, block_map_for, student_unet_for_training, trainable_filter
-    from distilled_unets.nodes.host.unet import RECIPE_KEY, topology_of
+    from distilled_unets.nodes.host.unet import RECIPE_KEY, node_errors, topology_of
     from distilled_unets.nodes.students import PACK_VERSION, sampling_of
 
     t_start = time.perf_counter()
@@ -572,8 +576,10 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     from distilled_unets.nodes.host.samples import prepare_sample
 
     prepare = functools.partial(prepare_sample, teacher.model, node="tools/distill.py", input_name="--data")
-    data = ShardedDataset(args.data, prepare)
-    held = ShardedDataset(args.heldout_data, prepare) if args.heldout_data else None
+    with node_errors("tools/distill.py", "--data"):
+        data = ShardedDataset(args.data, prepare)
+    with node_errors("tools/distill.py", "--heldout-data"):
+        held = ShardedDataset(args.heldout_data, prepare) if args.heldout_data else None
     bm, bm_note = block_map_for(student, tt, st)
     trainable, units = trainable_filter(bm, TRAIN_CHOICES[args.train])
     tmodel = teacher.model

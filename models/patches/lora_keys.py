@@ -212,6 +212,11 @@ def _adapter(prefix: str, tensors: dict) -> tuple[tuple | None, str | None]:
     sh = _shapes(prefix, tensors)
     if ".alpha" in sh and math.prod(sh[".alpha"]) != 1:
         return None, f"alpha holds {math.prod(sh['.alpha'])} numbers, not one"
+    kinds = [name for name, suffixes in (("LoRA", [s for p in LORA_PAIRS for s in p]), ("LoHa", _LOHA),
+                                         ("LoKr", _LOKR), ("GLoRA", _GLORA), ("OFT", (".oft_blocks",)),
+                                         ("diff", _WHOLE)) if any(s in sh for s in suffixes)]
+    if len(kinds) > 1:  # ComfyUI would apply the last kind it reads, whole or not
+        return None, f"tensors of several adapter kinds ({', '.join(kinds)})"
     for up, down in LORA_PAIRS:
         if up in sh or down in sh:
             if up not in sh or down not in sh:

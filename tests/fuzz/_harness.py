@@ -21,6 +21,7 @@ Counts per reader and outcome are kept in :data:`STATS` and printed at the end o
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import resource
@@ -55,22 +56,25 @@ class Reader:
 
     ``make(folder) -> {variant: path}`` writes valid inputs (files or folders) once per session;
     ``load(path)`` is the entry point under test (its result goes to ``works``, which raises unless it is a
-    working model); ``mutate(draw, path) -> label`` breaks a copy of a valid input in place. ``node`` and
+    working model); ``mutate(draw, src, case) -> label`` writes a broken copy of the valid input ``src`` at
+    ``case`` (:func:`by_kind` makes one from mutations of bytes). ``node`` and
     ``names``: the (node, input) pairs a typed error may name when a node reads the input (empty: a host-free
     reader, whose errors name the file only). ``host``: needs ComfyUI. ``setup(workdir)``: a context the cases
     run in (e.g. ``workdir`` registered as a ComfyUI models folder, where the cases are written). ``refused``:
-    variants that are refused by design even unmutated (a pickled LoRA).
+    variants that are refused by design even unmutated (a pickled LoRA). ``ci_cases``: inputs per run unless
+    ``--fuzz-cases`` says otherwise (fewer where a working load costs a forward pass or a resumed run).
     """
 
     name: str
     make: Callable[[Path], dict[str, Path]]
     load: Callable[[Path], object]
     works: Callable[[object], None]
-    mutate: Callable[[Callable, Path], str]
+    mutate: Callable[[Callable, Path, Path], str]
     names: tuple[tuple[str, str], ...] = ()
     host: bool = False
     setup: Callable[[Path], contextlib.AbstractContextManager] | None = None
     refused: tuple[str, ...] = ()
+    ci_cases: int = 150
 
     def context(self, workdir: Path) -> contextlib.AbstractContextManager:
         return self.setup(workdir) if self.setup else contextlib.nullcontext()
@@ -89,36 +93,42 @@ def register(reader: Reader) -> Reader:
 # mutating inputs
 
 
-def mutate_file(draw, path: Path, mutation: M.Mutation) -> str:
-    data, label = mutation(draw, path.read_bytes())
-    path.write_bytes(data)
-    return label
+@functools.lru_cache(maxsize=64)
+def _bytes(src: Path) -> bytes:
+    """The bytes of a valid input file (written once per session, read once)."""
+    return src.read_bytes()
 
 
 def by_kind(safetensors: M.Mutation | None = None, json_: M.Mutation | None = None,
-            torch_: M.Mutation | None = None, npz: M.Mutation | None = None) -> Callable[[Callable, Path], str]:
-    """A ``mutate`` for a file or a folder: a folder loses a file, gains a stray one, or has one of its files
-    mutated by its kind (by extension; files of a kind without a mutation get the generic ones)."""
+            torch_: M.Mutation | None = None, npz: M.Mutation | None = None) -> Callable:
+    """A ``mutate(draw, src, case)`` for files and folders: a file is written to ``case`` mutated by its kind (by
+    extension; files of a kind without a mutation get the generic ones); a folder is copied to ``case``, then
+    loses a file, gains a stray one, or has one of its files mutated."""
     kinds = {".safetensors": safetensors or M.safetensors_file(), ".json": json_ or M.json_file,
              ".pkl": torch_ or M.any_file, ".ckpt": torch_ or M.any_file, ".pt": torch_ or M.any_file,
              ".pth": torch_ or M.any_file, ".npz": npz or M.npz_file}
 
-    def mutate(draw, path: Path) -> str:
-        if path.is_file():
-            return mutate_file(draw, path, kinds.get(path.suffix, M.any_file))
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+    def file(draw, src: Path, case: Path) -> str:
+        data, label = kinds.get(src.suffix, M.any_file)(draw, _bytes(src))
+        case.write_bytes(data)
+        return label
+
+    def mutate(draw, src: Path, case: Path) -> str:
+        if src.is_file():
+            return file(draw, src, case)
+        shutil.copytree(src, case)
+        files = sorted(p for p in case.rglob("*") if p.is_file())
         what = draw(st.sampled_from(["file"] * 6 + ["remove", "stray"]), label="folder mutation")
         if what == "remove":
-            victim = draw(st.sampled_from(files), label="remove")
-            victim.unlink()
+            draw(st.sampled_from(files), label="remove").unlink()
             return "folder: a file removed"
         if what == "stray":
             name = draw(st.sampled_from(["diffusion_pytorch_model.fp16.safetensors", "model.safetensors",
                                          "shard_0099.pkl", "notes.txt", "x.part"]), label="stray file")
-            (path / name).write_bytes(draw(st.binary(max_size=64), label="stray bytes"))
+            (case / name).write_bytes(draw(st.binary(max_size=64), label="stray bytes"))
             return "folder: stray file"
         target = draw(st.sampled_from(files), label="file")
-        return mutate_file(draw, target, kinds.get(target.suffix, M.any_file))
+        return file(draw, src / target.relative_to(case), target)
     return mutate
 
 
@@ -234,9 +244,9 @@ def run_case(reader: Reader, draw, variants: dict[str, Path], workdir: Path, n: 
     variant = recorded(st.sampled_from(sorted(variants)), label="valid input")
     src = variants[variant]
     name = case_name(n, src)
-    case = copy_input(src, workdir / name)
+    case = workdir / name
     try:
-        label = reader.mutate(recorded, case)
+        label = reader.mutate(recorded, src, case)
         try:
             out = classify(reader, case)
         except CaseFailure as e:

@@ -192,10 +192,14 @@ class _Errors(logging.Handler):
             self.lines.append(msg)
 
 
+@functools.lru_cache(maxsize=None)
+def _base_weights() -> dict:
+    return {k: v.clone() for k, v in tiny(STUDENT, seed=1).model.state_dict().items()}
+
+
 def lora_works(result) -> None:
     model, _, report = result
-    base = tiny(STUDENT, seed=1)
-    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    base, before = tiny(STUDENT, seed=1), _base_weights()
     handler = _Errors()
     logging.getLogger().addHandler(handler)
     try:
@@ -215,7 +219,7 @@ register(Reader("Distilled LoRA Loader (node)", make_loras, load_lora, lora_work
                 by_kind(safetensors=M.safetensors_file(LORA_FIELDS),
                         torch_=M.torch_file({"lora_unet_x.lora_up.weight": M.RunsCode()})),
                 names=(("DistilledLoraLoader", "lora_name"),), host=True,
-                setup=lambda workdir: registered("loras", workdir), refused=("pickled",)))
+                setup=lambda workdir: registered("loras", workdir), refused=("pickled",), ci_cases=100))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +269,7 @@ def _distiller(**cfg):
     from distilled_unets.models.students import distill as D
     from distilled_unets.nodes.host.unet import topology_of
 
-    teacher, student = tiny(TEACHER, seed=2), tiny(STUDENT, seed=1)
+    teacher, student = tiny(STUDENT, seed=2), tiny(MINI, seed=1)  # the smallest pair: a copy per case
     g = torch.Generator().manual_seed(0)
     data = D.KDData(torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 8, 768, generator=g) * 0.5)
     return D.Distiller(teacher=teacher.model.diffusion_model, student=student.model.diffusion_model,
@@ -288,7 +292,7 @@ def resume(path: Path):
 
 def resume_works(result) -> None:
     res, losses = result
-    student = tiny(STUDENT, seed=1).model.diffusion_model.state_dict()
+    student = tiny(MINI, seed=1).model.diffusion_model.state_dict()
     assert res.resumed_from == res.steps_done == RUN["steps"] and len(losses) == RUN["steps"]
     assert {k: tuple(v.shape) for k, v in res.state_dict.items()} == {k: tuple(v.shape) for k, v in student.items()}
 
@@ -297,7 +301,7 @@ register(Reader("distillation checkpoint given to resume", make_checkpoints, res
                 by_kind(safetensors=M.safetensors_file(("format", "version", "step", "optimizer_steps", "ema_updates",
                                                         "config", "data", "global_batch", "skipped_steps",
                                                         "heldout_before", "scaler", "trainable"))),
-                names=((NODE, "resume_from"), (NODE, "steps")), host=True))
+                names=((NODE, "resume_from"), (NODE, "steps")), host=True, ci_cases=60))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ import pytest
 
 from ._harness import FAMILIES, STATS
 
-#: inputs per reader in CI (each ComfyUI version runs the whole suite): a few hundred where a case costs
-#: milliseconds (header and metadata readers), fewer where a working load runs a UNet forward pass
-CI_CASES = 200
-CI_CASES_HOST = 120
+
+@pytest.fixture(scope="session")
+def fuzz_cases(request):
+    """Inputs per reader when set (``--fuzz-cases`` / ``DISTILLED_UNETS_FUZZ_CASES``), else None: each reader's
+    ``ci_cases``."""
+    return _option(request.config, "--fuzz-cases", "DISTILLED_UNETS_FUZZ_CASES")
 
 
 def _option(config, name: str, env: str):
@@ -25,13 +27,6 @@ def _option(config, name: str, env: str):
     if v is None and os.environ.get(env):
         v = int(os.environ[env])
     return v
-
-
-@pytest.fixture(scope="session")
-def fuzz_cases(request):
-    """(cases per host-free reader, cases per node reader)."""
-    n = _option(request.config, "--fuzz-cases", "DISTILLED_UNETS_FUZZ_CASES")
-    return (n, n) if n is not None else (CI_CASES, CI_CASES_HOST)
 
 
 @pytest.fixture(scope="session")

@@ -31,4 +31,4 @@ def test_valid_inputs_are_working_loads(name, valid, tmp_path):
 
 @pytest.mark.parametrize("name", NODE_READERS)
 def test_reader_survives_fuzzing(name, valid, tmp_path, fuzz_cases, fuzz_seed):
-    fuzz(REGISTRY[name], valid(name), tmp_path, fuzz_cases[1], fuzz_seed)
+    fuzz(REGISTRY[name], valid(name), tmp_path, fuzz_cases or REGISTRY[name].ci_cases, fuzz_seed)

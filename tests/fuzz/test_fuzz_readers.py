@@ -29,4 +29,4 @@ def test_valid_inputs_are_working_loads(name, valid, tmp_path):
 
 @pytest.mark.parametrize("name", HOST_FREE)
 def test_reader_survives_fuzzing(name, valid, tmp_path, fuzz_cases, fuzz_seed):
-    fuzz(REGISTRY[name], valid(name), tmp_path, fuzz_cases[0], fuzz_seed)
+    fuzz(REGISTRY[name], valid(name), tmp_path, fuzz_cases or REGISTRY[name].ci_cases, fuzz_seed)

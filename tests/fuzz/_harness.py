@@ -21,6 +21,7 @@ Counts per reader and outcome are kept in :data:`STATS` and printed at the end o
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import functools
 import itertools
 import os
@@ -142,8 +143,13 @@ class Hang(BaseException):
 
 
 @contextlib.contextmanager
-def limits(seconds: float = CASE_SECONDS, memory: int = CASE_MEMORY):
-    """A time limit (SIGALRM) and an address-space cap (RLIMIT_AS) around a case."""
+def limits(seconds: float | None = None, memory: int | None = None):
+    """A time limit (SIGALRM) and an address-space cap (RLIMIT_AS) around a case. SIGALRM cannot stop code that
+    never returns to Python; past twice the limit ``faulthandler`` prints every thread's stack and ends the
+    process, so even such a hang fails the run instead of stalling it."""
+    seconds = CASE_SECONDS if seconds is None else seconds
+    memory = CASE_MEMORY if memory is None else memory
+
     def on_alarm(signum, frame):
         raise Hang(f"the case ran past {seconds} s")
 
@@ -156,9 +162,11 @@ def limits(seconds: float = CASE_SECONDS, memory: int = CASE_MEMORY):
         cap = min(cap, old_as[1])
     resource.setrlimit(resource.RLIMIT_AS, (cap, old_as[1]))
     signal.setitimer(signal.ITIMER_REAL, seconds)
+    faulthandler.dump_traceback_later(2 * seconds, exit=True)
     try:
         yield
     finally:
+        faulthandler.cancel_dump_traceback_later()
         signal.setitimer(signal.ITIMER_REAL, 0)
         resource.setrlimit(resource.RLIMIT_AS, old_as)
         signal.signal(signal.SIGALRM, old_handler)

@@ -75,7 +75,7 @@ class Reader:
     host: bool = False
     setup: Callable[[Path], contextlib.AbstractContextManager] | None = None
     refused: tuple[str, ...] = ()
-    ci_cases: int = 150
+    ci_cases: int = 200
 
     def context(self, workdir: Path) -> contextlib.AbstractContextManager:
         return self.setup(workdir) if self.setup else contextlib.nullcontext()
@@ -271,13 +271,13 @@ def run_case(reader: Reader, draw, variants: dict[str, Path], workdir: Path, n: 
 
 
 def fuzz(reader: Reader, variants: dict[str, Path], workdir: Path, cases: int, seed_: int) -> None:
-    """``cases`` inputs through ``reader``, drawn by Hypothesis from ``seed_``, written under ``workdir`` (inside
-    ``reader.context``). Every case runs; the failures are listed at the end, each with the draws that made its
+    """``cases`` inputs through ``reader``, drawn by Hypothesis from ``seed_`` and the reader's name (readers of
+    similar files get different draws), written under ``workdir`` (inside ``reader.context``). Every case runs; the failures are listed at the end, each with the draws that made its
     input (no shrinking: the draws are the reproducer)."""
     counter = itertools.count()
     failures: list[str] = []
 
-    @seed(seed_)
+    @seed(f"{seed_}:{reader.name}")
     @settings(max_examples=cases, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck), print_blob=False)
     @given(st.data())

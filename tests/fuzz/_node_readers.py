@@ -219,7 +219,7 @@ register(Reader("Distilled LoRA Loader (node)", make_loras, load_lora, lora_work
                 by_kind(safetensors=M.safetensors_file(LORA_FIELDS),
                         torch_=M.torch_file({"lora_unet_x.lora_up.weight": M.RunsCode()})),
                 names=(("DistilledLoraLoader", "lora_name"),), host=True,
-                setup=lambda workdir: registered("loras", workdir), refused=("pickled",), ci_cases=100))
+                setup=lambda workdir: registered("loras", workdir), refused=("pickled",), ci_cases=150))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ register(Reader("distillation checkpoint given to resume", make_checkpoints, res
                 by_kind(safetensors=M.safetensors_file(("format", "version", "step", "optimizer_steps", "ema_updates",
                                                         "config", "data", "global_batch", "skipped_steps",
                                                         "heldout_before", "scaler", "trainable"))),
-                names=((NODE, "resume_from"), (NODE, "steps")), host=True, ci_cases=60))
+                names=((NODE, "resume_from"), (NODE, "steps")), host=True, ci_cases=100))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -272,8 +272,9 @@ def run_case(reader: Reader, draw, variants: dict[str, Path], workdir: Path, n: 
 
 def fuzz(reader: Reader, variants: dict[str, Path], workdir: Path, cases: int, seed_: int) -> None:
     """``cases`` inputs through ``reader``, drawn by Hypothesis from ``seed_`` and the reader's name (readers of
-    similar files get different draws), written under ``workdir`` (inside ``reader.context``). Every case runs; the failures are listed at the end, each with the draws that made its
-    input (no shrinking: the draws are the reproducer)."""
+    similar files get different draws), written under ``workdir`` (inside ``reader.context``). Every case runs;
+    the failures are listed at the end, each with the draws that made its input (no shrinking: the draws are the
+    reproducer)."""
     counter = itertools.count()
     failures: list[str] = []
 

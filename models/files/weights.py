@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import IncompleteModelError, WeightFileError
+from ..structure.topology import whole
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
@@ -116,17 +117,14 @@ def _entry(name: str, info, path: str) -> tuple[str, tuple[int, ...], tuple[int,
         return WeightFileError(f"tensor '{name}' has a malformed header entry ({what})", "download the file again",
                                path=path)
 
-    def count(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
     if not isinstance(info, dict):
         raise bad("not a table")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
         raise bad(f"dtype {short(dtype)} is none this loader reads: {', '.join(_DTYPE_BYTES)}")
-    if not isinstance(shape, list) or not all(count(d) for d in shape):
+    if not isinstance(shape, list) or not all(whole(d) for d in shape):
         raise bad(f"shape {short(shape)} is not a list of sizes")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(count(o) for o in offsets) \
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets) \
             or offsets[1] < offsets[0]:
         raise bad(f"data_offsets {short(offsets)} is not a [start, end] byte range")
     return dtype, tuple(shape), (offsets[0], offsets[1])

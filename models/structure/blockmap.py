@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from . import names
-from .topology import Topology, from_comfy_config
+from .topology import Topology, from_comfy_config, whole
 from .topology import problem as topology_problem
 
 CERTAIN, UNSURE, NEW = "certain", "unsure", "new"
@@ -161,6 +161,7 @@ class BlockMap:
             raise ValueError("the block map does not cover the student's units")
         origins = {TEACHER: names.unit_index(self.teacher),
                    BASE: names.unit_index(self.base) if self.base is not None else {}}
+
         def fits(layers, depth: int | None, of: int) -> bool:
             return layers is None or ((depth is None or len(layers) == depth) and all(x < of for x in layers))
 
@@ -177,7 +178,7 @@ class BlockMap:
 def _unit_source(key: str, s) -> UnitSource:
     """One unit's source read back, each field checked for its type."""
     def count_list(v) -> bool:
-        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+        return isinstance(v, list) and all(whole(x) for x in v)
 
     ok = isinstance(s, dict) and set(s) <= {f.name for f in fields(UnitSource)} and "origin" in s and "unit" in s
     ok = ok and s["origin"] in ORIGINS and (s["unit"] is None) == (s["origin"] == NEW) and \

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..errors import NotAUNetError
 from .names import diffusers_key_to_ldm
-from .topology import LIMITS, SDXL_ADM, Topology, family_of
+from .topology import LIMITS, SDXL_ADM, Topology, family_of, whole
 
 Shapes = dict  # key -> tuple of ints
 
@@ -387,8 +387,8 @@ def from_diffusers_config(config: dict) -> Topology:
     n = len(boc)
     lpb = config.get("layers_per_block", 2)
     lpb = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
-    if not (1 <= n <= LIMITS["levels"] and len(lpb) == n and all(_bounded(c, 1, LIMITS["width"]) for c in boc)
-            and all(_bounded(x, 0, LIMITS["res_blocks"]) for x in lpb)):
+    if not (1 <= n <= LIMITS["levels"] and len(lpb) == n and all(whole(c, 1, LIMITS["width"]) for c in boc)
+            and all(whole(x, 0, LIMITS["res_blocks"]) for x in lpb)):
         raise NotAUNetError("config.json has no usable block_out_channels / layers_per_block",
                             "download the folder's config.json again")
     mc = boc[0]
@@ -434,10 +434,6 @@ def from_diffusers_config(config: dict) -> Topology:
         transformer_depth_middle=mid, context_dim=ctx, use_linear=bool(config.get("use_linear_projection")),
         adm_in_channels=adm, in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
         disable_self_attn=tuple(dsa) if any(dsa) else None)
-
-
-def _bounded(v, lo: int, hi: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
 def _shape(v) -> tuple[int, ...]:

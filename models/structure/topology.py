@@ -128,10 +128,14 @@ class Topology:
 LIMITS = {"levels": 8, "res_blocks": 16, "depth": 64, "width": 65536, "mult": 64}
 
 
+def whole(v, lo: int = 0, hi: int | None = None) -> bool:
+    """``v`` is an integer (not a bool) in ``[lo, hi]``: a size or count read from a file."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v and (hi is None or v <= hi)
+
+
 def problem(t: Topology) -> str | None:
     """Why ``t`` (read from a file: a block map, a config) cannot be a UNet structure; None when it can."""
-    def ints(v, lo: int, hi: int) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+    ints = whole
 
     def int_tuple(v, lo: int, hi: int) -> bool:
         return isinstance(v, tuple) and all(ints(x, lo, hi) for x in v)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 
 from ..layouts import write_training_dataset
 from . import _mutate as M
+from ._harness import limits
 from ._readers import MINI, STUDENT, TEACHER, condconv_state, save, student_metadata, unet_layouts
 
 
@@ -58,10 +58,8 @@ def test_a_block_map_of_an_impossible_structure_is_refused_at_once():
     """A student config with 10**9 res blocks per level made the reader walk 10**9 units (a hang)."""
     d = json.loads(derive(TEACHER, STUDENT, built=True).to_json())
     d["student"]["num_res_blocks"] = [10 ** 9, 10 ** 9]
-    t0 = time.perf_counter()
-    with pytest.raises(ValueError, match="student structure: num_res_blocks"):
+    with limits(60), pytest.raises(ValueError, match="student structure: num_res_blocks"):  # a hang guard only
         BlockMap.from_json(json.dumps(d))
-    assert time.perf_counter() - t0 < 5  # generous: the walk it replaced did not end
 
 
 def test_a_block_map_naming_layers_its_source_lacks_is_refused():
@@ -151,7 +149,8 @@ def test_a_config_json_with_absurd_sizes_does_not_stop_the_load(tmp_path):
     d, cfg = _folder(tmp_path)
     for bad in ({"layers_per_block": 10 ** 9}, {"block_out_channels": [0, "64"]}, {"down_block_types": 5}):
         (d / "config.json").write_text(json.dumps(dict(cfg, **bad)))
-        assert read_unet(str(d)).topology == MINI
+        with limits(60):  # address space capped: the list of 10**9 blocks fails here instead of filling memory
+            assert read_unet(str(d)).topology == MINI
 
 
 def test_a_weight_index_of_the_wrong_structure_is_a_typed_error(tmp_path):

@@ -144,7 +144,7 @@ def _declared_samples(folder: str) -> int | None:
     try:
         with open(os.path.join(folder, "metadata.json"), encoding="utf-8") as f:
             return int(json.load(f)["num_samples"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return None
 
 

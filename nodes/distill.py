@@ -190,15 +190,25 @@ def distill(student, teacher, latents=None, conditioning=None, *, data=None, ste
         return _distill(**locals())
 
 
+def _vgg_path(name: str) -> str:
+    path = folder_paths.get_full_path(VGG_FOLDER, name)
+    if path is None:
+        raise WeightFileError(f"the VGG16 file '{name}' is not under models/{VGG_FOLDER}",
+                              "refresh the node list (press R) and pick an existing file", path=name,
+                              node=NODE, input_name="vgg16")
+    return path
+
+
+def read_vgg16(name: str):
+    """(frozen VGG16 features, path) of the file ``name`` under models/vgg, checked before any training."""
+    path = _vgg_path(name)
+    return H.read_vgg16(path, node=NODE, input_name="vgg16"), path
+
+
 def _vgg(vgg16: str, teacher, weights):
     if not vgg16 or vgg16 == NONE:
         return None, None
-    path = folder_paths.get_full_path(VGG_FOLDER, vgg16)
-    if path is None:
-        raise WeightFileError(f"the VGG16 file '{vgg16}' is not under models/{VGG_FOLDER}",
-                              "refresh the node list (press R) and pick an existing file", path=vgg16,
-                              node=NODE, input_name="vgg16")
-    return H.vgg_loss(path, teacher, weights, node=NODE, input_name="vgg16")
+    return H.vgg_loss(_vgg_path(vgg16), teacher, weights, node=NODE, input_name="vgg16")
 
 
 def _evaluator(teacher, held, vae, clip_vision, best_metric: str, *, prediction: str, seed: int):

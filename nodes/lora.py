@@ -17,7 +17,14 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..models.errors import LoraError
-from ..models.patches.lora_keys import LoraPlan, family_mismatch, plan_lora
+from ..models.patches.lora_keys import (
+    LoraPlan,
+    adapter_problem,
+    family_mismatch,
+    is_text_encoder,
+    plan_lora,
+    split_key,
+)
 from ..models.patches.multi_unet import stage_patchers
 from .host.unet import block_map_of_model, topology_of
 
@@ -69,8 +76,12 @@ def plan_for(patcher, tensors: dict, metadata: dict, *, apply_uncertain: bool, n
         raise LoraError(bad, "use a LoRA made for this model family (an SDXL LoRA needs an SDXL-family "
                         "UNet such as SSD-1B, Vega or KOALA; an SD1.5 LoRA needs BK-SDM/segmind v1)",
                         node=node, input_name="lora_name")
-    return plan_lora(tensors, topology, _unet_shapes(patcher), block_map=block_map_of_model(patcher),
-                     metadata=metadata, adapter_config=adapter_config, apply_uncertain=apply_uncertain)
+    try:
+        return plan_lora(tensors, topology, _unet_shapes(patcher), block_map=block_map_of_model(patcher),
+                         metadata=metadata, adapter_config=adapter_config, apply_uncertain=apply_uncertain)
+    except LoraError as e:
+        e.node, e.input_name = e.node or node, e.input_name or "lora_name"
+        raise
 
 
 def apply_lora(model, clip, tensors: dict, metadata: dict, strength_model: float, strength_clip: float, *,
@@ -93,7 +104,11 @@ def apply_lora(model, clip, tensors: dict, metadata: dict, strength_model: float
     te_prefixes = plans[0][2].text_encoder if plans else []
     if clip is not None:
         clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-        clip_loaded = comfy.lora.load_lora(tensors, clip_map, log_missing=False)
+        # text-encoder modules whose tensors ComfyUI could not apply stay out (the plan lists them as damaged)
+        damaged = {sp[0] for k in tensors if (sp := split_key(k)) and is_text_encoder(sp[0])
+                   and adapter_problem(sp[0], tensors)}
+        usable = {k: v for k, v in tensors.items() if not ((sp := split_key(k)) and sp[0] in damaged)}
+        clip_loaded = comfy.lora.load_lora(usable, clip_map, log_missing=False)
 
     unet_total = sum(len(pl.to_load) for _, _, pl, _ in plans)
     if model is not None and not any(pl.unet_modules for _, _, pl, _ in plans) and not clip_loaded:

@@ -92,6 +92,15 @@ def _setup_host() -> str | None:
     return None
 
 
+def pytest_addoption(parser):
+    group = parser.getgroup("fuzz", "the fuzz suite (tests/fuzz, docs/fuzzing.md)")
+    group.addoption("--fuzz-cases", type=int, default=None,
+                    help="inputs per reader (default: DISTILLED_UNETS_FUZZ_CASES, else the CI count in tests/fuzz)")
+    group.addoption("--fuzz-seed", type=int, default=None,
+                    help="Hypothesis seed of every reader's cases (default: DISTILLED_UNETS_FUZZ_SEED, else 0)")
+    group.addoption("--fuzz-report", default=None, help="write the per-reader counts as JSON to this file")
+
+
 def pytest_sessionstart(session):
     global _BEFORE
     if COMFYUI is not None:

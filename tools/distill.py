@@ -274,13 +274,16 @@ class Progress:
 def load_models(args):
     """(teacher MODEL, student MODEL, student description) as the pack's loader and builder make them."""
     from distilled_unets.nodes.host.students import build_student
-    from distilled_unets.nodes.host.unet import load_distilled_unet
+    from distilled_unets.nodes.host.unet import load_distilled_unet, node_errors
 
-    teacher, _ = load_distilled_unet(args.teacher, args.teacher_dtype, disable_dynamic=True)
+    with node_errors("tools/distill.py", "teacher"):  # a file's errors name its flag
+        teacher, _ = load_distilled_unet(args.teacher, args.teacher_dtype, disable_dynamic=True)
     if args.student:
-        student, _ = load_distilled_unet(args.student, "fp32", disable_dynamic=True)
+        with node_errors(NODE, "student"):
+            student, _ = load_distilled_unet(args.student, "fp32", disable_dynamic=True)
         return teacher, student, f"student file {os.path.basename(args.student)}"
-    base = load_distilled_unet(args.base_student, "fp32", disable_dynamic=True)[0] if args.base_student else None
+    with node_errors(NODE, "--base-student"):
+        base = load_distilled_unet(args.base_student, "fp32", disable_dynamic=True)[0] if args.base_student else None
     student, _ = build_student(teacher, args.preset, base, os.path.basename(args.teacher),
                                condconv_experts=args.condconv_experts, seed=args.seed)
     extra = (f", base {os.path.basename(args.base_student)}" if args.base_student else "") + \
@@ -336,7 +339,7 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
     from distilled_unets.nodes.host import distill as H
     from distilled_unets.nodes.host.samples import prepare_sample
     from distilled_unets.nodes.host.students import PACK_VERSION
-    from distilled_unets.nodes.host.unet import RECIPE_KEY
+    from distilled_unets.nodes.host.unet import RECIPE_KEY, node_errors
 
     t_start = time.perf_counter()
     out = runs.check_folder(args.out)
@@ -375,8 +378,10 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
             raise D.DistillError(what, fix, input_name=name)
     teacher, student, student_what = load_models(args)
     prepare = functools.partial(prepare_sample, teacher.model, node=NODE, input_name="--data")
-    data = ShardedDataset(args.data, prepare, max_open=args.open_shards)
-    held = ShardedDataset(args.heldout_data, prepare, max_open=args.open_shards) if args.heldout_data else None
+    with node_errors(NODE, "--data"):
+        data = ShardedDataset(args.data, prepare, max_open=args.open_shards)
+    with node_errors(NODE, "--heldout-data"):
+        held = ShardedDataset(args.heldout_data, prepare, max_open=args.open_shards) if args.heldout_data else None
     held_note = f"the samples of {held.describe()}" if held is not None else None
     if held is None:
         data, held, held_note = D.split_heldout(data, fraction)

@@ -86,14 +86,18 @@ def read_unet(path: str) -> UnetFile:
     n = len(det.prefix)
     for file_path, experts in cc.items():  # the routing tensors go where their conv goes
         rel = file_path[n:]
-        ldm = det.key_map[f"{rel}.weight"][: -len(".weight")]
+        ldm = det.key_map.get(f"{rel}.weight", "") if file_path.startswith(det.prefix) else ""
+        if not ldm.endswith(".weight"):
+            raise NotAUNetError(f"'{file_path}' has CondConv experts but is no convolution of the UNet",
+                                "the file is damaged; download it again", path=src.name)
+        ldm = ldm[: -len(".weight")]
         for name in ("routing_weight", "routing_bias"):
             det.key_map[f"{rel}.{name}"] = f"{ldm}.{name}"
         condconv[ldm] = experts
     if src.config is not None and "block_out_channels" in src.config:
         try:
             cfg_topo = from_diffusers_config(src.config)
-        except (KeyError, TypeError, ValueError, PackError):
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError):  # PackError too
             cfg_topo = None
         if cfg_topo is not None and cfg_topo.signature() != det.topology.signature():
             log.warning("config.json of %s describes %s, but the weights are %s; using the weights",
@@ -127,12 +131,12 @@ def prediction_hint(f: UnetFile) -> tuple[str | None, bool, str]:
             try:
                 with open(sched, encoding="utf-8") as fh:
                     cfg = json.load(fh)
-                p = cfg.get("prediction_type")
-                if p:
-                    zsnr = zsnr or bool(cfg.get("rescale_betas_zero_snr"))
-                    return _pred(p), zsnr, "scheduler_config.json"
-            except (OSError, json.JSONDecodeError):
-                pass
+            except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8, not JSON
+                cfg = None
+            p = cfg.get("prediction_type") if isinstance(cfg, dict) else None
+            if isinstance(p, str) and p:
+                zsnr = zsnr or bool(cfg.get("rescale_betas_zero_snr"))
+                return _pred(p), zsnr, "scheduler_config.json"
     for key in (META_PREDICTION, "modelspec.prediction_type", "modelspec.predict_key"):
         p = str(meta.get(key, "")).strip().lower()
         if p:
@@ -191,14 +195,10 @@ def block_map_of(meta: dict, topology: Topology) -> BlockMap | None:
     if not raw:
         return None
     try:
-        bm = BlockMap.from_json(raw)
+        return BlockMap.from_json(raw, topology)
     except ValueError as e:
         log.warning("ignoring the file's block map: %s", e)
         return None
-    if bm.student.signature() != topology.signature():
-        log.warning("ignoring the file's block map: it describes another structure")
-        return None
-    return bm
 
 
 def recipe_lines(recipe: dict, bm: BlockMap | None) -> list[str]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import IncompleteModelError, WeightFileError
+from ..structure.topology import whole
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
@@ -31,7 +32,7 @@ DIFFUSERS_NAMES = (
     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin",
 )
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -68,35 +69,65 @@ def inspect_safetensors(path: str) -> tuple[dict, dict]:
                               path=path) from e
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise WeightFileError("the safetensors header is not valid JSON; the file is corrupt",
                               "download the file again", path=path) from e
     if not isinstance(header, dict):
         raise WeightFileError("the safetensors header is not a table of tensors", "download the file again", path=path)
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise WeightFileError("the safetensors metadata is not a table of strings; the file is corrupt",
+                              "download the file again", path=path)
     data_len = size - 8 - n
-    end = 0
-    shapes = {}
+    shapes, spans = {}, []
     for name, info in header.items():
-        try:
-            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise WeightFileError(f"tensor '{name}' has a malformed header entry", "download the file again",
-                                  path=path) from e
-        want = math.prod(shape) * _DTYPE_BYTES.get(dtype, 0)
-        if _DTYPE_BYTES.get(dtype) and b - a != want:
+        dtype, shape, offsets = _entry(name, info, path)
+        a, b = offsets
+        want = math.prod(shape) * _DTYPE_BYTES[dtype]
+        if b - a != want:
             raise WeightFileError(f"tensor '{name}' claims {b - a} bytes but {dtype}{list(shape)} needs {want}",
                                   "download the file again", path=path)
-        if a < 0 or b < a or b > data_len:
+        if b > data_len:
             raise WeightFileError(
                 f"the file is truncated: tensor '{name}' ends at byte {b} of a {data_len}-byte data section "
                 f"({size} bytes on disk)", "the download was cut off; download the file again", path=path)
-        end = max(end, b)
-        shapes[name] = (dtype, tuple(shape))
+        shapes[name] = (dtype, shape)
+        spans.append((a, b, name))
+    end = 0
+    for a, b, name in sorted(spans):  # the data section is covered exactly: no overlap, no hole
+        if a != end:
+            raise WeightFileError(f"tensor '{name}' starts at byte {a} of the data section, where "
+                                  + ("another tensor ends at" if a < end else "a gap follows the tensors before it, at")
+                                  + f" byte {end}; the file is corrupt", "download the file again", path=path)
+        end = b
     if end != data_len:
         raise WeightFileError(f"the data section is {data_len} bytes but the tensors end at byte {end}; the file "
                               "is corrupt", "download the file again", path=path)
     return shapes, meta
+
+
+def _entry(name: str, info, path: str) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """(dtype, shape, (start, end)) of one header entry, each checked for its type and range."""
+    def short(v) -> str:
+        r = repr(v)
+        return r if len(r) <= 60 else r[:57] + "..."
+
+    def bad(what: str) -> WeightFileError:
+        return WeightFileError(f"tensor '{name}' has a malformed header entry ({what})", "download the file again",
+                               path=path)
+
+    if not isinstance(info, dict):
+        raise bad("not a table")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+        raise bad(f"dtype {short(dtype)} is none this loader reads: {', '.join(_DTYPE_BYTES)}")
+    if not isinstance(shape, list) or not all(whole(d) for d in shape):
+        raise bad(f"shape {short(shape)} is not a list of sizes")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets) \
+            or offsets[1] < offsets[0]:
+        raise bad(f"data_offsets {short(offsets)} is not a [start, end] byte range")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
 def _torch_load(path: str):
@@ -111,13 +142,13 @@ def _torch_load(path: str):
                               "pack never runs pickled code",
                               "get the .safetensors version of the model (or convert it in a trusted "
                               "environment)", path=path) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # torch's readers raise whatever a damaged archive or pickle makes them meet
         raise WeightFileError(f"the file cannot be read as torch weights ({type(e).__name__}: {str(e)[:120]})",
                               "download the file again, preferably the .safetensors version", path=path) from e
     for k in ("state_dict", "module", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(k), dict) and len(sd) < 8:
             sd = sd[k]
-    if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise WeightFileError("the file does not hold a plain table of tensors", "use a .safetensors file",
                               path=path)
     return sd
@@ -147,18 +178,24 @@ def _folder_source(folder: str) -> Source:
         try:
             with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
                 config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON
             raise IncompleteModelError("config.json in the folder is unreadable or cut off",
                                        "download the folder again", path=folder) from e
+        if not isinstance(config, dict):
+            raise IncompleteModelError("config.json in the folder is not a model config (a JSON object)",
+                                       "download the folder again", path=folder)
     for idx_name in ("diffusion_pytorch_model.safetensors.index.json",
                      "diffusion_pytorch_model.fp16.safetensors.index.json"):
         if idx_name in names:
             try:
                 with open(os.path.join(folder, idx_name), encoding="utf-8") as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, json.JSONDecodeError, KeyError) as e:
-                raise IncompleteModelError(f"{idx_name} is unreadable", "download the folder again",
-                                           path=folder) from e
+                    weight_map = json.load(f)["weight_map"]
+                shards = sorted(set(weight_map.values()))
+                if not all(isinstance(s, str) for s in shards):
+                    raise TypeError("a shard name is not a string")
+            except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
+                raise IncompleteModelError(f"{idx_name} is unreadable or not a weight index",
+                                           "download the folder again", path=folder) from e
             missing = [s for s in shards if s not in names]
             if missing:
                 raise IncompleteModelError(

@@ -30,6 +30,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
+from ..errors import LoraError
 from ..structure import names
 from ..structure.blockmap import CERTAIN, BlockMap, derive
 from ..structure.detect import condconv_paths
@@ -163,38 +164,154 @@ def is_text_encoder(prefix: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Shapes
 
-def implied_shape(prefix: str, tensors: dict) -> tuple[int, int] | None:
-    """(out_features, in_numel) of the weight a module's tensors patch, when it can be read."""
-    def sh(name):
-        t = tensors.get(prefix + name)
-        return tuple(t.shape) if t is not None else None
+#: (up, down) suffixes of the plain LoRA namings ComfyUI's LoRA adapter reads, in its order
+LORA_PAIRS = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+              (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
+              (".lora_B", ".lora_A"), (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+              (".lora_B.default.weight", ".lora_A.default.weight"))
+_LOHA = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b")
+_LOKR = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
+_GLORA = (".a1.weight", ".a2.weight", ".b1.weight", ".b2.weight")
+#: suffixes whose tensor replaces or adds to the weight (or its bias) as it is: its shape must be the target's
+_WHOLE = (".diff", ".set_weight", ".w_norm")
 
-    pairs = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
-             (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
-             (".lora_B", ".lora_A"), (".lora_B.default.weight", ".lora_A.default.weight"),
-             (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))
-    for up, down in pairs:
-        u, d = sh(up), sh(down)
-        if u is not None and d is not None:
-            if sh(".lora_mid.weight") is not None:
-                return None
-            return u[0], math.prod(d[1:])
-    a, b = sh(".hada_w1_a"), sh(".hada_w1_b")
-    if a is not None and b is not None and sh(".hada_t1") is None:
-        return a[0], math.prod(b[1:])
-    w1, w2 = sh(".lokr_w1"), sh(".lokr_w2")
-    if w1 is not None and w2 is not None and len(w1) == 2:
-        return w1[0] * w2[0], w1[1] * math.prod(w2[1:])
-    for s in (".diff", ".set_weight"):
-        t = sh(s)
+
+def _shapes(prefix: str, tensors: dict) -> dict[str, tuple[int, ...]]:
+    """{suffix: shape} of the adapter tensors of one module."""
+    out = {}
+    for s in ADAPTER_SUFFIXES:
+        t = tensors.get(prefix + s)
         if t is not None:
-            return t[0], math.prod(t[1:])
+            out[s] = tuple(getattr(t, "shape", ()))
+    return out
+
+
+def _matmul(a: tuple, b: tuple) -> tuple[int, int] | None:
+    """The shape of ``a @ b`` (2-D each), or None when they do not multiply."""
+    return (a[0], b[1]) if len(a) == 2 and len(b) == 2 and a[1] == b[0] else None
+
+
+def _tucker(t: tuple, down: tuple, up: tuple) -> tuple | None:
+    """LyCORIS' Tucker form ``einsum('i j k l, j r, i p -> p r k l', t, down, up)``, or None when it does not fit."""
+    if len(t) == 4 and len(down) == 2 and len(up) == 2 and down[0] == t[1] and up[0] == t[0]:
+        return (up[1], down[1], t[2], t[3])
     return None
 
 
-def _model_shape(shape) -> tuple[int, int]:
-    shape = tuple(shape)
-    return shape[0], math.prod(shape[1:])
+def _kron(a: tuple, b: tuple) -> tuple:
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    return tuple(x * y for x, y in zip(a, b))
+
+
+def _adapter(prefix: str, tensors: dict) -> tuple[tuple | None, str | None]:
+    """(shape of the weight change, problem) of one module's adapter tensors, checked the way ComfyUI's adapters
+    (LoRA with or without a LoCon mid, LoHa, LoKr, GLoRA, OFT, BOFT, whole-weight diffs) will read and multiply
+    them; they check nothing, so a missing or misshapen tensor ends in a KeyError while loading or an error (or a
+    logged, skipped patch) while sampling. The shape is None where it cannot be read (GLoRA, OFT, BOFT)."""
+    sh = _shapes(prefix, tensors)
+    if ".alpha" in sh and math.prod(sh[".alpha"]) != 1:
+        return None, f"alpha holds {math.prod(sh['.alpha'])} numbers, not one"
+    kinds = [name for name, suffixes in (("LoRA", [s for p in LORA_PAIRS for s in p]), ("LoHa", _LOHA),
+                                         ("LoKr", _LOKR), ("GLoRA", _GLORA), ("OFT", (".oft_blocks",)),
+                                         ("diff", _WHOLE)) if any(s in sh for s in suffixes)]
+    if len(kinds) > 1:  # ComfyUI would apply the last kind it reads, whole or not
+        return None, f"tensors of several adapter kinds ({', '.join(kinds)})"
+    for up, down in LORA_PAIRS:
+        if up in sh or down in sh:
+            if up not in sh or down not in sh:
+                have, lack = (up, down) if up in sh else (down, up)
+                return None, f"{have.lstrip('._')} without {lack.lstrip('._')}"
+            u, d, m = sh[up], sh[down], sh.get(".lora_mid.weight") if up == ".lora_up.weight" else None
+            if len(u) < 2 or len(d) < 2 or d[0] < 1:
+                return None, f"{up.lstrip('._')} {list(u)} and {down.lstrip('._')} {list(d)} are no rank-r factors"
+            if m is not None:  # LoCon with a mid kernel: down [r, in, 1, 1], mid [r, r, kh, kw]
+                if len(m) != 4 or m[0] != d[0] or m[1] != d[0] or math.prod(d[2:]) != 1 or math.prod(u[1:]) != d[0]:
+                    return None, f"lora_mid {list(m)} does not fit lora_down {list(d)} / lora_up {list(u)}"
+                return (u[0], d[1], m[2], m[3]), None
+            if math.prod(u[1:]) != d[0]:
+                return None, f"{up.lstrip('._')} {list(u)} and {down.lstrip('._')} {list(d)} have different ranks"
+            return (u[0], *d[1:]), None
+    if any(s in sh for s in _LOHA):
+        missing = [s for s in _LOHA if s not in sh]
+        if missing or ((".hada_t1" in sh) != (".hada_t2" in sh)):
+            return None, "LoHa tensors " + (", ".join(m.lstrip(".") for m in missing) or "hada_t1/t2") + " missing"
+        if ".hada_t1" in sh:
+            w1 = _tucker(sh[".hada_t1"], sh[".hada_w1_b"], sh[".hada_w1_a"])
+            w2 = _tucker(sh[".hada_t2"], sh[".hada_w2_b"], sh[".hada_w2_a"])
+        else:
+            w1, w2 = _matmul(sh[".hada_w1_a"], sh[".hada_w1_b"]), _matmul(sh[".hada_w2_a"], sh[".hada_w2_b"])
+        if w1 is None or w2 is None or w1 != w2 or not sh[".hada_w1_b"] or sh[".hada_w1_b"][0] < 1:
+            return None, "LoHa factors do not multiply to one shape"
+        return w1, None
+    if any(s in sh for s in _LOKR):
+        w1 = sh.get(".lokr_w1") or (_matmul(sh[".lokr_w1_a"], sh[".lokr_w1_b"])
+                                    if ".lokr_w1_a" in sh and ".lokr_w1_b" in sh else None)
+        if ".lokr_w2" in sh:
+            w2 = sh[".lokr_w2"]
+        elif ".lokr_w2_a" in sh and ".lokr_w2_b" in sh:
+            w2 = (_tucker(sh[".lokr_t2"], sh[".lokr_w2_b"], sh[".lokr_w2_a"]) if ".lokr_t2" in sh
+                  else _matmul(sh[".lokr_w2_a"], sh[".lokr_w2_b"]))
+        else:
+            w2 = None
+        rank = sh.get(".lokr_w2_b", sh.get(".lokr_w1_b", (1,)))
+        if w1 is None or w2 is None or (len(w2) == 4 and len(w1) != 2) or not rank or rank[0] < 1:
+            return None, "LoKr factors are missing or do not multiply"
+        return _kron(w1 + (1, 1) if len(w2) == 4 else w1, w2), None
+    if any(s in sh for s in _GLORA):
+        if not all(s in sh and len(sh[s]) >= 2 for s in _GLORA):
+            return None, "GLoRA needs a1, a2, b1 and b2 (matrices)"
+        a1, a2, b1, b2 = (sh[s] for s in _GLORA)  # ComfyUI reads its rank from one of these two layouts
+        if not (b2[1] == b1[0] == a1[0] == a2[1] or b2[0] == b1[1] == a1[1] == a2[0]):
+            return None, "GLoRA factors do not share a rank"
+        return None, None
+    for s in _WHOLE:
+        if s in sh:
+            return sh[s], None
+    if ".oft_blocks" in sh:  # OFT: [blocks, size, size]; BOFT: [m, blocks, size, size]
+        return None, None if len(sh[".oft_blocks"]) in (3, 4) else "oft_blocks is not a stack of blocks"
+    if not (set(sh) - {".alpha", ".dora_scale", ".reshape_weight", ".rescale", ".diff_b", ".b_norm"}):
+        if ".diff_b" in sh or ".b_norm" in sh:
+            return None, None
+        return None, "alpha or scale tensors without the adapter's own tensors"
+    return None, None
+
+
+def adapter_problem(prefix: str, tensors: dict) -> str | None:
+    """Why the adapter tensors of one module cannot be applied by ComfyUI (None when they can)."""
+    return _adapter(prefix, tensors)[1]
+
+
+def implied_shape(prefix: str, tensors: dict) -> tuple[int, int] | None:
+    """(out_features, in_numel) of the weight a module's tensors patch, when it can be read."""
+    shape, problem = _adapter(prefix, tensors)
+    return None if shape is None or problem or not shape else (shape[0], math.prod(shape[1:]))
+
+
+def fits(prefix: str, tensors: dict, target: tuple[int, ...]) -> bool:
+    """Whether a module's adapter tensors patch a weight of shape ``target``: the change has its size, and the
+    tensors that act on the weight as they are (whole-weight diffs, DoRA scales, bias diffs) have its shape."""
+    shape, problem = _adapter(prefix, tensors)
+    if problem:
+        return False
+    target = tuple(target)
+    sh = _shapes(prefix, tensors)
+    if shape is not None and (shape[:1], math.prod(shape[1:])) != (target[:1], math.prod(target[1:])):
+        return False
+    if any(s in sh and sh[s] != target for s in _WHOLE):
+        return False
+    if ".reshape_weight" in sh:  # ComfyUI pads the weight to this shape first: only the weight's own is safe
+        t = tensors[prefix + ".reshape_weight"]
+        if t.numel() != len(target) or t.tolist() != list(target):
+            return False
+    dora = sh.get(".dora_scale")
+    if dora is not None and dora not in ((target[0],) + (1,) * (len(target) - 1),
+                                         (1,) + target[1:2] + (1,) * (len(target) - 2)):
+        return False
+    blocks = sh.get(".oft_blocks")
+    if blocks is not None and len(blocks) == 3 and blocks[0] * blocks[1] != target[0]:
+        return False
+    return all(sh[s] == target[:1] for s in (".diff_b", ".b_norm") if s in sh)
 
 
 # outcome kinds
@@ -216,6 +333,8 @@ class LoraPlan:
     uncertain: list[tuple[str, str]] = field(default_factory=list)   # (prefix, why)
     shape_mismatch: list[tuple[str, str]] = field(default_factory=list)
     condconv: list[tuple[str, str]] = field(default_factory=list)     # (prefix, why): CondConv layers
+    damaged: list[tuple[str, str]] = field(default_factory=list)      # (prefix, why): adapter tensors unusable
+    damaged_text_encoder: list[tuple[str, str]] = field(default_factory=list)  # the same, text-encoder modules
     unknown: list[str] = field(default_factory=list)              # file keys naming nothing we know
     text_encoder: list[str] = field(default_factory=list)         # file prefixes for the text encoder
     uncertain_applied: bool = False
@@ -224,7 +343,7 @@ class LoraPlan:
     @property
     def unet_modules(self) -> int:
         return (len(self.to_load) + len(self.removed) + len(self.uncertain) + len(self.shape_mismatch)
-                + len(self.condconv))
+                + len(self.condconv) + len(self.damaged))
 
     def summary(self, examples: int = 3) -> str:
         def ex(items):
@@ -245,6 +364,10 @@ class LoraPlan:
             lines.append(f"dropped, block removed in the student: {len(self.removed)}{ex(self.removed)}")
         if self.shape_mismatch:
             lines.append(f"dropped, shape mismatch: {len(self.shape_mismatch)}{ex(self.shape_mismatch)}")
+        damaged = self.damaged + self.damaged_text_encoder
+        if damaged:
+            lines.append(f"dropped, damaged in the file (adapter tensors missing or inconsistent): {len(damaged)}"
+                         f"{ex(damaged)}")
         if self.condconv:
             lines.append(f"not LoRA-mappable, CondConv layers (several experts, no single kernel): "
                          f"{len(self.condconv)}{ex(self.condconv)}")
@@ -276,7 +399,30 @@ def peft_alpha_config(metadata: dict | None = None, adapter_config: dict | None 
                 cfg.setdefault(k, v)
     if not cfg or "lora_alpha" not in cfg:
         return None
+    problem = _alpha_problem(cfg)
+    if problem:
+        raise LoraError(f"the LoRA's PEFT settings (lora_adapter_metadata or adapter_config) are damaged: {problem}",
+                        "download the LoRA again (its scale cannot be read)")
     return cfg
+
+
+def _alpha_problem(cfg: dict) -> str | None:
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not number(cfg["lora_alpha"]):
+        return f"lora_alpha {str(cfg['lora_alpha'])[:20]!r} is not a number"
+    pattern = cfg.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) and number(v) for k, v in pattern.items()):
+        return "alpha_pattern is not a table of module names and numbers"
+    for k in pattern:
+        try:
+            re.compile(rf"(.*\.)?({k})$")
+        except re.error:
+            return f"alpha_pattern {k[:30]!r} is not a module pattern"
+    if not isinstance(cfg.get("use_rslora", False), (bool, type(None))):
+        return "use_rslora is not true or false"
+    return None
 
 
 def _peft_alpha(module_path: str, cfg: dict, rank: int) -> float:
@@ -308,8 +454,10 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
     :class:`Topology` (or its ComfyUI ldm unet_config). ``model_shapes``: {model state-dict key: shape}
     of the loaded model (keys start with ``model_prefix``). ``block_map``: how the student descends
     from its teacher (a student built by this pack carries its own); by default the published
-    correspondence against the family's teacher (:func:`blockmap.derive`).
-    Raises nothing: the caller decides what an empty plan means.
+    correspondence against the family's teacher (:func:`blockmap.derive`). Modules whose adapter tensors
+    ComfyUI could not apply (:func:`adapter_problem`) are left out and listed as damaged.
+    Raises :class:`LoraError` only when the PEFT scale settings the modules need cannot be read; the caller
+    decides what an empty plan means.
     """
     student = as_topology(student)
     bm = block_map or derive(teacher_of(student), student)
@@ -337,12 +485,19 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
         if sp:
             prefix_keys.setdefault(sp[0], []).append(key)
     for prefix, suffix in modules.items():
+        problem = adapter_problem(prefix, tensors)
         if is_text_encoder(prefix):
-            plan.text_encoder.append(prefix)
+            if problem:
+                plan.damaged_text_encoder.append((prefix, problem))
+            else:
+                plan.text_encoder.append(prefix)
             continue
         pm = parse_prefix(prefix, table)
         if pm is None:
             plan.unknown.extend(prefix_keys[prefix])
+            continue
+        if problem:
+            plan.damaged.append((prefix, problem))
             continue
         parsed.append(pm)
         fmt = _fmt_of(prefix, suffix)
@@ -355,11 +510,10 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
         return k if k in model_shapes else None
 
     def shape_fits(prefix: str, key: str) -> bool:
-        imp = implied_shape(prefix, tensors)
         shape = tuple(model_shapes[key])
         if condconv.get(key[len(model_prefix):-len(".weight")]):
             shape = shape[1:]  # a CondConv layer: one expert's kernel
-        return imp is None or imp == _model_shape(shape)
+        return fits(prefix, tensors, shape)
 
     # reading 1: the names are the student's own
     def as_student(pm: ParsedModule):
@@ -421,14 +575,11 @@ def plan_lora(tensors: dict, student, model_shapes: dict, *, block_map: BlockMap
         plan.to_load[pm.prefix] = key
 
     # PEFT / new-diffusers files carry no .alpha: take it from the metadata or adapter config
-    cfg = peft_alpha_config(metadata, adapter_config)
+    ranks = {prefix: rank for prefix in plan.to_load
+             if prefix + ".alpha" not in tensors and (rank := _rank_of(prefix, tensors)) is not None}
+    cfg = peft_alpha_config(metadata, adapter_config) if ranks else None
     if cfg:
-        for prefix in plan.to_load:
-            if prefix + ".alpha" in tensors:
-                continue
-            rank = _rank_of(prefix, tensors)
-            if rank is None:
-                continue
+        for prefix, rank in ranks.items():
             pm = parse_prefix(prefix, table)
             plan.extra_alpha[prefix] = _peft_alpha(pm.path if pm else prefix, cfg, rank)
     return plan
@@ -442,7 +593,7 @@ def lora_context_dim(tensors: dict) -> int | None:
     """The cross-attention context width a LoRA was trained for (from attn2.to_k/to_v), if present."""
     for key, t in tensors.items():
         sp = split_key(key)
-        if sp is None or is_text_encoder(sp[0]):
+        if sp is None or is_text_encoder(sp[0]) or len(getattr(t, "shape", ())) < 2:
             continue
         p = sp[0].replace("_", ".")
         if re.search(r"attn2\.(processor\.)?to\.[kv]$", p):

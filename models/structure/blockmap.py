@@ -25,11 +25,12 @@ Rules (published ones are *certain*):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 from . import names
-from .topology import Topology, from_comfy_config
+from .topology import Topology, from_comfy_config, whole
+from .topology import problem as topology_problem
 
 CERTAIN, UNSURE, NEW = "certain", "unsure", "new"
 TEACHER, BASE = "teacher", "base"
@@ -120,28 +121,77 @@ class BlockMap:
                           separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> "BlockMap":
-        """Read a block map back; raises ValueError when it is not one this version understands."""
+    def from_json(cls, text: str, student: Topology | None = None) -> "BlockMap":
+        """Read a block map back; raises ValueError when it is not one this version understands (any JSON, of any
+        type, gives a block map or that error), or, with ``student``, when it describes another structure."""
         try:
             d = json.loads(text)
-            if d.get("format") != FORMAT:
-                raise ValueError(f"block map format {d.get('format')} (this pack reads {FORMAT})")
-            teacher, student = from_comfy_config(d["teacher"]), from_comfy_config(d["student"])
-            base = from_comfy_config(d["base"]) if d.get("base") else None
-            units = {}
-            for k, s in d["units"].items():
-                s = dict(s)
-                for f in ("layers", "teacher_layers"):
-                    s[f] = tuple(s[f]) if s.get(f) is not None else None
-                if s["origin"] not in ORIGINS:
-                    raise ValueError(f"unknown origin {s['origin']!r}")
-                units[k] = UnitSource(**s)
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise ValueError(f"not a block map ({type(e).__name__}: {e})") from e
-        want = {u.ldm for u in names.units(student)}
-        if set(units) != want:
+        except (TypeError, ValueError, RecursionError) as e:
+            raise ValueError(f"not a block map (unreadable JSON: {type(e).__name__})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"not a block map (a JSON {type(d).__name__}, not an object)")
+        if d.get("format") != FORMAT:
+            raise ValueError(f"block map format {str(d.get('format'))[:20]} (this pack reads {FORMAT})")
+        tops = {}
+        for name in ("teacher", "student", "base"):
+            if name == "base" and not d.get("base"):
+                tops[name] = None
+                continue
+            try:
+                tops[name] = from_comfy_config(d[name])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"not a block map (its {name} structure: {type(e).__name__})") from e
+            why = topology_problem(tops[name])
+            if why:
+                raise ValueError(f"not a block map (its {name} structure: {why})")
+        if student is not None and tops["student"].signature() != student.signature():
+            raise ValueError("it describes another structure")
+        raw = d.get("units")
+        if not isinstance(raw, dict):
+            raise ValueError("not a block map (no table of units)")
+        units = {k: _unit_source(k, s) for k, s in raw.items()}
+        bm = cls(tops["teacher"], tops["student"], units, tops["base"])
+        bm._check_units()
+        return bm
+
+    def _check_units(self) -> None:
+        """Every student unit has a source, and every source names units and transformer layers that exist."""
+        s_units = names.unit_index(self.student)
+        if set(self.units) != set(s_units):
             raise ValueError("the block map does not cover the student's units")
-        return cls(teacher, student, units, base)
+        origins = {TEACHER: names.unit_index(self.teacher),
+                   BASE: names.unit_index(self.base) if self.base is not None else {}}
+
+        def fits(layers, depth: int | None, of: int) -> bool:
+            return layers is None or ((depth is None or len(layers) == depth) and all(x < of for x in layers))
+
+        for k, src in self.units.items():
+            have = origins[src.origin].get(src.unit) if src.origin != NEW else None
+            teacher = origins[TEACHER].get(src.teacher) if src.teacher is not None else None
+            if (src.origin != NEW and have is None) or (src.teacher is not None and teacher is None):
+                raise ValueError(f"unit {k} comes from a unit its {src.origin} does not have")
+            if not fits(src.layers, s_units[k].depth, have.depth if have else 0) or \
+                    not fits(src.teacher_layers, None, teacher.depth if teacher else 0):
+                raise ValueError(f"unit {k} names transformer layers its source does not have")
+
+
+def _unit_source(key: str, s) -> UnitSource:
+    """One unit's source read back, each field checked for its type."""
+    def count_list(v) -> bool:
+        return isinstance(v, list) and all(whole(x) for x in v)
+
+    ok = isinstance(s, dict) and set(s) <= {f.name for f in fields(UnitSource)} and "origin" in s and "unit" in s
+    ok = ok and s["origin"] in ORIGINS and (s["unit"] is None) == (s["origin"] == NEW) and \
+        isinstance(s["unit"], (str, type(None))) and isinstance(s.get("teacher"), (str, type(None))) and \
+        all(s.get(f) is None or count_list(s[f]) for f in ("layers", "teacher_layers")) and \
+        s.get("certainty", CERTAIN) in (CERTAIN, UNSURE, NEW) and isinstance(s.get("exact", False), bool) and \
+        isinstance(s.get("note", ""), str)
+    if not ok:
+        raise ValueError(f"not a block map (the source of unit {str(key)[:40]} is malformed)")
+    s = dict(s)
+    for f in ("layers", "teacher_layers"):
+        s[f] = tuple(s[f]) if s.get(f) is not None else None
+    return UnitSource(**s)
 
 
 def _move(key: str, unit: str, to_unit: str, layers: tuple[int, ...] | None) -> str:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..errors import NotAUNetError
 from .names import diffusers_key_to_ldm
-from .topology import SDXL_ADM, Topology, family_of
+from .topology import LIMITS, SDXL_ADM, Topology, family_of, whole
 
 Shapes = dict  # key -> tuple of ints
 
@@ -342,7 +342,23 @@ def convert_by_prefix(key: str, prefix_map: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def detect(shapes: Shapes) -> Detection:
-    """Detect the UNet in ``shapes`` (file key -> shape) whatever its layout and prefix."""
+    """Detect the UNet in ``shapes`` (file key -> shape) whatever its layout and prefix. Any table of shapes gives
+    a Detection or a :class:`NotAUNetError`: a tensor the structure needs that is missing, or one with too few
+    dimensions, is that error too."""
+    try:
+        return _detect(shapes)
+    except NotAUNetError:
+        raise
+    except KeyError as e:
+        raise NotAUNetError(f"the tensor '{e.args[0]}' that the detected structure needs is missing",
+                            "the file is incomplete or damaged; download it again") from e
+    except (IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise NotAUNetError(f"the tensors do not form a UNet: some have shapes no UNet layer has "
+                            f"({type(e).__name__}: {str(e)[:80]})",
+                            "the file is damaged or not a UNet; download it again") from e
+
+
+def _detect(shapes: Shapes) -> Detection:
     prefix, layout = split_prefix(shapes)
     n = len(prefix)
     unet = {k[n:]: tuple(v) for k, v in shapes.items() if k.startswith(prefix)}
@@ -369,9 +385,13 @@ def from_diffusers_config(config: dict) -> Topology:
     """Topology from a diffusers ``unet/config.json`` (structure only; no weights read)."""
     boc = list(config["block_out_channels"])
     n = len(boc)
-    mc = boc[0]
     lpb = config.get("layers_per_block", 2)
     lpb = list(lpb) if isinstance(lpb, (list, tuple)) else [lpb] * n
+    if not (1 <= n <= LIMITS["levels"] and len(lpb) == n and all(whole(c, 1, LIMITS["width"]) for c in boc)
+            and all(whole(x, 0, LIMITS["res_blocks"]) for x in lpb)):
+        raise NotAUNetError("config.json has no usable block_out_channels / layers_per_block",
+                            "download the folder's config.json again")
+    mc = boc[0]
     tlpb = config.get("transformer_layers_per_block", 1)
     tlpb = list(tlpb) if isinstance(tlpb, (list, tuple)) else [tlpb] * n
     down_types = config["down_block_types"]

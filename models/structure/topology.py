@@ -123,6 +123,51 @@ class Topology:
                 f"depths in {list(self.transformer_depth)} / out {self.output_depths()}, {mid}")
 
 
+#: bounds far beyond any SD-style UNet, that keep a structure read from a file from driving loops and
+#: allocations (levels, res blocks per level, transformer depth, widths)
+LIMITS = {"levels": 8, "res_blocks": 16, "depth": 64, "width": 65536, "mult": 64}
+
+
+def whole(v, lo: int = 0, hi: int | None = None) -> bool:
+    """``v`` is an integer (not a bool) in ``[lo, hi]``: a size or count read from a file."""
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v and (hi is None or v <= hi)
+
+
+def problem(t: Topology) -> str | None:
+    """Why ``t`` (read from a file: a block map, a config) cannot be a UNet structure; None when it can."""
+    ints = whole
+
+    def int_tuple(v, lo: int, hi: int) -> bool:
+        return isinstance(v, tuple) and all(ints(x, lo, hi) for x in v)
+
+    lim = LIMITS
+    if t.family not in FAMILIES:
+        return f"family {t.family!r} is not one of {', '.join(FAMILIES)}"
+    if not int_tuple(t.channel_mult, 1, lim["mult"]) or not 1 <= len(t.channel_mult) <= lim["levels"]:
+        return f"channel_mult {t.channel_mult!r} is not 1 to {lim['levels']} multipliers"
+    if not int_tuple(t.num_res_blocks, 0, lim["res_blocks"]) or len(t.num_res_blocks) != t.levels:
+        return f"num_res_blocks {t.num_res_blocks!r} does not give 0 to {lim['res_blocks']} blocks per level"
+    n_in = sum(t.num_res_blocks)
+    if not int_tuple(t.transformer_depth, 0, lim["depth"]) or len(t.transformer_depth) != n_in:
+        return f"transformer_depth {t.transformer_depth!r} does not give a depth per input block"
+    if not int_tuple(t.transformer_depth_output, 0, lim["depth"]) or \
+            len(t.transformer_depth_output) != n_in + t.levels:
+        return f"transformer_depth_output {t.transformer_depth_output!r} does not give a depth per output block"
+    if not ints(t.transformer_depth_middle, -2, lim["depth"]):
+        return f"transformer_depth_middle {t.transformer_depth_middle!r} is out of range"
+    for name in ("model_channels", "context_dim", "in_channels", "out_channels"):
+        if not ints(getattr(t, name), 1, lim["width"]):
+            return f"{name} {getattr(t, name)!r} is out of range"
+    if t.adm_in_channels is not None and not ints(t.adm_in_channels, 1, lim["width"]):
+        return f"adm_in_channels {t.adm_in_channels!r} is out of range"
+    if not isinstance(t.use_linear, bool):
+        return f"use_linear {t.use_linear!r} is not true or false"
+    if t.disable_self_attn is not None and not (isinstance(t.disable_self_attn, tuple) and all(
+            isinstance(x, bool) for x in t.disable_self_attn)):
+        return f"disable_self_attn {t.disable_self_attn!r} is not a list of true/false"
+    return None
+
+
 def family_of(context_dim: int, adm_in_channels: int | None) -> str | None:
     """'sd1', 'sd2' or 'sdxl' from the cross-attention width and the class/ADM input; None for other models."""
     fam = CONTEXT_FAMILY.get(context_dim)

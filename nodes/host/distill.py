@@ -68,8 +68,8 @@ def check_predictions(teacher, student, node: str) -> tuple[str, bool]:
     return pred_t, zsnr_t
 
 
-def vgg_loss(path: str, teacher, weights: D.LossWeights, *, node: str, input_name: str):
-    """(A-SDM's VGG term from a torchvision VGG16 weights file, one report line). Weights-only loading."""
+def read_vgg16(path: str, *, node: str, input_name: str):
+    """A frozen torchvision VGG16 (A-SDM's VGG term) from a weights file, read weights-only and checked."""
     try:
         tensors = comfy.utils.load_torch_file(path, safe_load=True)
     except Exception as e:
@@ -77,7 +77,12 @@ def vgg_loss(path: str, teacher, weights: D.LossWeights, *, node: str, input_nam
                               "use a .safetensors (or weights-only .pth) torchvision VGG16 file", path=path,
                               node=node, input_name=input_name) from e
     with node_errors(node, input_name):
-        vgg = V.load_vgg16(tensors, path=path)
+        return V.load_vgg16(tensors, path=path)
+
+
+def vgg_loss(path: str, teacher, weights: D.LossWeights, *, node: str, input_name: str):
+    """(A-SDM's VGG term from a torchvision VGG16 weights file, one report line). Weights-only loading."""
+    vgg = read_vgg16(path, node=node, input_name=input_name)
     fmt = teacher.model.latent_format
     if getattr(fmt, "latent_rgb_factors", None) is None:
         raise D.DistillError("this model family has no latent->RGB preview factors for the VGG input",

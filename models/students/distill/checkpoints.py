@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 
 import torch
@@ -41,6 +42,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], dir
 
 
 def read_checkpoint_meta(path: str) -> dict[str, str]:
+    """The metadata of a distillation checkpoint, every field the run reads checked (a typed error naming the file
+    when one is missing or of the wrong type)."""
     from safetensors import safe_open
 
     try:
@@ -48,11 +51,50 @@ def read_checkpoint_meta(path: str) -> dict[str, str]:
             meta = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(f"cannot read the checkpoint: {e}", "pick a checkpoint this node wrote",
-                              path=path) from e
+                              path=path, input_name="resume_from") from e
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError("the file is not a distillation checkpoint of this pack",
-                              "pick a checkpoint written by DistillStudentUNet", path=path)
+                              "pick a checkpoint written by DistillStudentUNet", path=path, input_name="resume_from")
+    problem = _meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"the checkpoint's metadata is damaged: {problem}",
+                              "resume from another checkpoint of the run (this one was edited or corrupted)",
+                              path=path, input_name="resume_from")
     return meta
+
+
+def _meta_problem(meta: dict[str, str]) -> str | None:
+    """What is wrong with a checkpoint's metadata fields (None when every field the run reads is usable)."""
+    def count(v) -> bool:
+        try:
+            return int(v) >= 0
+        except (TypeError, ValueError):
+            return False
+
+    def doc(v, kind) -> bool:
+        try:
+            return isinstance(json.loads(v), kind)
+        except (TypeError, ValueError, RecursionError):
+            return False
+
+    if not count(meta.get("step")):
+        return f"step {str(meta.get('step'))[:20]!r} is not a step number"
+    for k in ("optimizer_steps", "ema_updates", "global_batch", "world_size"):
+        if k in meta and not count(meta[k]):
+            return f"{k} {meta[k][:20]!r} is not a count"
+    if not doc(meta.get("config"), dict):
+        return "config is not the run's settings (a JSON object)"
+    if "global_batch" not in meta and not count(json.loads(meta["config"]).get("batch_size")):
+        return "it records no batch size"
+    for k, kind, item in (("trainable", list, str), ("skipped_steps", list, int), ("scaler", dict, object)):
+        if k in meta and not (doc(meta[k], kind) and all(isinstance(x, item) and not isinstance(x, bool)
+                                                         for x in json.loads(meta[k]))):
+            return f"{k} is not a JSON {kind.__name__}" + (f" of {item.__name__}" if item is not object else "")
+    try:
+        float(meta.get("heldout_before", "nan"))
+    except ValueError:
+        return "heldout_before is not a number"
+    return None
 
 
 def differences(meta: dict[str, str], config, global_batch: int) -> list[str]:
@@ -90,14 +132,54 @@ def data_changes(meta: dict[str, str], data) -> list[str]:
     return [] if meta.get("data") == data.fingerprint() else ["the training data differ"]
 
 
-def evaluations_of(meta: dict[str, str], keys: set[str], get) -> list[dict]:
+def evaluations_of(meta: dict[str, str], keys: set[str], get, path: str | None = None) -> list[dict]:
     """The evaluations a checkpoint holds ({"step": s, metric: value, ...}); a checkpoint written before
-    evaluations were recorded has its held-out error curve as ``history.heldout``."""
+    evaluations were recorded has its held-out error curve as ``history.heldout``. A damaged record is a
+    :class:`CheckpointError` naming the file."""
     if "evaluations" in meta:
-        return [dict(e) for e in json.loads(meta["evaluations"])]
+        try:
+            got = json.loads(meta["evaluations"])
+            out = [{str(k): (int(v) if k == "step" else float(v)) for k, v in e.items()} for e in got]
+            if not all("step" in e for e in out):
+                raise ValueError("an evaluation without its step")
+            return out
+        except (ValueError, TypeError, AttributeError, RecursionError) as e:
+            raise CheckpointError(f"the checkpoint's evaluations are damaged ({type(e).__name__})",
+                                  "resume from another checkpoint of the run", path=path,
+                                  input_name="resume_from") from e
     if "history.heldout" in keys:
         return [{"step": int(a), HELDOUT_KD: float(b)} for a, b in get("history.heldout").tolist()]
     return []
+
+
+def _history(f, path: str) -> tuple[list[float], dict[str, list[float]], list[tuple[int, float]]]:
+    """(loss per step, each loss term per step, held-out curve) of an open checkpoint, checked: one value per step."""
+    keys = set(f.keys())
+
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"the checkpoint's loss history is damaged ({what})", "resume from another checkpoint "
+                               "of the run", path=path, input_name="resume_from")
+
+    def steps(k: str) -> list[float]:
+        t = f.get_tensor(k)
+        if t.ndim != 1 or not t.is_floating_point():
+            raise damaged(f"{k} is not one value per step")
+        return t.tolist()
+
+    if "history.loss" not in keys:
+        raise damaged("no history.loss")
+    losses = steps("history.loss")
+    parts = {k[len("history."):]: steps(k) for k in sorted(keys)
+             if k.startswith("history.") and k not in ("history.loss", "history.heldout")}
+    if any(len(v) != len(losses) for v in parts.values()):
+        raise damaged("the loss terms cover other steps than the loss")
+    curve = []
+    if "history.heldout" in keys:
+        t = f.get_tensor("history.heldout")
+        if t.ndim != 2 or t.shape[1] != 2 or not t.is_floating_point() or not bool(torch.isfinite(t[:, 0]).all()):
+            raise damaged("history.heldout is not (step, error) pairs")
+        curve = [(int(a), float(b)) for a, b in t.tolist()]
+    return losses, parts, curve
 
 
 def read_history(path: str) -> tuple[list[float], dict[str, list[float]], list[int]]:
@@ -106,10 +188,7 @@ def read_history(path: str) -> tuple[list[float], dict[str, list[float]], list[i
 
     meta = read_checkpoint_meta(path)
     with safe_open(path, framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        losses = f.get_tensor("history.loss").tolist()
-        parts = {k[len("history."):]: f.get_tensor(k).tolist() for k in sorted(keys)
-                 if k.startswith("history.") and k not in ("history.loss", "history.heldout")}
+        losses, parts, _ = _history(f, path)
     return losses, parts, [int(s) for s in json.loads(meta.get("skipped_steps", "[]"))]
 
 
@@ -119,7 +198,7 @@ def read_evaluations(path: str) -> list[dict]:
 
     meta = read_checkpoint_meta(path)
     with safe_open(path, framework="pt", device="cpu") as f:
-        return evaluations_of(meta, set(f.keys()), f.get_tensor)
+        return evaluations_of(meta, set(f.keys()), f.get_tensor, path)
 
 
 def _tensors(run, model, step: int) -> tuple[dict, dict]:
@@ -261,7 +340,7 @@ def restore(run, model, path: str, *, allow_changed_data: bool = False) -> tuple
     names = json.loads(meta.get("trainable", "[]"))
     if names != run.train_names:
         raise CheckpointError("the checkpoint trained a different set of student parameters",
-                              "resume with the same student and 'train' choice", path=path, input_name="resume")
+                              "resume with the same student and 'train' choice", path=path, input_name="resume_from")
     diff = differences(meta, run.cfg, run.cfg.batch_size * run.world_size)
     if diff:
         notes.append("settings changed since the checkpoint (the run will not reproduce an uninterrupted "
@@ -281,34 +360,57 @@ def restore(run, model, path: str, *, allow_changed_data: bool = False) -> tuple
         missing = [k for k in sd if f"student.{k}" not in keys]
         if missing:
             raise CheckpointError(f"the checkpoint lacks {len(missing)} student weights (e.g. {missing[0]})",
-                                  "resume with the same student model", path=path, input_name="resume")
+                                  "resume with the same student model", path=path, input_name="resume_from")
+
+        def tensor(key: str, like: torch.Tensor) -> torch.Tensor:
+            """A tensor of the checkpoint that must have ``like``'s shape and hold usable values."""
+            t = f.get_tensor(key)
+            if t.shape != like.shape:
+                raise CheckpointError(f"'{key}' has shape {tuple(t.shape)} in the checkpoint, {tuple(like.shape)} in "
+                                      "the student", "resume with the same student", path=path,
+                                      input_name="resume_from")
+            # the norm test of the run's own non-finite check (step.check_weights_finite): NaN, inf, or out of range
+            if t.is_floating_point() and not math.isfinite(float(torch.linalg.vector_norm(t.float()))):
+                raise CheckpointError(f"'{key}' holds NaN, infinite or out-of-range values; the checkpoint is damaged",
+                                      "resume from another checkpoint of the run", path=path, input_name="resume_from")
+            return t.to(like.dtype)
+
+        losses, parts, _ = _history(f, path)  # (the held-out curve of an old checkpoint: evaluations_of)
+        if len(losses) != step:
+            raise CheckpointError(f"the checkpoint is at step {step} but holds the loss of {len(losses)} steps",
+                                  "resume from another checkpoint of the run", path=path, input_name="resume_from")
         with torch.no_grad():
             for k, v in sd.items():
-                t = f.get_tensor(f"student.{k}")
-                if t.shape != v.shape:
-                    raise CheckpointError(f"'{k}' has shape {tuple(t.shape)} in the checkpoint, "
-                                          f"{tuple(v.shape)} in the student", "resume with the same student",
-                                          path=path, input_name="resume")
-                v.copy_(t)
+                v.copy_(tensor(f"student.{k}", v))
         opt_steps = int(meta.get("optimizer_steps", "0"))
         opt_state = {}
-        for i, name in enumerate(run.train_names):
+        for i, (name, p) in enumerate(zip(run.train_names, run._params)):
             if f"optim.{name}.exp_avg" in keys:  # load_state_dict puts step/moments where the optimizer wants
-                opt_state[i] = {"step": torch.tensor(float(opt_steps)),
-                                "exp_avg": f.get_tensor(f"optim.{name}.exp_avg"),
-                                "exp_avg_sq": f.get_tensor(f"optim.{name}.exp_avg_sq")}
+                if f"optim.{name}.exp_avg_sq" not in keys:
+                    raise CheckpointError(f"the checkpoint has optim.{name}.exp_avg without its exp_avg_sq",
+                                          "resume from another checkpoint of the run", path=path,
+                                          input_name="resume_from")
+                sq = tensor(f"optim.{name}.exp_avg_sq", p)
+                if bool((sq < 0).any()):
+                    raise CheckpointError(f"optim.{name}.exp_avg_sq holds negative values; the checkpoint is damaged",
+                                          "resume from another checkpoint of the run", path=path,
+                                          input_name="resume_from")
+                opt_state[i] = {"step": torch.tensor(float(opt_steps)), "exp_avg": tensor(f"optim.{name}.exp_avg", p),
+                                "exp_avg_sq": sq}
         run._opt.load_state_dict({"state": opt_state, "param_groups": run._opt.state_dict()["param_groups"]})
         for name in run.train_names:
             if run._ema is not None and f"ema.{name}" in keys:
-                run._ema[name].copy_(f.get_tensor(f"ema.{name}"))
-        run._losses = f.get_tensor("history.loss").tolist()
-        for k in keys:
-            if k.startswith("history.") and k not in ("history.loss", "history.heldout"):
-                run._parts[k[len("history."):]] = f.get_tensor(k).tolist()
-        run._evals = evaluations_of(meta, keys, f.get_tensor)
+                run._ema[name].copy_(tensor(f"ema.{name}", run._ema[name]))
+        run._losses, run._parts = losses, parts
+        run._evals = evaluations_of(meta, keys, f.get_tensor, path)
     run._ema_updates = int(meta.get("ema_updates", "0"))
     run._skipped = [int(s) for s in json.loads(meta.get("skipped_steps", "[]"))]
     if run._scaler is not None and meta.get("scaler") not in (None, "{}"):
-        run._scaler.load_state_dict(json.loads(meta["scaler"]))
+        try:
+            run._scaler.load_state_dict(json.loads(meta["scaler"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint's fp16 loss-scaler state is damaged ({type(e).__name__})",
+                                  "resume from another checkpoint of the run", path=path,
+                                  input_name="resume_from") from e
     run._heldout_before = float(meta.get("heldout_before", "nan"))
     return step, notes

@@ -74,9 +74,9 @@ def load_shard(path: str, *, mmap: bool = True) -> tuple[list, list]:
         raise DatasetError(f"the shard needs more than the weights-only loader allows ({str(e).splitlines()[0]})",
                            "remake the dataset with Save Training Dataset; never load shards of unknown origin "
                            "with a full unpickler", path=path) from e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        if mmap and "mmap" in str(e):  # an old (non-zip) torch.save format cannot be memory-mapped
-            return load_shard(path, mmap=False)
+    except Exception as e:  # torch's readers raise whatever a damaged archive or pickle makes them meet
+        if mmap and isinstance(e, RuntimeError) and "mmap" in str(e):  # an old (non-zip) torch.save format
+            return load_shard(path, mmap=False)                          # cannot be memory-mapped
         raise DatasetError(f"the shard cannot be read ({type(e).__name__}: {str(e)[:160]})",
                            "remake the dataset (the file is truncated or not a torch.save file)", path=path) from e
     ok = isinstance(data, dict) and isinstance(data.get("latents"), list) and \
@@ -89,19 +89,27 @@ def load_shard(path: str, *, mmap: bool = True) -> tuple[list, list]:
 
 def _latent_tensor(entry, path: str) -> torch.Tensor:
     t = entry.get("samples") if isinstance(entry, dict) else entry
-    if not isinstance(t, torch.Tensor) or t.ndim not in (3, 4) or (t.ndim == 4 and t.shape[0] != 1):
-        raise DatasetError("a latent in the shard is not one [1, C, H, W] sample", "remake the dataset with Make "
-                           "Training Dataset", path=path)
+    if not isinstance(t, torch.Tensor) or t.ndim not in (3, 4) or (t.ndim == 4 and t.shape[0] != 1) \
+            or not t.is_floating_point() or min(t.shape[-3:]) < 1:
+        raise DatasetError("a latent in the shard is not one [1, C, H, W] sample of numbers", "remake the dataset "
+                           "with Make Training Dataset", path=path)
     return t if t.ndim == 4 else t[None]
 
 
 def _cond_tokens(cond, path: str) -> tuple[int, int]:
-    try:
-        c = cond[0][0]
-        return int(c.shape[-2]), int(c.shape[-1])
-    except (TypeError, IndexError, AttributeError) as e:
-        raise DatasetError("a conditioning in the shard is not a CONDITIONING ([[tensor, {...}], ...])",
-                           "remake the dataset with Make Training Dataset", path=path) from e
+    """(tokens, width) of one sample's conditioning: one CLIP Text Encode output, ``[[cond [1, L, D], {...}]]``
+    (or its one entry ``[cond, {...}]``), as Make Training Dataset stores it."""
+    def entry(x) -> bool:
+        return isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], torch.Tensor) and \
+            isinstance(x[1], dict)
+
+    e = cond if entry(cond) else cond[0] if isinstance(cond, (list, tuple)) and len(cond) == 1 else None
+    c = e[0] if entry(e) else None
+    if c is None or c.ndim not in (2, 3) or (c.ndim == 3 and c.shape[0] != 1) or not c.is_floating_point() \
+            or min(c.shape[-2:]) < 1:
+        raise DatasetError("a conditioning in the shard is not one CLIP Text Encode output ([[tensor [1, L, D], "
+                           "{...}]])", "remake the dataset with Make Training Dataset", path=path)
+    return int(c.shape[-2]), int(c.shape[-1])
 
 
 class TensorRef:
@@ -204,13 +212,18 @@ class ShardedDataset:
         self._where: list[tuple[int, int]] = []   # global index -> (shard, position)
         self._shapes: list[tuple[int, ...]] = []
         self._index: list[list | None] = []       # per shard: per-sample refs, or None (read whole)
-        tokens, width = 0, None
+        tokens, width, channels = 0, None, None
         for s, path in enumerate(self.files):
             lats, conds = load_shard(path)
             for i, (lat, cond) in enumerate(zip(lats, conds)):
                 self._shapes.append(tuple(_latent_tensor(lat, path).shape[1:]))
                 n, d = _cond_tokens(cond, path)
                 tokens, width = max(tokens, n), d if width is None else width
+                channels = self._shapes[-1][0] if channels is None else channels
+                if (d, self._shapes[-1][0]) != (width, channels):  # one batch stacks them: one width, one C
+                    raise DatasetError(f"sample {i} of the shard has {self._shapes[-1][0]} latent channels and "
+                                       f"conditioning width {d}, the first sample {channels} and {width}",
+                                       "make the whole dataset with one VAE and one CLIP", path=path)
                 self._where.append((s, i))
             self._index.append(_index_shard(path, lats, conds) if index else None)
             del lats, conds
@@ -222,7 +235,7 @@ class ShardedDataset:
             try:
                 with open(meta, encoding="utf-8") as f:
                     declared = int(json.load(f).get("num_samples", len(self._where)))
-            except (ValueError, OSError, AttributeError):
+            except (ValueError, OSError, AttributeError, TypeError, OverflowError, RecursionError):
                 declared = len(self._where)
             if declared != len(self._where):
                 log.warning("dataset %s: metadata.json says %d samples, the shards hold %d (using the shards)",
@@ -291,13 +304,18 @@ class ShardedDataset:
     def _sample(self, i: int):
         s, pos = self._where[i]
         ix = self._index[s]
-        if ix is None:
-            lats, conds = self._shard(s)
-            return self.prepare(_latent_tensor(lats[pos], self.files[s]).float(), conds[pos])
-        lat_ref, cond_ref, opts = ix[pos]
-        lat = self._read(s, lat_ref)
-        cond = [[self._read(s, cond_ref), {k: self._read(s, v) if isinstance(v, TensorRef) else v for k, v in opts}]]
-        return self.prepare((lat if lat.ndim == 4 else lat[None]).float(), cond)
+        try:
+            if ix is None:
+                lats, conds = self._shard(s)
+                return self.prepare(_latent_tensor(lats[pos], self.files[s]).float(), conds[pos])
+            lat_ref, cond_ref, opts = ix[pos]
+            lat = self._read(s, lat_ref)
+            cond = [[self._read(s, cond_ref),
+                     {k: self._read(s, v) if isinstance(v, TensorRef) else v for k, v in opts}]]
+            return self.prepare((lat if lat.ndim == 4 else lat[None]).float(), cond)
+        except DistillError as e:  # what the host's conversion refuses: name the shard
+            e.path = e.path or self.files[s]
+            raise
 
     def batch(self, idx: torch.Tensor):
         """(x0, context, y) of samples ``idx`` as new CPU tensors (only their bytes are read)."""

@@ -548,7 +548,8 @@ class Distiller:
 
     def _setup(self, model):
         cfg = self.cfg
-        self._params = [dict(model.named_parameters())[n] for n in self.train_names]
+        named = dict(model.named_parameters())  # once: per name it walks every module
+        self._params = [named[n] for n in self.train_names]
         self._opt = torch.optim.AdamW(self._params, lr=cfg.learning_rate, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
                                       fused=True if self.device.type == "cuda" else None)
@@ -603,7 +604,12 @@ class Distiller:
         try:
             self._held = self._heldout_batches() if self._kd_eval and distributed.is_writer() else []
             if resume:
-                start, notes = checkpoints.restore(self, model, resume, allow_changed_data=allow_changed_data)
+                try:
+                    start, notes = checkpoints.restore(self, model, resume, allow_changed_data=allow_changed_data)
+                except DistillError as e:  # the checkpoint is the node's resume_from input
+                    e.node = e.node or self.node
+                    e.input_name = e.input_name or "resume_from"
+                    raise
                 self._restore_best()
                 self._ema_seen = self._ema_updates - self._ema_updates % cfg.ema_every  # what a checkpoint holds
             else:

@@ -72,9 +72,11 @@ def _find_prefix(keys) -> str | None:
 
 def load_vgg16(tensors: dict[str, torch.Tensor], *, path: str | None = None) -> VGGFeatures:
     """A frozen :class:`VGGFeatures` from torchvision-named VGG16 weights (checks names and shapes)."""
-    prefix = _find_prefix(tensors)
     fix = ("use torchvision's VGG16 weights (keys features.0.weight ... features.14.bias; e.g. the file "
            "torchvision saves as vgg16-397923af.pth, converted to .safetensors) and put it in models/vgg")
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) for k in tensors):
+        raise WeightFileError("the file does not hold a table of named tensors", fix, path=path)
+    prefix = _find_prefix(tensors)
     if prefix is None:
         raise WeightFileError("the file has no 'features.0.weight': it is not a torchvision VGG16", fix, path=path)
     model = VGGFeatures()
@@ -83,8 +85,9 @@ def load_vgg16(tensors: dict[str, torch.Tensor], *, path: str | None = None) -> 
         for part, shape in (("weight", (cout, cin, 3, 3)), ("bias", (cout,))):
             key = f"{prefix}{i}.{part}"
             t = tensors.get(key)
-            if t is None:
-                raise WeightFileError(f"the VGG16 file lacks '{key}'", fix, path=path)
+            if not isinstance(t, torch.Tensor):
+                raise WeightFileError(f"the VGG16 file lacks '{key}'" if t is None else f"'{key}' is not a tensor",
+                                      fix, path=path)
             if tuple(t.shape) != shape:
                 raise WeightFileError(f"'{key}' has shape {tuple(t.shape)}, VGG16 has {shape} (is this VGG19 "
                                       "or a VGG with batch norm?)", fix, path=path)

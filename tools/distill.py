@@ -68,7 +68,6 @@ from collections import deque
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -189,27 +188,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------
 # progress
-
-
-class TqdmHandler(logging.Handler):
-    """Log lines through tqdm.write, so they do not break the progress bar."""
-
-    def emit(self, record):
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging(rank: int, world: int) -> None:
-    handler = TqdmHandler()
-    prefix = f"[rank {rank}] " if world > 1 else ""
-    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
-    log.handlers[:] = [handler]
-    log.propagate = False
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 class Progress:
@@ -511,20 +489,20 @@ def train(args, rank: int, world: int, device: torch.device) -> int:
 def main(argv=None, *, own_logging: bool = True) -> int:
     """Run the trainer; returns the exit code. ``own_logging`` False leaves logging as the caller set it up."""
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.stderr.write("error: --device cuda, but no CUDA device is visible\n")
-        return EXIT_BAD_INPUT
-    if args.threads:
-        torch.set_num_threads(args.threads)
     import_pack()  # the host-free parts import without ComfyUI (which must see this rank's GPU when it loads)
     from distilled_unets.models.errors import PackError
     from distilled_unets.models.students import distill as D
-    from distilled_unets.models.students.distill.launch import init_distributed
+    from distilled_unets.models.students.distill import launch
 
-    rank, world, device = init_distributed(args.device)
+    why = launch.device_missing(args.device)
+    if why:
+        sys.stderr.write(why + "\n")
+        return EXIT_BAD_INPUT
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device = launch.init_distributed(args.device)
     if own_logging:
-        setup_logging(rank, world)
-        logging.getLogger().setLevel(logging.WARNING)  # ComfyUI's own info lines
+        launch.log_to_stderr(rank, world)
     if args.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -550,10 +528,7 @@ def main(argv=None, *, own_logging: bool = True) -> int:
         log.error("error: %s", e)
         code = EXIT_BAD_INPUT
     finally:
-        if dist.is_initialized():
-            if code == EXIT_OK:
-                dist.barrier()
-            dist.destroy_process_group()
+        launch.end_process_group(code == EXIT_OK)
     return code
 
 

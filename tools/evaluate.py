@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -100,35 +99,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def init_distributed(device_flag: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment (NCCL on GPUs, gloo on CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
-    if cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
-
-
-def _broadcast(value, rank: int):
-    if not dist.is_initialized():
-        return value
-    box = [value if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def student_names(paths: list[str]) -> list[str]:
     """Folder names of the students: the file (or folder) name without extension, made unique and never
     'teacher'."""
@@ -180,6 +150,7 @@ def load_teacher(path: str):
 
 def evaluate(args, rank: int, world: int, device: torch.device) -> int:
     from distilled_unets.models.errors import PackError
+    from distilled_unets.models.students.distill import distributed
     from distilled_unets.models.students.evaluate import EvaluationError, load_inception, read_reference_stats
     from distilled_unets.models.students.evaluate import plan as P
     from distilled_unets.models.students.evaluate.inception import read_state_dict
@@ -208,7 +179,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> int:
             checked = {}
         except EvaluationError as e:
             checked = {"error": e}
-    checked = _broadcast(checked, rank)
+    checked = distributed.broadcast_object(checked)
     if "error" in checked:
         raise checked["error"]
     teacher, clip, vae = load_teacher(args.teacher)
@@ -274,7 +245,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> int:
                                    inception_note=os.path.basename(args.inception or ""),
                                    inception_size=args.fid_size,
                                    reference_stats=stats, stats_note=os.path.basename(args.reference_stats or ""),
-                                   node=TOOL, rank=rank, world=world, progress=progress, barrier=_barrier)
+                                   node=TOOL, rank=rank, world=world, progress=progress, barrier=distributed.barrier)
     finally:
         if bar is not None:
             bar.close()
@@ -288,23 +259,21 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> int:
 def main(argv=None, *, own_logging: bool = True) -> int:
     """Run the evaluation; returns the exit code. ``own_logging`` False leaves logging as the caller set it up."""
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.stderr.write("error: --device cuda, but no CUDA device is visible\n")
+    import_pack()  # the host-free parts import without ComfyUI (which must see this rank's GPU when it loads)
+    from distilled_unets.models.errors import PackError
+    from distilled_unets.models.students.distill import launch
+
+    why = launch.device_missing(args.device)
+    if why:
+        sys.stderr.write(why + "\n")
         return EXIT_BAD_INPUT
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = launch.init_distributed(args.device)
     if own_logging:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter((f"[rank {rank}] " if world > 1 else "") + "%(message)s"))
-        log.handlers[:] = [handler]
-        log.propagate = False
-        log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-        logging.getLogger().setLevel(logging.WARNING)
+        launch.log_to_stderr(rank, world)
     try:
         setup_comfy(args.comfyui, cpu=device.type != "cuda")
-        import_pack()
-        from distilled_unets.models.errors import PackError
     except HostError as e:
         log.error("error: %s", e)
         return EXIT_BAD_INPUT
@@ -320,10 +289,7 @@ def main(argv=None, *, own_logging: bool = True) -> int:
         log.warning("stopped: the same command continues with the images not written yet")
         code = EXIT_SIGNAL
     finally:
-        if dist.is_initialized():
-            if code == EXIT_OK:
-                dist.barrier()
-            dist.destroy_process_group()
+        launch.end_process_group(code == EXIT_OK)
     return code
 
 

@@ -35,6 +35,24 @@ def tiny(topology: Topology, family: str = "sd15", *, model_channels: int = 32, 
                    adm_in_channels=SDXL_ADM if fam == "sdxl" else None, in_channels=in_channels)
 
 
+def clip_vision(folder, seed: int = 3):
+    """A tiny random CLIP vision tower (ComfyUI's ClipVisionModel: 2 layers of width 64, projection 32, 32 px
+    images), its config written into ``folder``: the numerics of the CLIP metrics without a full-size tower."""
+    import json
+    from pathlib import Path
+
+    import comfy.clip_vision
+
+    cfg = Path(folder) / "cv.json"
+    cfg.write_text(json.dumps(
+        {"hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32, "intermediate_size": 128,
+         "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+         "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 32}))
+    cv = comfy.clip_vision.ClipVisionModel(str(cfg))
+    init_weights(cv.model, seed)
+    return cv
+
+
 def init_weights(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,3 +1,4 @@
+# ruff: noqa: T201  (the held-out curves are printed; see them with -s)
 """CLME-CondConv students end to end in a real ComfyUI: built from a teacher, identical before training (in fp32, fp16
 and bf16), distilled, saved and loaded back, refused by ComfyUI's own loader, and reported as not LoRA-mappable."""
 

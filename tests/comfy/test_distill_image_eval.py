@@ -5,8 +5,6 @@ step. Tiny random UNets, a random TAESD-sized VAE and a tiny CLIP vision tower, 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -32,13 +30,7 @@ def kit(tmp_path_factory):
         latents = {"samples": torch.randn(6, 4, 8, 8, generator=g)}
         pos, _ = tm.conditioning("sd15", tokens=8)
     vae = comfy.sd.VAE(sd=demo_weights.taesd("", seed=4))
-    root = tmp_path_factory.mktemp("cv")
-    (root / "cv.json").write_text(json.dumps(
-        {"hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32, "intermediate_size": 128,
-         "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
-         "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 32}))
-    cv = comfy.clip_vision.ClipVisionModel(str(root / "cv.json"))
-    tm.init_weights(cv.model, 3)
+    cv = tm.clip_vision(tmp_path_factory.mktemp("cv"), seed=3)
     return N, teacher, student, latents, pos, vae, cv
 
 

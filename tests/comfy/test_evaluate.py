@@ -52,13 +52,7 @@ def env(tmp_path_factory):
     import demo_weights
 
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("cv")
-    cfg = {"hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32, "intermediate_size": 128,
-           "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
-           "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 32}
-    (root / "cv.json").write_text(json.dumps(cfg))
-    cv = comfy.clip_vision.ClipVisionModel(str(root / "cv.json"))
-    tm.init_weights(cv.model, 3)
+    cv = tm.clip_vision(tmp_path_factory.mktemp("cv"), seed=3)
     return SimpleNamespace(teacher=tm.build("sd15", seed=1), student=tm.build("sd15", seed=2), clip=FakeClip(),
                            vae=comfy.sd.VAE(sd=demo_weights.taesd("", seed=4)), clip_vision=cv)
 

@@ -7,7 +7,6 @@ the same figures every call.
 from __future__ import annotations
 
 import gc
-import json
 import weakref
 from types import SimpleNamespace
 
@@ -31,13 +30,7 @@ def env(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     data = D.KDData(torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 8, 768, generator=g) * 0.5)
     vae = comfy.sd.VAE(sd=demo_weights.taesd("", seed=4))
-    root = tmp_path_factory.mktemp("cv")
-    (root / "cv.json").write_text(json.dumps(
-        {"hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32, "intermediate_size": 128,
-         "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
-         "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 32}))
-    cv = comfy.clip_vision.ClipVisionModel(str(root / "cv.json"))
-    tm.init_weights(cv.model, 3)
+    cv = tm.clip_vision(tmp_path_factory.mktemp("cv"), seed=3)
     schedule = D.NoiseSchedule(teacher.get_model_object("model_sampling"), prediction="eps")
     ev = HeldoutEvaluator(teacher.model.diffusion_model, schedule, data, J.latent_decoder(vae, teacher),
                           image_features=J.image_feature_fn(cv), steps=4, seed=3, batch_size=2)

@@ -241,15 +241,16 @@ def open_dataset(path: Path):
     from distilled_unets.nodes.datasets import load_dataset
     from distilled_unets.nodes.distill import training_data
 
-    src, held, _ = training_data(tiny(MINI), None, None, load_dataset(path.name))
-    assert held is None
-    return src
+    src, held, _ = training_data(tiny(MINI), None, None, load_dataset(path.name))  # the loader's default split
+    return src, held
 
 
-def dataset_works(src) -> None:
-    for shape, idx in src.buckets():
-        x0, ctx, y = src.batch(torch.tensor(idx))
-        assert tuple(x0.shape) == (len(idx), *shape) and ctx.shape[0] == len(idx) and ctx.shape[-1] == 768
+def dataset_works(sides) -> None:
+    src, held = sides
+    for side in (src, held) if held is not None else (src,):
+        for shape, idx in side.buckets():
+            x0, ctx, y = side.batch(torch.tensor(idx))
+            assert tuple(x0.shape) == (len(idx), *shape) and ctx.shape[0] == len(idx) and ctx.shape[-1] == 768
 
 
 register(Reader("Load Distillation Dataset -> Distill Student UNet data", make_datasets, open_dataset, dataset_works,

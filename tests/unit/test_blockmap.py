@@ -31,7 +31,8 @@ def test_tiny_shifts_up_blocks_and_sources_keys():
     # student up_blocks.0 (level 2) pair 1 <- teacher up_blocks.1 pair 2
     key = "output_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     assert bm.source_key(key) == (TEACHER, "output_blocks.5.1.transformer_blocks.0.attn2.to_k.weight")
-    assert bm.source_key("diffusion_model.input_blocks.0.0.weight") == (TEACHER, "diffusion_model.input_blocks.0.0.weight")
+    key = "diffusion_model.input_blocks.0.0.weight"
+    assert bm.source_key(key) == (TEACHER, key)
 
 
 def test_exact_marks_the_seams_of_the_removal():

@@ -97,7 +97,8 @@ def test_family_mismatch_and_unknown_keys():
     tensors, *_ = lora_for(mods, "kohya")
     assert "SDXL" in lk.family_mismatch(tensors, BK_BASE)
     assert lk.family_mismatch(tensors, SSD1B) is None
-    tensors = {"foo.bar": torch.zeros(1), "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(2, 1),
+    tensors = {"foo.bar": torch.zeros(1),
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(2, 1),
                "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 3),
                "lora_unet_nonsense_block.lora_up.weight": torch.zeros(2, 1)}
     plan = lk.plan_lora(tensors, BK_BASE, shapes_of(BK_BASE))

@@ -19,7 +19,8 @@ def test_module_map_is_every_diffusers_weight_module(entry):
 
 
 def test_uneven_resnets_per_level():
-    """Where comfy.utils.unet_to_diffusers numbers blocks wrongly (its block index uses the current level's count for every earlier level), ours follows UNetModel's build order."""
+    """Where comfy.utils.unet_to_diffusers numbers blocks wrongly (its block index uses the current level's count
+    for every earlier level), ours follows UNetModel's build order."""
     t = Topology("sd1", 320, (1, 2, 4), (2, 1, 1), (1, 1, 1, 1), (1,) * 7, 1, 768, False)
     mp = names.module_map(t)
     assert mp["down_blocks.0.downsamplers.0.conv"] == "input_blocks.3.0.op"

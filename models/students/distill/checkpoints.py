@@ -351,7 +351,7 @@ def restore(run, model, path: str, *, allow_changed_data: bool = False) -> tuple
                               + (f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""),
                               "put the data back as they were when the checkpoint was written, or start a new run "
                               "(to go on training on the new data, start from the distilled student file instead "
-                              "of the checkpoint)", path=path, input_name="resume")
+                              "of the checkpoint)", path=path, input_name="resume_from")
     if changed:
         notes.append("the training data differ from the checkpoint's: " + ", ".join(changed[:5]))
     sd = model.state_dict()

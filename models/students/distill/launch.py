@@ -1,11 +1,13 @@
-"""Joining the process group ``torchrun`` set up, and stopping every rank at the same step on a signal: the
-process side of a run under ``torch.distributed`` (``tools/distill.py``). Host-free: torch only."""
+"""The process side of the command-line tools under ``torch.distributed`` (``tools/distill.py``,
+``tools/evaluate.py``): joining the process group ``torchrun`` set up, logging per rank, leaving the group, and
+stopping every rank at the same step on a signal. Host-free: torch only."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import sys
 from datetime import timedelta
 
 import torch
@@ -36,6 +38,44 @@ def init_distributed(device_flag: str) -> tuple[int, int, torch.device]:
                                     rank=int(os.environ["RANK"]), world_size=world)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+
+
+def device_missing(device_flag: str) -> str | None:
+    """Why ``--device`` cannot be honoured (a line for stderr), or None."""
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        return "error: --device cuda, but no CUDA device is visible"
+    return None
+
+
+def end_process_group(ok: bool) -> None:
+    """Leave the process group: after a barrier when the run went well (rank 0 may still be writing)."""
+    if dist.is_initialized():
+        if ok:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+class TqdmHandler(logging.Handler):
+    """Log lines through tqdm.write, so they do not break a progress bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def log_to_stderr(rank: int, world: int) -> None:
+    """The pack's log on stderr (``[rank N]`` before each line under torchrun): rank 0 at INFO, the others only
+    warnings and errors; ComfyUI's own INFO lines left out."""
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter((f"[rank {rank}] " if world > 1 else "") + "%(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def _attempt_store(rank: int, world: int):

@@ -103,9 +103,10 @@ class Models:
         import torch
         from _pack import random_unet
         from distilled_unets.models.structure import structures as S
-        from distilled_unets.nodes.distill import block_map_for, student_unet_for_training, trainable_filter
+        from distilled_unets.models.students.distill import trainable_filter
+        from distilled_unets.nodes.host.distill import block_map_for, student_unet_for_training
+        from distilled_unets.nodes.host.students import build_student
         from distilled_unets.nodes.host.unet import topology_of
-        from distilled_unets.nodes.students import build_student
 
         self.tt = dataclasses.replace(S.TEACHERS["sd1"], model_channels=a.width)
         model = random_unet(self.tt, torch.float32, device, seed=0)

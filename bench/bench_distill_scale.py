@@ -55,11 +55,15 @@ def _port() -> int:
 
 
 def worker(a) -> int:
-    import distill  # tools/distill.py: the trainer's process-group start
     import torch
+    import torch.distributed as dist
+    from _pack import import_pack
+
+    import_pack()  # the host-free parts (ComfyUI comes once this rank's device is chosen)
+    from distilled_unets.models.students.distill.launch import end_process_group, init_distributed
 
     dev_flag = "cuda" if a.part == "gpu" else "cpu"
-    rank, world, device = distill.init_distributed(dev_flag)
+    rank, world, device = init_distributed(dev_flag)  # the trainer's process-group start
     local = int(os.environ.get("LOCAL_RANK", "0"))
     t0 = time.perf_counter()
     if a.part == "cpu":
@@ -68,10 +72,9 @@ def worker(a) -> int:
             os.sched_setaffinity(0, {cores[local % len(cores)]})
         torch.set_num_threads(a.threads)
     os.environ["BENCH_DEVICE"] = str(device)
-    from _pack import import_pack, setup_comfy
+    from _pack import setup_comfy
 
     setup_comfy()
-    import_pack()
     import dataclasses
 
     import _device
@@ -123,8 +126,8 @@ def worker(a) -> int:
         d.run(on_step=on_step)
         (w0, c0), (w1, c1) = stamps[a.warmup], stamps[a.warmup + steps]
         cpu = torch.tensor([c1 - c0], dtype=torch.float64)
-        if distill.dist.is_initialized() and device.type == "cpu":  # the busiest process
-            distill.dist.all_reduce(cpu, op=distill.dist.ReduceOp.MAX)
+        if dist.is_initialized() and device.type == "cpu":  # the busiest process
+            dist.all_reduce(cpu, op=dist.ReduceOp.MAX)
         result.update(rate=steps * batch * world / (w1 - w0), cpu_rate=steps * batch / float(cpu), setup=w0 - t0,
                       measure=w1 - w0, precision=str(d.autocast or "fp32"),
                       peak_mib=_device.process_peak_mib(device))
@@ -132,9 +135,7 @@ def worker(a) -> int:
         result.update(error=str(e), setup=time.perf_counter() - t0, measure=0.0, peak_mib=0.0)
     if rank == 0:
         Path(a.result).write_text(json.dumps(result))
-    if distill.dist.is_initialized():
-        distill.dist.barrier()
-        distill.dist.destroy_process_group()
+    end_process_group(True)
     return 0
 
 

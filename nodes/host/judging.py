@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -175,7 +176,7 @@ def _shape_problem(have: dict[str, tuple], want: dict[str, tuple], required, wha
 
 
 @functools.lru_cache(maxsize=16)
-def _clip_vision_config(path: str) -> tuple[dict, tuple]:
+def clip_vision_model(path: str) -> tuple[dict, tuple]:
     """(config, the model's ((name, shape), ...)) of a ComfyUI CLIP vision config, built on the meta device (no
     memory)."""
     import comfy.clip_model
@@ -199,8 +200,10 @@ def clip_vision_configs() -> list[str]:
 def clip_vision_plan(shapes: dict[str, tuple], path: str | None = None,
                      input_name: str = "--clip-vision") -> tuple[str, dict[str, tuple], bool]:
     """(ComfyUI config path, the model's {name: shape}, whether the file is in the OpenAI / open_clip layout) of
-    a CLIP vision file's tensors, from their shapes alone; anything but a whole CLIP vision tower ComfyUI has a
-    config for is refused here, before ComfyUI would build one at full size from a key name."""
+    a CLIP vision file's tensors, from their shapes alone: the config of as many layers as the tensors hold
+    whose every tensor the file has, with its shape. Anything else is refused here, before ComfyUI would build a
+    tower at full size from one key name (it picks ViT-bigG/14 if layer 47 is there, ViT-H/14 for layer 30,
+    ViT-L/14 for layer 22, and leaves whatever the file lacks uninitialised)."""
     import comfy.clip_vision
 
     open_clip = OPEN_CLIP_MARK in shapes
@@ -213,19 +216,19 @@ def clip_vision_plan(shapes: dict[str, tuple], path: str | None = None,
             raise EvaluationError(f"the OpenAI / open_clip layout tensors cannot be converted ({type(e).__name__}: "
                                   f"{str(e)[:120]})", CLIP_VISION_FIX, path=path, input_name=input_name) from e
         have = {k: tuple(v.shape) for k, v in meta.items()}
+    layers = [int(m.group(1)) for k in have if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))]
+    depth = max(layers) + 1 if layers else 0
     candidates = []
     for cfg_path in clip_vision_configs():
-        cfg, model = _clip_vision_config(cfg_path)
-        layers = int(cfg.get("num_hidden_layers", 0))
-        if f"vision_model.encoder.layers.{layers - 1}.layer_norm1.weight" in have:
-            candidates.append((layers, cfg_path, cfg, dict(model)))
+        cfg, model = clip_vision_model(cfg_path)
+        if int(cfg.get("num_hidden_layers", -1)) == depth:
+            candidates.append((cfg_path, cfg, dict(model)))
     if not candidates:
-        raise EvaluationError("this is not a CLIP vision model (no CLIP vision tower ComfyUI has a config for in its "
-                              "tensors: ViT-L/14, ViT-H/14, ViT-bigG/14)", CLIP_VISION_FIX, path=path,
-                              input_name=input_name)
-    deepest = max(c[0] for c in candidates)  # as ComfyUI: the deepest tower named by the file's keys
+        raise EvaluationError("this is not a CLIP vision model ComfyUI has a config for (ViT-L/14, ViT-H/14, "
+                              f"ViT-bigG/14: 24, 32 or 48 layers; its tensors hold {depth})", CLIP_VISION_FIX,
+                              path=path, input_name=input_name)
     problems = []
-    for _, cfg_path, cfg, model in [c for c in candidates if c[0] == deepest]:
+    for cfg_path, cfg, model in candidates:
         tower = VISION_TOWERS.get(int(cfg.get("hidden_size", 0)), os.path.basename(cfg_path))
         why = _shape_problem(have, model, lambda k: True, f"the {tower} tower ComfyUI builds from this file")
         if why is None:
@@ -642,7 +645,7 @@ VAE_DECODER = ("decoder.", "post_quant_conv.", "taesd_decoder.")
 
 
 @functools.lru_cache(maxsize=2)
-def _vae_model(kind: str) -> tuple:
+def vae_shapes(kind: str) -> tuple:
     """((name, shape), ...) of the VAE ComfyUI builds for ``kind`` ('kl': the SD VAE, 'taesd'), on the meta
     device."""
     with torch.device("meta"):
@@ -689,7 +692,7 @@ def vae_plan(shapes: dict[str, tuple], path: str | None = None,
     else:
         raise EvaluationError("this file holds no VAE decoder (no decoder.* or taesd_decoder.* tensors)", VAE_FIX,
                               path=path, input_name=input_name)
-    model = dict(_vae_model(kind))
+    model = dict(vae_shapes(kind))
     why = _shape_problem(have, model, lambda k: k.startswith(VAE_DECODER), what)
     if why:
         raise EvaluationError(f"this is not a VAE the teacher's latents decode with: {why}", VAE_FIX, path=path,

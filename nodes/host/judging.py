@@ -693,6 +693,11 @@ def vae_plan(shapes: dict[str, tuple], path: str | None = None,
         raise EvaluationError("this file holds no VAE decoder (no decoder.* or taesd_decoder.* tensors)", VAE_FIX,
                               path=path, input_name=input_name)
     model = dict(vae_shapes(kind))
+    first = "taesd_decoder.1.weight" if kind == "taesd" else "decoder.conv_in.weight"
+    if len(have[first]) == 4 and have[first][1] != LATENT_CHANNELS:
+        raise EvaluationError(f"this is a VAE of {have[first][1]} latent channels ({first} has shape "
+                              f"{list(have[first])}); the teacher's latents have {LATENT_CHANNELS} (SD 3's and Flux's "
+                              "VAEs have 16)", VAE_FIX, path=path, input_name=input_name)
     why = _shape_problem(have, model, lambda k: k.startswith(VAE_DECODER), what)
     if why:
         raise EvaluationError(f"this is not a VAE the teacher's latents decode with: {why}", VAE_FIX, path=path,

@@ -166,7 +166,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> int:
             if args.reference_stats:
                 read_reference_stats(args.reference_stats)
             if args.clip_vision:
-                J.load_clip_vision(args.clip_vision, input_name="clip_vision")
+                J.check_clip_vision(args.clip_vision, input_name="clip_vision")
             checked = {}
         except EvaluationError as e:
             checked = {"error": e}

@@ -121,7 +121,7 @@ def vision_tower(clip_vision, node: str = "EvaluateStudent", input_name: str = "
 
 
 #: ComfyUI's configs of the CLIP vision towers the CLIP metrics use (comfy/clip_vision_config_*.json, next to
-#: comfy/clip_vision.py; an absolute path is used as it is). ComfyUI picks one by the deepest layer in a file's
+#: comfy/clip_vision.py; an absolute path is used as it is). ComfyUI picks one by the key of one layer in a file's
 #: tensors, then builds it at full size whatever the tensors' shapes; :func:`clip_vision_plan` checks them first.
 CLIP_VISION_CONFIGS = ["clip_vision_config_g.json", "clip_vision_config_h.json", "clip_vision_config_vitl_336.json",
                        "clip_vision_config_vitl.json"]
@@ -236,6 +236,15 @@ def clip_vision_plan(shapes: dict[str, tuple], path: str | None = None,
         problems.append(why)
     raise EvaluationError(f"the tensors do not make a CLIP vision tower: {problems[-1]}", CLIP_VISION_FIX, path=path,
                           input_name=input_name)
+
+
+def check_clip_vision(path: str, input_name: str = "--clip-vision") -> str:
+    """The tower a CLIP vision file holds (ViT-L/14, ...), checked from its tensor shapes alone (a safetensors
+    file's header: nothing loaded, nothing built); a typed error naming the file otherwise."""
+    cfg_path, _, _ = clip_vision_plan(_file_shapes(path, "CLIP vision", CLIP_VISION_FIX, input_name), path,
+                                      input_name)
+    cfg, _ = clip_vision_model(cfg_path)
+    return VISION_TOWERS.get(int(cfg.get("hidden_size", 0)), os.path.basename(cfg_path))
 
 
 def load_clip_vision(path: str, input_name: str = "--clip-vision"):

@@ -82,6 +82,24 @@ def inception_of(path: str):
     return _INCEPTION_CACHE[key]
 
 
+def judging_files(inception: str, reference_stats: str):
+    """(Inception network, reference statistics, their paths) of the node's ``inception`` and ``reference_stats``
+    inputs (file names under models/inception, or "none"): each read and checked, a typed error naming the node,
+    the input and the file otherwise."""
+    inc_path = _resolve(inception, "inception")
+    stats_path = _resolve(reference_stats, "reference_stats")
+    if stats_path and not inc_path:
+        raise EvaluationError("reference statistics without an Inception network", "pick the Inception file the "
+                              "statistics were made with (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)",
+                              node=NODE, input_name="inception")
+    net = inception_of(inc_path) if inc_path else None
+    stats = None
+    if stats_path:
+        with node_errors(NODE, "reference_stats"):
+            stats = read_reference_stats(stats_path)
+    return net, stats, inc_path, stats_path
+
+
 def output_folder(prefix: str) -> str:
     """A new numbered folder ``output/distilled_unets/evaluate/<prefix>_NNNNN`` (one past the highest there;
     created exclusively, so two runs never share one and nothing is overwritten)."""
@@ -114,17 +132,7 @@ def evaluate(teacher, student, clip, vae, prompts: str, negative: str, seed: int
     J.check_sampler(sampler, scheduler, NODE)
     if clip_vision is not None:
         J.vision_tower(clip_vision, NODE)
-    inc_path = _resolve(inception, "inception")
-    stats_path = _resolve(reference_stats, "reference_stats")
-    if stats_path and not inc_path:
-        raise EvaluationError("reference statistics without an Inception network", "pick the Inception file the "
-                              "statistics were made with (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)",
-                              node=NODE, input_name="inception")
-    net = inception_of(inc_path) if inc_path else None
-    stats = None
-    if stats_path:
-        with node_errors(NODE, "reference_stats"):
-            stats = read_reference_stats(stats_path)
+    net, stats, inc_path, stats_path = judging_files(inception, reference_stats)
     s = J.Settings(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, width=width, height=height,
                    negative=negative, seed=seed, images_per_prompt=images_per_prompt)
     out_dir = output_folder(filename_prefix)

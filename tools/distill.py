@@ -122,10 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      "student-best.safetensors (heldout_kd; with --vae psnr, ssim, "
                                                      "ms_ssim; with --clip-vision too clip_image_cosine, fd_clip, "
                                                      "kid_clip, cmmd)")
-    d.add_argument("--vae", help="the teacher's VAE (a VAE file or the teacher's full checkpoint): every evaluation "
+    d.add_argument("--vae", help="the teacher's VAE (an SD 1.x/2.x/SDXL VAE file, a TAESD, or the teacher's full "
+                                 "checkpoint): every evaluation "
                                  "then samples the held-out captions with teacher and student from the same noise, "
                                  "decodes them and judges the images (psnr, ssim, ms_ssim)")
-    d.add_argument("--clip-vision", help="with --vae, a CLIP vision file: the CLIP metrics of those images too")
+    d.add_argument("--clip-vision", help="with --vae, a CLIP vision file (ViT-L/14, ViT-H/14, ViT-bigG/14): the CLIP "
+                                         "metrics of those images too")
     d.add_argument("--eval-sampling-steps", type=int, default=8, help="Euler steps of the held-out images")
     d.add_argument("--heldout-fraction", type=float, default=None,
                    help="hold this fraction of --data out of training (at most 128 samples, chosen by a fixed "

@@ -115,18 +115,9 @@ def student_names(paths: list[str]) -> list[str]:
 
 
 def read_prompts(path: str) -> list[str]:
-    from distilled_unets.models.students.evaluate import EvaluationError, parse_prompts
+    from distilled_unets.models.students.evaluate.plan import read_prompt_file
 
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise EvaluationError(f"the prompt file cannot be read ({e.strerror or e})", "give a text file, one prompt "
-                              "a line", path=path, input_name="prompts") from e
-    try:
-        return parse_prompts(text)
-    except EvaluationError as e:
-        e.path = path
-        raise
+    return read_prompt_file(path)
 
 
 def load_teacher(path: str):
@@ -175,7 +166,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> int:
             if args.reference_stats:
                 read_reference_stats(args.reference_stats)
             if args.clip_vision:
-                J.load_clip_vision(args.clip_vision, input_name="clip_vision")
+                J.check_clip_vision(args.clip_vision, input_name="clip_vision")
             checked = {}
         except EvaluationError as e:
             checked = {"error": e}

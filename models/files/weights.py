@@ -170,6 +170,28 @@ def read_shapes(path: str) -> tuple[dict, dict]:
                           "use a .safetensors file (or .ckpt/.pt/.bin, loaded weights-only)", path=path)
 
 
+def read_tensors(path: str, names) -> dict:
+    """The tensors ``names`` of one weight file, read weights-only: from a safetensors file only those (after the
+    header checks of :func:`inspect_safetensors`), from a ``.ckpt``/``.pt``/``.bin`` by a weights-only
+    ``torch.load`` of the whole file. A name the file lacks is left out. Raises WeightFileError naming the file."""
+    low = path.lower()
+    if low.endswith(SAFETENSORS_EXT):
+        from safetensors import safe_open
+
+        header, _ = inspect_safetensors(path)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in names if k in header}
+        except Exception as e:  # the header was checked: only a file changed since, or unreadable, gets here
+            raise WeightFileError(f"the file cannot be read ({type(e).__name__}: {str(e)[:120]})",
+                                  "download the file again", path=path) from e
+    if low.endswith(PICKLE_EXT):
+        sd = _torch_load(path)
+        return {k: sd[k] for k in names if k in sd}
+    raise WeightFileError(f"'{os.path.splitext(path)[1]}' is not a weight file type this loader reads",
+                          "use a .safetensors file (or .ckpt/.pt/.bin, loaded weights-only)", path=path)
+
+
 def _folder_source(folder: str) -> Source:
     names = set(os.listdir(folder))
     partial = sorted(n for n in names if n.lower().endswith(PARTIAL_SUFFIXES))

@@ -17,9 +17,11 @@ May import: ``comfy.*`` and ``models`` (never ``folder_paths``, ``server`` or th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -118,21 +120,156 @@ def vision_tower(clip_vision, node: str = "EvaluateStudent", input_name: str = "
     return VISION_TOWERS.get(width, f"a CLIP vision tower of width {width}")
 
 
-def load_clip_vision(path: str, input_name: str = "--clip-vision"):
-    """ComfyUI's CLIP vision model from a file (``comfy.clip_vision.load``); a file that is not one is refused."""
+#: ComfyUI's configs of the CLIP vision towers the CLIP metrics use (comfy/clip_vision_config_*.json, next to
+#: comfy/clip_vision.py; an absolute path is used as it is). ComfyUI picks one by the key of one layer in a file's
+#: tensors, then builds it at full size whatever the tensors' shapes; :func:`clip_vision_plan` checks them first.
+CLIP_VISION_CONFIGS = ["clip_vision_config_g.json", "clip_vision_config_h.json", "clip_vision_config_vitl_336.json",
+                       "clip_vision_config_vitl.json"]
+#: the tensor by which ComfyUI's loader knows an OpenAI / open_clip layout (``visual.*``, converted on loading)
+OPEN_CLIP_MARK = "visual.transformer.resblocks.0.attn.in_proj_weight"
+CLIP_VISION_FIX = ("give a CLIP vision file (clip_vision_g.safetensors, CLIP-ViT-H-14 or ViT-L-14 from "
+                   "models/clip_vision)")
+
+
+def _file_shapes(path: str, what: str, fix: str, input_name: str) -> dict[str, tuple]:
+    """{name: shape} of a weight file: a safetensors header (no tensor data read), or a weights-only torch.load;
+    typed errors name the file and ``input_name``."""
+    from ...models.errors import PackError
+    from ...models.files.weights import read_shapes
+
+    if not os.path.isfile(path):
+        raise EvaluationError(f"the {what} file does not exist", fix, path=path, input_name=input_name)
+    try:
+        shapes, _ = read_shapes(path)
+    except PackError as e:
+        raise EvaluationError(f"the {what} file cannot be read: {e.problem}", fix, path=path,
+                              input_name=input_name) from e
+    return shapes
+
+
+def _file_tensors(path: str, names, what: str, fix: str, input_name: str) -> dict[str, torch.Tensor]:
+    from ...models.errors import PackError
+    from ...models.files.weights import read_tensors
+
+    try:
+        return read_tensors(path, names)
+    except PackError as e:
+        raise EvaluationError(f"the {what} file cannot be read: {e.problem}", fix, path=path,
+                              input_name=input_name) from e
+
+
+def _on_meta(shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+def _shape_problem(have: dict[str, tuple], want: dict[str, tuple], required, what: str) -> str | None:
+    """Why tensors of shapes ``have`` cannot fill a model of shapes ``want`` (None: they can): a ``required`` tensor
+    missing, or any tensor of the model with another shape."""
+    missing = [k for k in want if required(k) and k not in have]
+    if missing:
+        return (f"{len(missing)} tensor(s) of {what} are missing ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}): the file is cut or damaged")
+    for k, s in want.items():
+        if k in have and tuple(have[k]) != tuple(s):
+            return f"tensor {k} has shape {list(have[k])}, {what} has {list(s)}"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def clip_vision_model(path: str) -> tuple[dict, tuple]:
+    """(config, the model's ((name, shape), ...)) of a ComfyUI CLIP vision config, built on the meta device (no
+    memory)."""
+    import comfy.clip_model
+    import comfy.ops
+
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        model = comfy.clip_model.CLIPVisionModelProjection(cfg, torch.float32, "meta", comfy.ops.manual_cast)
+    return cfg, tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+def clip_vision_configs() -> list[str]:
     import comfy.clip_vision
 
-    fix = "give a CLIP vision file (clip_vision_g.safetensors, CLIP-ViT-H-14 or ViT-L-14 from models/clip_vision)"
-    if not os.path.isfile(path):
-        raise EvaluationError("the CLIP vision file does not exist", fix, path=path, input_name=input_name)
-    try:
-        cv = comfy.clip_vision.load(path)
-    except Exception as e:
-        raise EvaluationError(f"the file cannot be read as a CLIP vision model ({type(e).__name__}: "
-                              f"{str(e)[:160]})", fix, path=path, input_name=input_name) from e
-    if cv is None:
-        raise EvaluationError("this is not a CLIP vision model (no vision tower ComfyUI knows in its tensors)", fix,
+    here = os.path.dirname(os.path.realpath(comfy.clip_vision.__file__))
+    paths = [c if os.path.isabs(c) else os.path.join(here, c) for c in CLIP_VISION_CONFIGS]
+    return [p for p in paths if os.path.isfile(p)]
+
+
+def clip_vision_plan(shapes: dict[str, tuple], path: str | None = None,
+                     input_name: str = "--clip-vision") -> tuple[str, dict[str, tuple], bool]:
+    """(ComfyUI config path, the model's {name: shape}, whether the file is in the OpenAI / open_clip layout) of
+    a CLIP vision file's tensors, from their shapes alone: the config of as many layers as the tensors hold
+    whose every tensor the file has, with its shape. Anything else is refused here, before ComfyUI would build a
+    tower at full size from one key name (it picks ViT-bigG/14 if layer 47 is there, ViT-H/14 for layer 30,
+    ViT-L/14 for layer 22, and leaves whatever the file lacks uninitialised)."""
+    import comfy.clip_vision
+
+    open_clip = OPEN_CLIP_MARK in shapes
+    have = shapes
+    if open_clip:  # ComfyUI's own conversion, on tensors of no memory
+        try:
+            meta = comfy.clip_vision.convert_to_transformers(
+                _on_meta({k: s for k, s in shapes.items() if k.startswith("visual.")}), "visual.")
+        except Exception as e:
+            raise EvaluationError(f"the OpenAI / open_clip layout tensors cannot be converted ({type(e).__name__}: "
+                                  f"{str(e)[:120]})", CLIP_VISION_FIX, path=path, input_name=input_name) from e
+        have = {k: tuple(v.shape) for k, v in meta.items()}
+    layers = [int(m.group(1)) for k in have if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", k))]
+    depth = max(layers) + 1 if layers else 0
+    candidates = []
+    for cfg_path in clip_vision_configs():
+        cfg, model = clip_vision_model(cfg_path)
+        if int(cfg.get("num_hidden_layers", -1)) == depth:
+            candidates.append((cfg_path, cfg, dict(model)))
+    if not candidates:
+        raise EvaluationError("this is not a CLIP vision model ComfyUI has a config for (ViT-L/14, ViT-H/14, "
+                              f"ViT-bigG/14: 24, 32 or 48 layers; its tensors hold {depth})", CLIP_VISION_FIX,
                               path=path, input_name=input_name)
+    problems = []
+    for cfg_path, cfg, model in candidates:
+        tower = VISION_TOWERS.get(int(cfg.get("hidden_size", 0)), os.path.basename(cfg_path))
+        why = _shape_problem(have, model, lambda k: True, f"the {tower} tower ComfyUI builds from this file")
+        if why is None:
+            return cfg_path, model, open_clip
+        problems.append(why)
+    raise EvaluationError(f"the tensors do not make a CLIP vision tower: {problems[-1]}", CLIP_VISION_FIX, path=path,
+                          input_name=input_name)
+
+
+def check_clip_vision(path: str, input_name: str = "--clip-vision") -> str:
+    """The tower a CLIP vision file holds (ViT-L/14, ...), checked from its tensor shapes alone (a safetensors
+    file's header: nothing loaded, nothing built); a typed error naming the file otherwise."""
+    cfg_path, _, _ = clip_vision_plan(_file_shapes(path, "CLIP vision", CLIP_VISION_FIX, input_name), path,
+                                      input_name)
+    cfg, _ = clip_vision_model(cfg_path)
+    return VISION_TOWERS.get(int(cfg.get("hidden_size", 0)), os.path.basename(cfg_path))
+
+
+def load_clip_vision(path: str, input_name: str = "--clip-vision"):
+    """ComfyUI's CLIP vision model from a file: the file's tensor shapes are checked against the tower ComfyUI
+    would build (:func:`clip_vision_plan`) before anything is built, its tensors are read weights-only (a
+    safetensors file: only the tower's), and ComfyUI's ``ClipVisionModel`` is built from that config and loaded
+    with them. A file that is not a whole CLIP vision tower is refused naming the file."""
+    import comfy.clip_vision
+
+    shapes = _file_shapes(path, "CLIP vision", CLIP_VISION_FIX, input_name)
+    cfg_path, model, open_clip = clip_vision_plan(shapes, path, input_name)
+    names = [k for k in shapes if k.startswith("visual.")] if open_clip else list(model)
+    sd = _file_tensors(path, names, "CLIP vision", CLIP_VISION_FIX, input_name)
+    try:
+        if open_clip:
+            sd = comfy.clip_vision.convert_to_transformers(sd, "visual.")
+        sd = {k: sd[k] for k in model}
+        cv = comfy.clip_vision.ClipVisionModel(cfg_path)
+        missing, _ = cv.load_sd(sd)
+    except Exception as e:
+        raise EvaluationError(f"the file cannot be loaded as a CLIP vision model ({type(e).__name__}: "
+                              f"{str(e)[:160]})", CLIP_VISION_FIX, path=path, input_name=input_name) from e
+    if missing:  # checked above: ComfyUI would leave these weights uninitialised
+        raise EvaluationError(f"ComfyUI's tower has tensors the file lacks ({', '.join(missing[:3])})",
+                              CLIP_VISION_FIX, path=path, input_name=input_name)
     return cv
 
 
@@ -506,31 +643,99 @@ def image_feature_fn(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:
 # evaluation while distilling (the engine calls it: models/students/eval_hook.py)
 
 
-def load_vae(path: str, input_name: str = "--vae"):
-    """ComfyUI's VAE from a VAE file or a full checkpoint (its ``first_stage_model.`` part); anything else is
-    refused naming the file."""
-    import comfy.sd
-    import comfy.utils
+#: the SD 1.x / 2.x / SDXL VAE (ComfyUI's AutoencoderKL in its default configuration) and its latent channels
+SD_VAE_CONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+LATENT_CHANNELS = 4
+VAE_FIX = ("give the teacher's VAE: an SD 1.x / 2.x / SDXL VAE file (models/vae), a TAESD of 4 latent channels, "
+           "or the teacher's full checkpoint")
+#: tensors a decoder needs; the encoder's may be missing (the evaluation only decodes)
+VAE_DECODER = ("decoder.", "post_quant_conv.", "taesd_decoder.")
 
-    fix = "give the teacher's VAE: a VAE file (models/vae) or the teacher's full checkpoint"
-    if not os.path.isfile(path):
-        raise EvaluationError("the VAE file does not exist", fix, path=path, input_name=input_name)
-    try:
-        sd = comfy.utils.load_torch_file(path, safe_load=True)
-    except Exception as e:
-        raise EvaluationError(f"the file cannot be read ({type(e).__name__}: {str(e)[:160]})", fix, path=path,
-                              input_name=input_name) from e
+
+@functools.lru_cache(maxsize=2)
+def vae_shapes(kind: str) -> tuple:
+    """((name, shape), ...) of the VAE ComfyUI builds for ``kind`` ('kl': the SD VAE, 'taesd'), on the meta
+    device."""
+    with torch.device("meta"):
+        if kind == "taesd":
+            import comfy.taesd.taesd
+
+            model = comfy.taesd.taesd.TAESD(latent_channels=LATENT_CHANNELS)
+        else:
+            from comfy.ldm.models.autoencoder import AutoencoderKL
+
+            model = AutoencoderKL(ddconfig=dict(SD_VAE_CONFIG), embed_dim=LATENT_CHANNELS)
+    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
+def vae_plan(shapes: dict[str, tuple], path: str | None = None,
+             input_name: str = "--vae") -> tuple[str, dict[str, str], dict[str, tuple], bool]:
+    """(kind, {VAE tensor name: the file's name}, the model's {name: shape}, diffusers layout) of a VAE file, a
+    TAESD file or a full checkpoint (``first_stage_model.*``), from tensor shapes alone: anything but an SD-family
+    VAE of 4 latent channels whose decoder is whole is refused before ComfyUI builds one (ComfyUI picks among a
+    dozen VAEs by key names and sizes some from the tensors' shapes)."""
+    import comfy.diffusers_convert
+
     prefix = "first_stage_model."
-    if any(k.startswith(prefix) for k in sd):
-        sd = comfy.utils.state_dict_prefix_replace(sd, {prefix: ""}, filter_keys=True)
-    if not any(k.startswith(("decoder.", "taesd_decoder.")) for k in sd):
-        raise EvaluationError("this file holds no VAE decoder (no decoder.* or taesd_decoder.* tensors)", fix,
+    names = {k[len(prefix):]: k for k in shapes if k.startswith(prefix)} or {k: k for k in shapes}
+    have = {k: shapes[f] for k, f in names.items()}
+    diffusers = "decoder.up_blocks.0.resnets.0.norm1.weight" in have
+    if diffusers:  # ComfyUI's own renaming, on tensors of no memory
+        try:
+            order = list(have)
+            converted = comfy.diffusers_convert.convert_vae_state_dict(_on_meta(have))
+            back = dict(zip(converted, order)) if len(converted) == len(order) else None
+        except Exception as e:
+            raise EvaluationError(f"the diffusers-layout VAE tensors cannot be converted ({type(e).__name__}: "
+                                  f"{str(e)[:120]})", VAE_FIX, path=path, input_name=input_name) from e
+        if back is None:
+            raise EvaluationError("two tensors of the diffusers-layout VAE have one name once converted", VAE_FIX,
+                                  path=path, input_name=input_name)
+        have = {k: tuple(v.shape) for k, v in converted.items()}
+        names = {k: names[back[k]] for k in converted}
+    if "taesd_decoder.1.weight" in have:
+        kind, what = "taesd", f"a TAESD of {LATENT_CHANNELS} latent channels"
+    elif "decoder.conv_in.weight" in have:
+        kind, what = "kl", "the SD 1.x / 2.x / SDXL VAE"
+    else:
+        raise EvaluationError("this file holds no VAE decoder (no decoder.* or taesd_decoder.* tensors)", VAE_FIX,
                               path=path, input_name=input_name)
+    model = dict(vae_shapes(kind))
+    first = "taesd_decoder.1.weight" if kind == "taesd" else "decoder.conv_in.weight"
+    if len(have[first]) == 4 and have[first][1] != LATENT_CHANNELS:
+        raise EvaluationError(f"this is a VAE of {have[first][1]} latent channels ({first} has shape "
+                              f"{list(have[first])}); the teacher's latents have {LATENT_CHANNELS} (SD 3's and Flux's "
+                              "VAEs have 16)", VAE_FIX, path=path, input_name=input_name)
+    why = _shape_problem(have, model, lambda k: k.startswith(VAE_DECODER), what)
+    if why:
+        raise EvaluationError(f"this is not a VAE the teacher's latents decode with: {why}", VAE_FIX, path=path,
+                              input_name=input_name)
+    return kind, {k: names[k] for k in model if k in names}, model, diffusers
+
+
+def load_vae(path: str, input_name: str = "--vae"):
+    """ComfyUI's VAE from a VAE file, a TAESD file or a full checkpoint (its ``first_stage_model.`` part): the
+    file's tensor shapes are checked against the SD-family VAE first (:func:`vae_plan`), only the VAE's tensors
+    are read (weights-only), and ComfyUI builds its VAE from them alone. Anything else is refused naming the
+    file."""
+    import comfy.sd
+
+    shapes = _file_shapes(path, "VAE", VAE_FIX, input_name)
+    kind, names, model, diffusers = vae_plan(shapes, path, input_name)
+    raw = _file_tensors(path, sorted(set(names.values())), "VAE", VAE_FIX, input_name)
     try:
-        return comfy.sd.VAE(sd=sd)
+        sd = {k: raw[f] for k, f in names.items()}
+        if diffusers:  # the renaming was made on the shapes (names: converted name -> the file's); then reshape
+            sd = {k: v.reshape(model[k]) for k, v in sd.items()}
+        vae = comfy.sd.VAE(sd=sd)
     except Exception as e:
-        raise EvaluationError(f"ComfyUI cannot build a VAE from it ({type(e).__name__}: {str(e)[:160]})", fix,
+        raise EvaluationError(f"ComfyUI cannot build a VAE from it ({type(e).__name__}: {str(e)[:160]})", VAE_FIX,
                               path=path, input_name=input_name) from e
+    if getattr(vae, "latent_channels", LATENT_CHANNELS) != LATENT_CHANNELS:
+        raise EvaluationError(f"ComfyUI built a VAE of {vae.latent_channels} latent channels", VAE_FIX, path=path,
+                              input_name=input_name)
+    return vae
 
 
 def heldout_evaluator(teacher, heldout, vae, clip_vision=None, *, prediction: str, steps: int = 8, seed: int = 0,

@@ -20,6 +20,7 @@ fields) live with the reader (``_readers.py``) and use the value strategies here
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -85,6 +86,25 @@ def join_safetensors(header: dict, body: bytes, *, pad: bool = True) -> bytes:
     if pad:
         raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw + body
+
+
+def sparse_safetensors(path, shapes: dict, dtype: str = "F16"):
+    """A safetensors file of zero tensors of ``shapes``: the header, then a hole up to the size it declares (as
+    large as the real file, written and read back as zeros in no time: a full-size network for a loader to read)."""
+    import math
+
+    size = {"F16": 2, "BF16": 2, "F32": 4}[dtype]
+    header, at = {}, 0
+    for k, shape in shapes.items():
+        n = math.prod(shape) * size
+        header[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + n]}
+        at += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + at)
+    return path
 
 
 def _tensor_names(header: dict) -> list[str]:
@@ -365,33 +385,213 @@ def torch_file(with_code: object) -> Mutation:
 # numpy .npz archives (reference statistics)
 
 
-def npz_file(draw: Draw, data: bytes) -> tuple[bytes, str]:
-    """Cut, flipped bits, or one array replaced: another dtype or shape, NaN, strings, an object array that
-    runs code when unpickled (``np.load`` must be called with ``allow_pickle=False``)."""
+def npy(array) -> bytes:
     import numpy as np
 
-    what = draw(st.sampled_from(["truncate", "flip", "array", "array"]), label="mutation")
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.asanyarray(array), allow_pickle=True)
+    return buf.getvalue()
+
+
+def npy_claiming(array, shape: tuple) -> bytes:
+    """An ``.npy`` member whose header declares ``shape`` while its data stay those of ``array``."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(array.dtype),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue() + np.ascontiguousarray(array).tobytes()
+
+
+def zip_members(members: dict[str, bytes], compressed: bool = False) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=4)
+def _deflated_zero_npy(side: int) -> tuple[bytes, int]:
+    """(raw deflate stream, inflated size) of an ``.npy`` of ``side x side`` float64 zeros: a few megabytes that
+    inflate to ``8 side^2`` bytes, made by repeating one fully flushed deflate block of a MiB of zeros."""
+    import zlib
+
+    import numpy as np
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f8", "fortran_order": False, "shape": (side, side)})
+    mib = b"\0" * (1 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    c.compress(mib)
+    block = c.flush(zlib.Z_FULL_FLUSH)  # after a full flush the window is empty: each such block stands alone
+    total = 8 * side * side
+    tail = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = (_full_flush(head.getvalue()) + block * (total // len(mib))
+            + tail.compress(b"\0" * (total % len(mib))) + tail.flush())
+    return body, len(head.getvalue()) + total
+
+
+def _full_flush(data: bytes) -> bytes:
+    import zlib
+
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush(zlib.Z_FULL_FLUSH)
+
+
+def zip_with_bomb(members: dict[str, bytes], bomb: str, side: int) -> bytes:
+    """A zip archive (written by hand: zipfile would inflate to write it) of ``members`` stored, and ``bomb``: an
+    ``.npy`` of ``side x side`` zeros deflated (see :func:`_deflated_zero_npy`), its sizes in a ZIP64 field. Its
+    CRC is left 0: a reader that inflates it fails the check only after filling that much memory."""
+    out, central = bytearray(), bytearray()
+    for name, data in members.items():
+        n, crc = name.encode(), zlib_crc(data)
+        central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, crc, len(data), len(data), len(n),
+                               0, 0, 0, 0, 0, len(out)) + n
+        out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, crc, len(data), len(data), len(n), 0) + n + data
+    body, size = _deflated_zero_npy(side)
+    n = bomb.encode()
+    local_extra = struct.pack("<HHQQ", 1, 16, size, len(body))
+    central_extra = struct.pack("<HHQQQ", 1, 24, size, len(body), len(out))
+    central += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 8, 0, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF, len(n),
+                           len(central_extra), 0, 0, 0, 0, 0xFFFFFFFF) + n + central_extra
+    out += struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 8, 0, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF, len(n),
+                       len(local_extra)) + n + local_extra + body
+    count, at = len(members) + 1, len(out)
+    out += central
+    end64 = len(out)
+    out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(central), at)
+    out += struct.pack("<IIQI", 0x07064B50, 0, end64, 1)
+    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(central), 0xFFFFFFFF, 0)
+    return bytes(out)
+
+
+def zlib_crc(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def npz_file(draw: Draw, data: bytes) -> tuple[bytes, str]:
+    """Cut, flipped bits, or one array replaced: another dtype or shape, NaN, strings, an object array that
+    runs code when unpickled (``np.load`` must be called with ``allow_pickle=False``), renamed; an ``.npy`` header
+    that claims a huge shape (a reader that trusts it allocates that much before reading); an array that inflates
+    to gigabytes from a few megabytes of deflated zeros; something that is not a zip archive at all."""
+    import numpy as np
+
+    what = draw(st.sampled_from(["truncate", "flip", "array", "array", "array", "claim", "bomb", "not-zip"]),
+                label="mutation")
     if what == "truncate":
         return truncate(draw, data)
     if what == "flip":
         return flip_bits(draw, data)
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
+    if what == "not-zip":
+        kind = draw(st.sampled_from(["npy", "pickle", "text", "empty"]), label="instead")
+        if kind == "npy":
+            return npy(arrays[sorted(arrays)[0]]), "npz: a plain .npy"
+        if kind == "pickle":
+            import pickle
+
+            return pickle.dumps({"mu": RunsCode(), "sigma": RunsCode()}), "npz: a pickle that runs code"
+        return (b"mu 0 0 0\nsigma 1 0 0\n" if kind == "text" else b""), f"npz: {kind}"
     name = draw(st.sampled_from(sorted(arrays) + ["extra"]), label="array")
     old = arrays.get(name, np.zeros(3))
-    how = draw(st.sampled_from(["dtype", "shape", "nan", "strings", "code", "drop"]), label="how")
+    members = {f"{k}.npy": npy(v) for k, v in arrays.items()}
+    if what == "claim":
+        shape = draw(st.sampled_from([(2 ** 40,), (2 ** 31, 2 ** 31), (2 ** 62,), (1 << 20, 1 << 20), (0,), (2 ** 17,),
+                                      tuple(old.shape) + (2 ** 20,)]), label="claimed shape")
+        members[f"{name}.npy"] = npy_claiming(old, shape)
+        return zip_members(members), "npz: a header claiming a huge shape"
+    if what == "bomb":  # 4.6 / 8.6 GB once inflated: beyond the harness's cap
+        members.pop(f"{name}.npy", None)
+        return zip_with_bomb(members, f"{name}.npy", draw(st.sampled_from([24_000, 32_768]), label="side")), \
+            "npz: an array inflating to gigabytes"
+    how = draw(st.sampled_from(["dtype", "shape", "nan", "strings", "code", "drop", "rename"]), label="how")
     if how == "dtype":
-        arrays[name] = old.astype(draw(st.sampled_from(["int8", "float16", "bool", "complex64"]), label="dtype"))
+        arrays[name] = old.astype(draw(st.sampled_from(["int8", "float16", "bool", "complex64", "uint64", ">f8"]),
+                                       label="dtype"))
     elif how == "shape":
-        arrays[name] = old.reshape(-1)[: max(0, old.size - 1)] if draw(st.booleans()) else np.zeros((2,) * 5)
+        arrays[name] = draw(st.sampled_from([old.reshape(-1)[: max(0, old.size - 1)], np.zeros((2,) * 5),
+                                             np.float64(1.0), old.reshape(-1)[:, None], np.zeros((0, 0))]),
+                            label="shape")
     elif how == "nan":
-        arrays[name] = np.full(old.shape, np.nan, dtype=old.dtype if old.dtype.kind == "f" else np.float64)
+        arrays[name] = np.full(old.shape, draw(st.sampled_from([np.nan, np.inf, -np.inf])),
+                               dtype=old.dtype if old.dtype.kind == "f" else np.float64)
     elif how == "strings":
         arrays[name] = np.array(["a", "b"])
     elif how == "code":
         arrays[name] = np.array([RunsCode()], dtype=object)
+    elif how == "rename":
+        arrays[draw(st.sampled_from(["mean", "cov", "MU", "mu ", "sigma.npy", "arr_0", ""]), label="to")] = \
+            arrays.pop(name, old)
     else:
         arrays.pop(name, None)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    if any(a.dtype.hasobject for a in arrays.values()):
+        np.savez(buf, allow_pickle=True, **arrays) if _savez_takes_allow_pickle() else np.savez(buf, **arrays)
+    else:
+        np.savez(buf, **arrays)
     return buf.getvalue(), f"npz: {how}"
+
+
+def _savez_takes_allow_pickle() -> bool:
+    import inspect
+
+    import numpy as np
+
+    return "allow_pickle" in inspect.signature(np.savez).parameters
+
+
+# ------------------------------------------------------------------------------------------------
+# text files (a prompt list)
+
+
+def text_file(draw: Draw, data: bytes) -> tuple[bytes, str]:
+    """Cut, flipped bits, or a text file gone wrong: binary garbage, a huge line, empty, only blank lines,
+    invalid UTF-8, NUL bytes, UTF-16, a byte-order mark, other line endings, control characters, many lines."""
+    what = draw(st.sampled_from(["truncate", "flip", "binary", "huge-line", "empty", "blank", "invalid-utf8", "nul",
+                                 "utf16", "bom", "line-endings", "control", "many-lines", "unicode"]),
+                label="mutation")
+    if what == "truncate":
+        return truncate(draw, data)
+    if what == "flip":
+        return flip_bits(draw, data)
+    if what == "binary":
+        return draw(st.binary(min_size=1, max_size=4096), label="bytes"), "text: binary garbage"
+    if what == "huge-line":
+        n = draw(st.sampled_from([9_999, 10_000, 10_001, 100_000, 4_000_000]), label="characters")
+        line = (draw(st.sampled_from(["a", "a photo ", "\u00e9", "\u6f22", " "]), label="text") * n)[:n]
+        return data + line.encode() + b"\n", "text: a huge line"
+    if what == "empty":
+        return b"", "text: empty"
+    if what == "blank":
+        return draw(st.sampled_from([b"\n", b"\n\n\n", b" \t \n  \n", b"\r\n\r\n", b"\xc2\xa0\n", b"\x0b\x0c\n",
+                                     b"\xef\xbb\xbf\n \n"]), label="blank"), "text: blank lines only"
+    if what == "invalid-utf8":
+        at = draw(st.integers(0, len(data)), label="at")
+        bad = draw(st.sampled_from([b"\xff", b"\xc3", b"\x80", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80",
+                                    b"caf\xe9"]), label="bytes")
+        return data[:at] + bad + data[at:], "text: invalid UTF-8"
+    if what == "nul":
+        at = draw(st.integers(0, len(data)), label="at")
+        return data[:at] + b"\0" * draw(st.integers(1, 4), label="nuls") + data[at:], "text: NUL bytes"
+    if what == "utf16":
+        return data.decode("utf-8", "replace").encode(draw(st.sampled_from(["utf-16", "utf-16-le", "utf-32"]),
+                                                           label="encoding")), "text: UTF-16/32"
+    if what == "bom":
+        return b"\xef\xbb\xbf" + data, "text: byte-order mark"
+    if what == "line-endings":
+        return data.replace(b"\n", draw(st.sampled_from([b"\r\n", b"\r", "\u2028".encode(),
+                                                          b"\x85"]), label="ending")), "text: line endings"
+    if what == "control":
+        at = draw(st.integers(0, len(data)), label="at")
+        return data[:at] + draw(st.sampled_from([b"\x1b[31m", b"\x07", b"\x7f", b"\t\t", b"\x1a"]),
+                                label="control") + data[at:], "text: control characters"
+    if what == "many-lines":
+        return data * draw(st.sampled_from([100, 10_000]), label="copies"), "text: many lines"
+    return draw(st.text(min_size=0, max_size=200), label="text").encode("utf-8", "surrogatepass"), \
+        "text: any unicode"

@@ -10,7 +10,12 @@
   teacher's own ``prepare_sample``): working = a batch of every resolution bucket;
 * **resume** (the distiller's ``checkpoints.restore`` through ``Distiller.run(resume=...)``, plus ``read_history``
   as tools/distill.py reads it): working = the run resumes into its result with the student's shapes;
-* **VGG16 weights** (``nodes.distill.read_vgg16``, the node's reading of models/vgg): working = features of an image.
+* **VGG16 weights** (``nodes.distill.read_vgg16``, the node's reading of models/vgg): working = features of an image;
+* **CLIP vision files** (``nodes.host.judging.load_clip_vision``: tools/evaluate.py and tools/distill.py
+  ``--clip-vision``): working = image embeddings of the tower's width;
+* **VAE files** (``nodes.host.judging.load_vae``: tools/distill.py ``--vae``): working = a latent decoded to an image;
+* **Evaluate Student's inception and reference_stats** (``nodes.evaluate.judging_files``, files under
+  models/inception): working = Inception features of an image, statistics of the network's dimension.
 
 Every reader runs its cases in a models folder of its own registered with ComfyUI's ``folder_paths`` (restored
 after). ComfyUI is imported lazily: this module is collected before tests/conftest.py sets ComfyUI up.
@@ -23,6 +28,7 @@ import functools
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from distilled_unets.models.structure import names
 from distilled_unets.models.structure.blockmap import derive
@@ -338,3 +344,202 @@ def vgg_works(vgg) -> None:
 register(Reader("VGG16 weights (models/vgg)", make_vgg, read_vgg, vgg_works,
                 by_kind(torch_=M.torch_file({"features.0.weight": M.RunsCode()})),
                 names=((NODE, "vgg16"),), host=True, setup=lambda workdir: registered("vgg", workdir)))
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIP vision files (tools/evaluate.py and tools/distill.py --clip-vision)
+
+
+@contextlib.contextmanager
+def tiny_tower_known(workdir: Path):
+    """The config of tests/comfy/_tiny_models.clip_vision's tower (ComfyUI's ClipVisionModel at width 64) as one
+    more of the CLIP vision configs the loader knows (ComfyUI ships full-size ones only): the mutated files are
+    tiny towers, checked by the same code as a ViT-L/14."""
+    import _tiny_models
+    from distilled_unets.nodes.host import judging as J
+
+    _tiny_models.clip_vision(workdir)  # writes workdir/cv.json
+    cfg = str(workdir / "cv.json")
+    J.CLIP_VISION_CONFIGS.append(cfg)
+    try:
+        yield
+    finally:
+        J.CLIP_VISION_CONFIGS.remove(cfg)
+
+
+def to_open_clip(sd: dict) -> dict:
+    """A tower in ComfyUI's (transformers') names -> the OpenAI / open_clip layout (``visual.*``, q/k/v in one
+    ``in_proj``), which ComfyUI's loader converts back."""
+    top = {"vision_model.embeddings.class_embedding": "class_embedding",
+           "vision_model.embeddings.patch_embedding.weight": "conv1.weight",
+           "vision_model.embeddings.position_embedding.weight": "positional_embedding",
+           "vision_model.pre_layrnorm.weight": "ln_pre.weight", "vision_model.pre_layrnorm.bias": "ln_pre.bias",
+           "vision_model.post_layernorm.weight": "ln_post.weight", "vision_model.post_layernorm.bias": "ln_post.bias"}
+    block = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    out = {f"visual.{v}": sd[k] for k, v in top.items()}
+    out["visual.proj"] = sd["visual_projection.weight"].T.contiguous()
+    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("vision_model.encoder.layers."))
+    for i in range(layers):
+        a, b = f"vision_model.encoder.layers.{i}.", f"visual.transformer.resblocks.{i}."
+        for x, y in block.items():
+            for w in ("weight", "bias"):
+                out[f"{b}{y}.{w}"] = sd[f"{a}{x}.{w}"]
+        for w in ("weight", "bias"):
+            out[f"{b}attn.in_proj_{w}"] = torch.cat([sd[f"{a}self_attn.{q}_proj.{w}"] for q in "qkv"])
+    return out
+
+
+def tiny_clip_vision(folder: Path) -> dict:
+    """The tensors of tests/comfy/_tiny_models.clip_vision's tower (its config written into ``folder``)."""
+    import _tiny_models
+
+    return {k: v.detach().contiguous() for k, v in _tiny_models.clip_vision(folder, seed=3).model.state_dict().items()}
+
+
+def make_clip_visions(folder: Path) -> dict[str, Path]:
+    from distilled_unets.nodes.host import judging as J
+
+    sd = tiny_clip_vision(folder)
+    out = {"tiny tower": save(sd, folder / "tiny-clip-vision.safetensors"),
+           "tiny tower, OpenAI layout": save(to_open_clip(sd), folder / "tiny-openai.safetensors")}
+    torch.save(sd, str(folder / "tiny-clip-vision.pt"))
+    out["tiny tower .pt"] = folder / "tiny-clip-vision.pt"
+    for tower, layer in (("ViT-L/14", 22), ("ViT-bigG/14", 47)):  # ComfyUI would build these at full size
+        lie = dict(sd, **{f"vision_model.encoder.layers.{layer}.layer_norm1.weight": torch.ones(64)})
+        out[f"tiny tensors named as {tower}"] = save(lie, folder / f"claims-{tower[4:-3]}.safetensors")
+    vitl = next(p for p in J.clip_vision_configs() if p.endswith("clip_vision_config_vitl.json"))
+    out["ViT-L/14 (full size)"] = M.sparse_safetensors(folder / "clip-vit-large-patch14.safetensors",
+                                                        dict(J.clip_vision_model(vitl)[1]))
+    return out
+
+
+def clip_vision_works(cv) -> None:
+    from distilled_unets.nodes.host import judging as J
+
+    width = cv.model.visual_projection.weight.shape[0]
+    emb = J.image_embeddings(cv, torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8))
+    assert tuple(emb.shape) == (1, width), tuple(emb.shape)
+
+
+def load_clip_vision(path: Path):
+    from distilled_unets.nodes.host import judging as J
+
+    return J.load_clip_vision(str(path))
+
+
+register(Reader("CLIP vision file (--clip-vision)", make_clip_visions, load_clip_vision, clip_vision_works,
+                by_kind(torch_=M.torch_file({"visual_projection.weight": M.RunsCode()})),
+                names=((None, "--clip-vision"),), host=True, setup=tiny_tower_known,
+                refused=("tiny tensors named as ViT-L/14", "tiny tensors named as ViT-bigG/14"),
+                check_only=("ViT-L/14 (full size)",), ci_cases=60))
+
+
+# ------------------------------------------------------------------------------------------------
+# VAE files (tools/distill.py --vae)
+
+
+def make_vaes(folder: Path) -> dict[str, Path]:
+    import demo_weights
+    from distilled_unets.nodes.host import judging as J
+
+    taesd = demo_weights.taesd("", seed=4)
+    out = {"TAESD": save(taesd, folder / "taesd.safetensors")}
+    torch.save(taesd, str(folder / "taesd.pt"))
+    out["TAESD .pt"] = folder / "taesd.pt"
+    ck = {f"model.diffusion_model.{k}": v for k, v in unet_layouts(MINI)[1]["ldm"].items()}
+    ck.update({f"first_stage_model.{k}": v.half() for k, v in taesd.items()})
+    ck["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(
+        16, 8, dtype=torch.float16)
+    out["checkpoint with a TAESD"] = save(ck, folder / "checkpoint.safetensors")
+    # the SD 1.x / 2.x / SDXL VAE at full size (84 M parameters; zeros, written sparse), in ComfyUI's names and in
+    # diffusers' (vae/diffusion_pytorch_model.safetensors)
+    out["SD VAE (fp16)"] = M.sparse_safetensors(folder / "vae-ft-mse.safetensors", dict(J.vae_shapes("kl")))
+    out["SD VAE, diffusers layout"] = M.sparse_safetensors(folder / "diffusion_pytorch_model.safetensors",
+                                                           diffusers_vae_shapes())
+    return out
+
+
+def diffusers_vae_shapes() -> dict:
+    """{name: shape} of the SD VAE in diffusers' names, from diffusers' own ``AutoencoderKL`` of the SD
+    configuration (on the meta device)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        m = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                          layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def vae_works(vae) -> None:
+    img = vae.decode(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert tuple(img.shape) == (1, 64, 64, 3), tuple(img.shape)
+
+
+def load_vae(path: Path):
+    from distilled_unets.nodes.host import judging as J
+
+    return J.load_vae(str(path))
+
+
+register(Reader("VAE file (tools/distill.py --vae)", make_vaes, load_vae, vae_works,
+                by_kind(torch_=M.torch_file({"taesd_decoder.1.weight": M.RunsCode()})),
+                names=((None, "--vae"),), host=True, check_only=("SD VAE, diffusers layout",), ci_cases=40))
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluate Student's inception and reference_stats (files under models/inception)
+
+EVAL_NODE = "EvaluateStudent"
+PRISTINE_INCEPTION = "pristine-inception.safetensors"
+
+
+def make_judging_files(folder: Path) -> dict[str, Path]:
+    from ._readers import inception_state
+
+    # the .pth is fuzzed by the host-free reader; here the node's path: names under models/inception
+    out = {"inception (.safetensors)": save({k: v.half() if v.is_floating_point() else v
+                                             for k, v in inception_state().items()}, folder / "inception.safetensors")}
+    g = np.random.default_rng(1)
+    np.savez(folder / "fid_stats_coco.npz", mu=g.standard_normal(2048), sigma=np.eye(2048))
+    out["reference statistics (2048-d)"] = folder / "fid_stats_coco.npz"
+    return out
+
+
+@contextlib.contextmanager
+def inception_folder(workdir: Path):
+    """``workdir`` as models/inception, holding an unbroken network next to the cases (for the statistics)."""
+    import distilled_unets.nodes.evaluate  # noqa: F401  (registers models/inception, .npz included)
+
+    from ._readers import inception_state
+
+    save({k: v.half() if v.is_floating_point() else v for k, v in inception_state().items()},
+         workdir / PRISTINE_INCEPTION)
+    with registered("inception", workdir):
+        yield
+
+
+def judging_files_of(path: Path):
+    from distilled_unets.nodes.evaluate import judging_files
+
+    if path.suffix == ".npz":
+        return judging_files(PRISTINE_INCEPTION, path.name)
+    return judging_files(path.name, "none")
+
+
+def judging_files_work(result) -> None:
+    from ._readers import inception_works
+
+    net, stats, _, _ = result
+    assert net is not None
+    inception_works(net)
+    if stats is not None:
+        mu, sigma = stats
+        assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.isfinite(sigma).all()
+
+
+register(Reader("Evaluate Student inception and reference_stats (node)", make_judging_files, judging_files_of,
+                judging_files_work, by_kind(torch_=M.torch_file({"Conv2d_1a_3x3.conv.weight": M.RunsCode()})),
+                names=((EVAL_NODE, "inception"), (EVAL_NODE, "reference_stats")), host=True, setup=inception_folder,
+                ci_cases=10))

@@ -1,5 +1,6 @@
 """The host-free readers under fuzzing: what the loader decides without ComfyUI (every UNet layout, the diffusers
-folder, a saved student's metadata, CondConv files) and one Save Training Dataset shard.
+folder, a saved student's metadata, CondConv files), one Save Training Dataset shard, and the evaluation's files
+(the FID Inception network, pytorch-fid reference statistics, a prompt file).
 
 Valid inputs are tiny random UNets in the real layouts (``tests/layouts.py``: diffusers' own
 ``UNet2DConditionModel`` state dict, renamed to ldm and to the converter's gapped numbering), written once per
@@ -14,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from distilled_unets.models.files.loader import (
     META_BLOCK_MAP,
@@ -28,6 +30,8 @@ from distilled_unets.models.files.loader import (
 from distilled_unets.models.structure.blockmap import derive
 from distilled_unets.models.structure.topology import Topology, diffusers_config
 from distilled_unets.models.students.distill.datasets import load_shard
+from distilled_unets.models.students.evaluate.inception import load_inception, read_reference_stats
+from distilled_unets.models.students.evaluate.plan import MAX_PROMPT_CHARS, MAX_PROMPT_FILE, read_prompt_file
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -269,3 +273,82 @@ register(Reader("saved student metadata (recipe, block map, prediction)", make_s
 register(Reader("CondConv UNet file", make_condconv, loader_view, detected_unet, by_kind()))
 register(Reader("Save Training Dataset shard", make_shards, lambda p: load_shard(str(p)), shard_lists,
                 by_kind(torch_=shard_mutation)))
+
+
+# ------------------------------------------------------------------------------------------------
+# the evaluation's files: the FID Inception network, reference statistics, a prompt file
+
+
+@functools.lru_cache(maxsize=1)
+def inception_state() -> dict:
+    """A random FID Inception in pytorch-fid's layout (torchvision's Inception3 names, 1008 classes, no aux
+    logits): the tensors of ``pt_inception-2015-12-05-6726825d.pth``, seeded."""
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = torchvision.models.inception.Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def make_inception(folder: Path) -> dict[str, Path]:
+    sd = inception_state()
+    torch.save(sd, str(folder / "pt_inception-2015-12-05-6726825d.pth"))  # as pytorch-fid ships it: fp32
+    save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, folder / "inception.safetensors")
+    return {"pytorch-fid .pth": folder / "pt_inception-2015-12-05-6726825d.pth",
+            "safetensors copy (fp16)": folder / "inception.safetensors"}
+
+
+def inception_works(net) -> None:
+    pool, logits = net(torch.randint(0, 256, (1, 16, 16, 3), dtype=torch.uint8))
+    assert tuple(pool.shape) == (1, 2048) and tuple(logits.shape) == (1, 1008), (pool.shape, logits.shape)
+
+
+STATS_DIM = 64  # the reader's dimension check is a parameter: 64-d statistics keep each case cheap
+
+
+def make_stats(folder: Path) -> dict[str, Path]:
+    g = np.random.default_rng(0)
+    x = g.standard_normal((200, STATS_DIM))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    np.savez(folder / "fid_stats.npz", mu=mu, sigma=sigma)  # as pytorch-fid --save-stats writes it
+    np.savez_compressed(folder / "fid_stats_f32.npz", mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
+    return {"pytorch-fid (float64)": folder / "fid_stats.npz", "compressed float32": folder / "fid_stats_f32.npz"}
+
+
+def stats_work(stats) -> None:
+    mu, sigma = stats
+    assert mu.shape == (STATS_DIM,) and sigma.shape == (STATS_DIM, STATS_DIM) and mu.dtype == sigma.dtype == np.float64
+    assert np.isfinite(mu).all() and np.isfinite(sigma).all()
+
+
+def make_prompts(folder: Path) -> dict[str, Path]:
+    (folder / "prompts.txt").write_text("a red cube on a table\n\na blue sphere, studio lighting\nportrait of an old "
+                                        "fisherman, 85 mm\n", encoding="utf-8")
+    (folder / "captions.txt").write_bytes("\ufeffcaf\u00e9 terrace at night\r\n  \u6f22\u5b57 sign  \r\n".encode())
+    return {"prompts": folder / "prompts.txt", "captions (BOM, CRLF)": folder / "captions.txt"}
+
+
+def prompts_work(prompts) -> None:
+    assert isinstance(prompts, list) and prompts
+    for p in prompts:
+        assert isinstance(p, str) and p and p == p.strip() and "\x00" not in p and len(p) <= MAX_PROMPT_CHARS, p[:80]
+
+
+def prompt_mutation(draw, src: Path, case: Path) -> str:
+    """The text mutations, and now and then a file over the size limit (sparse: nothing is written)."""
+    if draw(st.integers(0, 24), label="over the size limit") == 0:
+        shutil.copyfile(src, case)
+        with open(case, "r+b") as f:
+            f.truncate(MAX_PROMPT_FILE + 1)
+        return "text: larger than the limit"
+    return by_kind()(draw, src, case)
+
+
+register(Reader("FID Inception network (.pth, .safetensors)", make_inception, lambda p: load_inception(str(p)),
+                inception_works, by_kind(torch_=M.torch_file({"Conv2d_1a_3x3.conv.weight": M.RunsCode()})),
+                ci_cases=12))
+register(Reader("reference statistics (.npz)", make_stats, lambda p: read_reference_stats(str(p), dim=STATS_DIM),
+                stats_work, by_kind(), ci_cases=200))
+register(Reader("prompt file (tools/evaluate.py --prompts)", make_prompts, lambda p: read_prompt_file(str(p)),
+                prompts_work, prompt_mutation, ci_cases=200))

@@ -58,6 +58,19 @@ def files(tmp_path_factory, comfyui_path):
     header["__metadata__"]["step"] = "two"
     (root / "damaged-checkpoint.safetensors").write_bytes(M.join_safetensors(header, body))
     out["damaged checkpoint"] = str(root / "damaged-checkpoint.safetensors")
+    # the judging files of --vae / --clip-vision (the held-out images' evaluation)
+    import demo_weights
+
+    taesd = demo_weights.taesd("", seed=4)
+    save_file(taesd, str(root / "taesd.safetensors"))
+    out["taesd"] = str(root / "taesd.safetensors")
+    save_file({k: v for k, v in taesd.items() if not k.startswith("taesd_decoder.9.")},
+              str(root / "taesd-without-a-block.safetensors"))  # ComfyUI would leave that block uninitialised
+    out["vae without a decoder block"] = str(root / "taesd-without-a-block.safetensors")
+    cv = NR.tiny_clip_vision(root)
+    cv["vision_model.encoder.layers.47.layer_norm1.weight"] = torch.ones(64)  # ComfyUI would build ViT-bigG/14
+    save_file(cv, str(root / "claims-bigG.safetensors"))
+    out["clip vision named as ViT-bigG/14"] = str(root / "claims-bigG.safetensors")
     out["root"] = root
     return out
 
@@ -108,3 +121,26 @@ def test_the_damaged_checkpoint_names_its_field(files, tmp_path, caplog):
     distill.main(args(files, tmp_path / "out", **{"--resume": files["damaged checkpoint"]}), own_logging=False)
     assert any("step 'two' is not a step number" in r.getMessage() for r in caplog.records), \
         json.dumps([r.getMessage() for r in caplog.records])
+
+
+@pytest.mark.parametrize("flag,what", [("--vae", "vae without a decoder block"),
+                                       ("--clip-vision", "clip vision named as ViT-bigG/14")],
+                         ids=["vae without a decoder block", "clip vision named as ViT-bigG/14"])
+def test_a_broken_judging_file_exits_2_naming_the_flag_and_the_file(files, flag, what, tmp_path, caplog):
+    """--vae and --clip-vision (the held-out images' evaluation) are read before the first step: refused from
+    their tensor shapes, before ComfyUI builds anything (under the harness's address-space cap)."""
+    import distill
+
+    from ._harness import limits
+
+    over = {flag: files[what], "--eval-every": "1"}
+    if flag == "--clip-vision":
+        over["--vae"] = files["taesd"]
+    caplog.set_level("ERROR", logger="distilled_unets")
+    with limits():
+        code = distill.main(args(files, tmp_path / "out", **over), own_logging=False)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert code == distill.EXIT_BAD_INPUT, errors
+    assert len(errors) == 1 and os.path.basename(files[what]) in errors[0] and flag in errors[0], errors
+    written = os.listdir(tmp_path / "out") if (tmp_path / "out").exists() else []
+    assert not [f for f in written if f.endswith(".safetensors")], written

@@ -42,8 +42,9 @@ def test_typed_errors_and_working_loads_are_the_two_outcomes(case):
     (lambda p: 1, lambda r: _raise(AssertionError("no forward")), "does not work: no forward"),
     (lambda p: time.sleep(5), lambda r: None, "hang"),
     (lambda p: torch.empty(4 << 30, dtype=torch.uint8), lambda r: None, "memory"),  # 4 GiB, over the 1 GiB cap
+    (lambda p: _typed_from(lambda: torch.empty(4 << 30, dtype=torch.uint8), p), lambda r: None, "memory"),
     (lambda p: pickle.loads(pickle.dumps(M.RunsCode())), lambda r: None, "ran code"),
-], ids=["raw", "unnamed", "not working", "hang", "memory", "code"])
+], ids=["raw", "unnamed", "not working", "hang", "memory", "memory behind a typed error", "code"])
 def test_every_kind_of_failure_is_reported(case, monkeypatch, load, works, want):
     monkeypatch.setattr(H, "CASE_SECONDS", 0.5)
     monkeypatch.setattr(H, "CASE_MEMORY", 1 << 30)
@@ -52,6 +53,14 @@ def test_every_kind_of_failure_is_reported(case, monkeypatch, load, works, want)
 
 def _raise(e):
     raise e
+
+
+def _typed_from(fn, p):
+    """A reader that turns whatever it meets into a typed error (an allocation beyond the cap included)."""
+    try:
+        fn()
+    except Exception as e:
+        raise WeightFileError(f"cannot be read ({type(e).__name__})", "fix", path=str(p)) from e
 
 
 def test_a_node_reader_must_name_its_node_and_input(case):

@@ -124,29 +124,59 @@ def features_in_batches(net: InceptionFeatures, images_u8: torch.Tensor, batch: 
     return torch.cat(pools), torch.cat(logits)
 
 
+def _npy_header(zf, member: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) an ``.npy`` member of an ``.npz`` archive declares, read from its header alone."""
+    with zf.open(member) as fp:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"{member} is in .npy format version {version[0]}.{version[1]}, not 1.0 or 2.0")
+    return tuple(shape), dtype
+
+
 def read_reference_stats(path: str, *, dim: int = FEATURE_DIM,
                          input_name: str = "reference_stats") -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of a pytorch-fid statistics file (``.npz`` with ``mu`` [d] and ``sigma`` [d, d]), read with
-    ``allow_pickle=False``; a dimension other than the network's ``dim`` is refused."""
+    """(mu, sigma) of a pytorch-fid statistics file (``.npz`` with ``mu`` [d] and ``sigma`` [d, d]); a dimension
+    other than the network's ``dim`` is refused. The arrays' headers are checked first (numbers, of those shapes),
+    so that nothing is allocated from a size the file claims and no pickled object is ever read; then the arrays
+    are read with ``allow_pickle=False``."""
+    import zipfile
+
     fix = ("give a pytorch-fid .npz (python -m pytorch_fid --save-stats IMAGES OUT.npz, e.g. BK-SDM's COCO val2014 "
            "256 px statistics) made with the 2048-d pool3 features")
+
+    def bad(problem: str) -> EvaluationError:
+        return EvaluationError(problem, fix, path=path, input_name=input_name)
+
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if "mu" not in f.files or "sigma" not in f.files:
-                raise EvaluationError(f"the statistics file holds {sorted(f.files)}, not mu and sigma", fix,
-                                      path=path, input_name=input_name)
-            mu, sigma = np.asarray(f["mu"], dtype=np.float64), np.asarray(f["sigma"], dtype=np.float64)
+        with zipfile.ZipFile(path) as zf:
+            arrays = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+            if "mu" not in arrays or "sigma" not in arrays:
+                raise bad(f"the statistics file holds {sorted(arrays)[:8]}, not mu and sigma")
+            declared = {k: _npy_header(zf, arrays[k]) for k in ("mu", "sigma")}
     except EvaluationError:
         raise
+    except Exception as e:  # not a zip, a damaged archive or .npy header
+        raise bad(f"the statistics file cannot be read ({type(e).__name__}: {str(e)[:160]})") from e
+    for k, (shape, dtype) in declared.items():
+        if dtype.kind not in "fiu":
+            raise bad(f"the statistics file cannot be read: {k} holds {dtype} values, not numbers (pickled objects "
+                      "are never loaded)")
+    (mu_shape, _), (sigma_shape, _) = declared["mu"], declared["sigma"]
+    if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]):
+        raise bad(f"mu has shape {mu_shape} and sigma {sigma_shape}: not a mean and its covariance")
+    if mu_shape[0] != dim:
+        raise bad(f"the statistics are {mu_shape[0]}-dimensional, the Inception's pool3 features {dim}-dimensional")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = np.asarray(f["mu"], dtype=np.float64), np.asarray(f["sigma"], dtype=np.float64)
     except Exception as e:
-        raise EvaluationError(f"the statistics file cannot be read ({type(e).__name__}: {str(e)[:160]})", fix,
-                              path=path, input_name=input_name) from e
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise EvaluationError(f"mu has shape {mu.shape} and sigma {sigma.shape}: not a mean and its covariance", fix,
-                              path=path, input_name=input_name)
-    if mu.shape[0] != dim:
-        raise EvaluationError(f"the statistics are {mu.shape[0]}-dimensional, the Inception's pool3 features "
-                              f"{dim}-dimensional", fix, path=path, input_name=input_name)
+        raise bad(f"the statistics file cannot be read ({type(e).__name__}: {str(e)[:160]})") from e
+    if mu.shape != mu_shape or sigma.shape != sigma_shape:  # the archive changed between the two reads
+        raise bad(f"mu has shape {mu.shape} and sigma {sigma.shape}: not a mean and its covariance")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise EvaluationError("the statistics hold NaN or infinite values", fix, path=path, input_name=input_name)
+        raise bad("the statistics hold NaN or infinite values")
     return mu, sigma

@@ -32,14 +32,53 @@ class Pair:
         return f"{self.index:06d}.png"
 
 
-def parse_prompts(text: str | list[str], *, input_name: str = "prompts", node: str | None = None) -> list[str]:
-    """One prompt a line (blank lines skipped); an empty list is refused."""
+#: a longer prompt is refused (CLIP reads 77 tokens a chunk; ComfyUI encodes every chunk of a long prompt)
+MAX_PROMPT_CHARS = 10_000
+#: a larger prompt file is refused unread (MS-COCO's 30K val2014 captions take 1.6 MB)
+MAX_PROMPT_FILE = 64 << 20
+
+
+def parse_prompts(text: str | list[str], *, input_name: str = "prompts", node: str | None = None,
+                  path: str | None = None) -> list[str]:
+    """One prompt a line (blank lines skipped); an empty list, a line with NUL characters (binary data) or a line
+    longer than :data:`MAX_PROMPT_CHARS` is refused."""
     lines = text.splitlines() if isinstance(text, str) else list(text)
     prompts = [p.strip() for p in lines if p and p.strip()]
+    fix = "write one prompt a line, as text"
+    for i, p in enumerate(prompts):
+        if "\x00" in p:
+            raise EvaluationError(f"prompt {i + 1} holds NUL characters: this is binary data, not text", fix,
+                                  path=path, node=node, input_name=input_name)
+        if len(p) > MAX_PROMPT_CHARS:
+            raise EvaluationError(f"prompt {i + 1} is {len(p):,} characters long (at most {MAX_PROMPT_CHARS:,})",
+                                  "shorten it (CLIP reads 77 tokens at a time; the rest only adds chunks)",
+                                  path=path, node=node, input_name=input_name)
     if not prompts:
-        raise EvaluationError("the prompt list is empty", "write at least one prompt, one a line", node=node,
-                              input_name=input_name)
+        raise EvaluationError("the prompt list is empty", "write at least one prompt, one a line", path=path,
+                              node=node, input_name=input_name)
     return prompts
+
+
+def read_prompt_file(path: str, *, input_name: str = "prompts") -> list[str]:
+    """The prompts of a text file (UTF-8, a byte-order mark allowed; one prompt a line): see :func:`parse_prompts`.
+    Errors name the file."""
+    fix = "give a UTF-8 text file, one prompt a line"
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_PROMPT_FILE:
+            raise EvaluationError(f"the prompt file is {size:,} bytes (at most {MAX_PROMPT_FILE:,})",
+                                  "split the prompts into several runs", path=path, input_name=input_name)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROMPT_FILE + 1)
+    except OSError as e:
+        raise EvaluationError(f"the prompt file cannot be read ({e.strerror or e})", fix, path=path,
+                              input_name=input_name) from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EvaluationError(f"the prompt file is not UTF-8 text (byte {e.start:,} cannot be decoded)", fix,
+                              path=path, input_name=input_name) from e
+    return parse_prompts(text, input_name=input_name, path=path)
 
 
 def pairs(n_prompts: int, images_per_prompt: int, seed: int) -> list[Pair]:

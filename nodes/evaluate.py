@@ -29,6 +29,9 @@ NODE = "EvaluateStudent"
 INCEPTION_FOLDER = "inception"
 NONE = "none"
 OUTPUT_SUBFOLDER = os.path.join("distilled_unets", "evaluate")
+#: what a value left to the student means (tooltips)
+_BY_STUDENT = ("the student's recommended value (where Load Distilled UNet identified it: see its info output; the "
+               "report says which values were used)")
 DEFAULT_PROMPTS = ("a photo of an astronaut riding a horse on the moon\n"
                    "a bowl of fruit on a wooden table, studio lighting\n"
                    "a red sports car parked on a rainy city street at night\n"
@@ -128,13 +131,12 @@ def evaluate(teacher, student, clip, vae, prompts: str, negative: str, seed: int
     if student_2 is not None:
         students["student_2"] = student_2
     fam = J.check_students(teacher, students, NODE)
-    width, height = J.check_size(width, height, NODE, fam)
-    J.check_sampler(sampler, scheduler, NODE)
+    v, settings_note = J.resolve_settings(students, fam, NODE, steps=steps, cfg=cfg, sampler=sampler,
+                                          scheduler=scheduler, width=width, height=height)
     if clip_vision is not None:
         J.vision_tower(clip_vision, NODE)
     net, stats, inc_path, stats_path = judging_files(inception, reference_stats)
-    s = J.Settings(steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, width=width, height=height,
-                   negative=negative, seed=seed, images_per_prompt=images_per_prompt)
+    s = J.Settings(**v, negative=negative, seed=seed, images_per_prompt=images_per_prompt)
     out_dir = output_folder(filename_prefix)
     n = len(prompt_list) * images_per_prompt * (1 + len(students))
     pbar = comfy.utils.ProgressBar(n)
@@ -143,7 +145,8 @@ def evaluate(teacher, student, clip, vae, prompts: str, negative: str, seed: int
                                clip_vision=clip_vision, inception=net,
                                inception_note=os.path.basename(inc_path) if inc_path else "",
                                reference_stats=stats, stats_note=os.path.basename(stats_path) if stats_path else "",
-                               node=NODE, progress=pbar.update, cancel=mm.throw_exception_if_processing_interrupted,
+                               settings_note=settings_note, node=NODE, progress=pbar.update,
+                               cancel=mm.throw_exception_if_processing_interrupted,
                                folder_input="filename_prefix")
     images = torch.cat([v.float() / 255.0 for v in outcome.images.values()])
     log.info("Evaluate Student: %s", outcome.report.splitlines()[0])
@@ -180,18 +183,22 @@ class EvaluateStudent(io.ComfyNode):
                              tooltip="Image k of every prompt uses seed + k (BK-SDM: 1234), for every model."),
                 io.Int.Input("images_per_prompt", default=2, min=1, max=10_000,
                              tooltip="Seeds per prompt. FID-type figures need many images (the papers: 30K)."),
-                io.Int.Input("steps", default=25, min=1, max=10_000, tooltip="Sampling steps (BK-SDM: 25)."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance (BK-SDM: 7.5)."),
-                io.Combo.Input("sampler", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
-                               tooltip="Sampler for every model (ancestral/SDE samplers run one image at a time)."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="normal",
-                               tooltip="Scheduler for every model."),
+                io.Int.Input("steps", default=0, min=0, max=10_000,
+                             tooltip=f"Sampling steps for every model; 0 = {_BY_STUDENT}, else 25 (BK-SDM: 25)."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip=f"Classifier-free guidance; 0 = {_BY_STUDENT}, else 7.5 (BK-SDM: 7.5)."),
+                io.Combo.Input("sampler", options=[J.RECOMMENDED, *comfy.samplers.KSampler.SAMPLERS],
+                               default=J.RECOMMENDED,
+                               tooltip=f"Sampler for every model; {J.RECOMMENDED} = {_BY_STUDENT}, else euler "
+                                       "(ancestral/SDE samplers run one image at a time)."),
+                io.Combo.Input("scheduler", options=[J.RECOMMENDED, *comfy.samplers.KSampler.SCHEDULERS],
+                               default=J.RECOMMENDED,
+                               tooltip=f"Scheduler for every model; {J.RECOMMENDED} = {_BY_STUDENT}, else normal."),
                 io.Int.Input("width", default=0, min=0, max=16384, step=8,
-                             tooltip="Image width, a multiple of 8; 0 = the family's size (SD 1.x/2.x 512, SDXL "
-                                     "1024)."),
+                             tooltip=f"Image width, a multiple of 8; 0 = {_BY_STUDENT}, else the family's size "
+                                     "(SD 1.x/2.x 512, SDXL 1024)."),
                 io.Int.Input("height", default=0, min=0, max=16384, step=8,
-                             tooltip="Image height, a multiple of 8; 0 = the family's size."),
+                             tooltip=f"Image height, a multiple of 8; 0 = {_BY_STUDENT}, else the family's size."),
                 io.Combo.Input("inception", options=inception_choices(), default=NONE,
                                tooltip="The FID Inception network in models/inception (pytorch-fid's "
                                        "pt_inception-2015-12-05-6726825d.pth or torch-fidelity's file): adds fid, "

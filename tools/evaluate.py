@@ -58,7 +58,8 @@ TOOL = "tools/evaluate.py"
 FLAGS = {"teacher": "--teacher", "student": "--student", "prompts": "--prompts",
          "images_per_prompt": "--images-per-prompt", "width": "--width", "height": "--height",
          "sampler": "--sampler", "scheduler": "--scheduler", "clip_vision": "--clip-vision",
-         "inception": "--inception", "reference_stats": "--reference-stats", "out": "--out"}
+         "inception": "--inception", "reference_stats": "--reference-stats", "out": "--out", "steps": "--steps",
+         "batch_size": "--batch-size"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,12 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompts", required=True, help="a text file, one prompt a line")
     g.add_argument("--images-per-prompt", type=int, default=1, help="seeds per prompt (image k uses seed + k)")
     g.add_argument("--seed", type=int, default=1234, help="seed of image 0 of every prompt (BK-SDM: 1234)")
-    g.add_argument("--steps", type=int, default=25, help="sampling steps")
-    g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance")
-    g.add_argument("--sampler", default="euler", help="a ComfyUI sampler name")
-    g.add_argument("--scheduler", default="normal", help="a ComfyUI scheduler name")
-    g.add_argument("--width", type=int, default=0, help="image width, a multiple of 8 (0: the family's, 512/1024)")
-    g.add_argument("--height", type=int, default=0, help="image height, a multiple of 8 (0: the family's)")
+    rec = "unset: the first student's recommended value where the loader identifies it (its info), else"
+    g.add_argument("--steps", type=int, help=f"sampling steps ({rec} 25)")
+    g.add_argument("--cfg", type=float, help=f"classifier-free guidance ({rec} 7.5)")
+    g.add_argument("--sampler", help=f"a ComfyUI sampler name ({rec} euler)")
+    g.add_argument("--scheduler", help=f"a ComfyUI scheduler name ({rec} normal)")
+    g.add_argument("--width", type=int, default=0,
+                   help=f"image width, a multiple of 8 (0: {rec} the family's, 512 / 1024)")
+    g.add_argument("--height", type=int, default=0, help=f"image height, a multiple of 8 (0: {rec} the family's)")
     g.add_argument("--negative", default="", help="negative prompt for every image")
     g.add_argument("--batch-size", type=int, default=1, help="images of one prompt per sampler run, per process")
     j = ap.add_argument_group("judging")
@@ -191,13 +194,15 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> int:
             e.path = args.student[names.index(e.input_name)]
             e.input_name = "student"
         raise
-    width, height = J.check_size(args.width, args.height, TOOL, fam)
-    J.check_sampler(args.sampler, args.scheduler, TOOL)
-    if args.batch_size < 1 or args.images_per_prompt < 1 or args.steps < 1:
-        raise EvaluationError("--batch-size, --images-per-prompt and --steps must be 1 or more", "give positive "
-                              "numbers", input_name="out")
-    s = J.Settings(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, width=width,
-                   height=height, negative=args.negative, seed=args.seed, images_per_prompt=args.images_per_prompt,
+    if args.steps is not None and args.steps < 1:
+        raise EvaluationError(f"--steps {args.steps}", "give 1 or more (or leave it out: the student's recommended)",
+                              input_name="steps")
+    v, settings_note = J.resolve_settings(students, fam, TOOL, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+                                          scheduler=args.scheduler, width=args.width, height=args.height)
+    for flag, value in (("batch_size", args.batch_size), ("images_per_prompt", args.images_per_prompt)):
+        if value < 1:
+            raise EvaluationError(f"{FLAGS[flag]} {value}", "give 1 or more", input_name=flag)
+    s = J.Settings(**v, negative=args.negative, seed=args.seed, images_per_prompt=args.images_per_prompt,
                    batch_size=args.batch_size)
     ids = {"teacher": P.file_identity(args.teacher), **{n: P.file_identity(p) if os.path.isfile(p) else {"path": p}
                                                          for n, p in zip(names, args.student)}}
@@ -236,6 +241,7 @@ def evaluate(args, rank: int, world: int, device: torch.device) -> int:
                                    inception_note=os.path.basename(args.inception or ""),
                                    inception_size=args.fid_size,
                                    reference_stats=stats, stats_note=os.path.basename(args.reference_stats or ""),
+                                   settings_note=settings_note,
                                    node=TOOL, rank=rank, world=world, progress=progress, barrier=distributed.barrier)
     finally:
         if bar is not None:

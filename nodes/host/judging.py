@@ -43,7 +43,7 @@ from ...models.students.evaluate import (
 from ...models.students.evaluate import metrics as M
 from ...models.students.evaluate import plan as P
 from ...models.students.evaluate.inception import InceptionFeatures, features_in_batches
-from .unet import topology_of
+from .unet import RECOMMENDED_KEY, topology_of
 
 log = logging.getLogger("distilled_unets")
 
@@ -94,6 +94,51 @@ def check_size(width: int, height: int, node: str, family: str) -> tuple[int, in
                                   f"use a multiple of 8 (e.g. {max(64, v // 8 * 8)}); {family.upper()} models are "
                                   f"trained at {NATIVE_SIZE[family]} px", node=node, input_name=name)
     return w, h
+
+
+#: a sampler / scheduler value meaning "the student's recommended one" (steps, cfg, width and height: 0)
+RECOMMENDED = "recommended"
+#: what is used where a value is left to the student and no student carries recommended settings (BK-SDM's
+#: protocol: 25 steps, CFG 7.5; euler / normal, ComfyUI KSampler's defaults; the family's native size)
+FALLBACK = {"steps": 25, "cfg": 7.5, "sampler": "euler", "scheduler": "normal"}
+
+
+def recommended_of(students: dict) -> tuple[str | None, dict | None]:
+    """(input name, recommended settings) of the first student that carries them (Load Distilled UNet attaches
+    those of a model it identified), else (None, None)."""
+    for name, model in students.items():
+        rec = model.get_attachment(RECOMMENDED_KEY) if hasattr(model, "get_attachment") else None
+        if rec:
+            return name, rec
+    return None, None
+
+
+def resolve_settings(students: dict, family: str, node: str, *, steps: int | None, cfg: float | None,
+                     sampler: str | None, scheduler: str | None, width: int | None,
+                     height: int | None) -> tuple[dict, str]:
+    """The sampling settings, each value left to the student (steps, cfg, width, height 0 or None; sampler and
+    scheduler "recommended" or None) taken from the first student's recommended settings, else from
+    :data:`FALLBACK` and the family's native size; all checked. Returns (steps, cfg, sampler, scheduler, width,
+    height as a dict; a line saying where the values left to the student came from, "" when none was)."""
+    given = {"steps": steps, "cfg": cfg, "sampler": sampler, "scheduler": scheduler, "width": width,
+             "height": height}
+    auto = [k for k, v in given.items() if v is None or (isinstance(v, str) and v == RECOMMENDED)
+            or (not isinstance(v, str) and v == 0)]
+    who, rec = recommended_of(students)
+    fallback = dict(FALLBACK, width=NATIVE_SIZE[family], height=NATIVE_SIZE[family])
+    out = {k: ((rec or fallback)[k] if k in auto else v) for k, v in given.items()}
+    out["width"], out["height"] = check_size(out["width"], out["height"], node, family)
+    check_sampler(out["sampler"], out["scheduler"], node)
+    if out["steps"] < 1:
+        raise EvaluationError(f"steps {out['steps']}", "give 1 or more steps (0: the student's recommended)",
+                              node=node, input_name="steps")
+    note = ""
+    if auto:
+        what = ", ".join(auto)
+        note = (f"{what}: the recommended settings of {rec['model']} ({who})" if rec else
+                f"{what}: defaults (no student carries recommended settings: Load Distilled UNet attaches those of "
+                "a model it identifies)")
+    return out, note
 
 
 def check_sampler(sampler: str, scheduler: str, node: str) -> None:
@@ -560,7 +605,7 @@ def prepare_folder(folder: str, manifest: dict, *, node: str, input_name: str, r
 def run_evaluation(teacher, students: dict, clip, vae, prompts: list[str], s: Settings, out_dir: str, *,
                    model_ids: dict[str, dict], clip_vision=None, inception: InceptionFeatures | None = None,
                    inception_note: str = "", inception_size: int = 0, reference_stats=None, stats_note: str = "",
-                   node: str = "EvaluateStudent",
+                   settings_note: str = "", node: str = "EvaluateStudent",
                    rank: int = 0, world: int = 1, progress: Callable[[int], None] | None = None,
                    cancel: Callable[[], None] | None = None, barrier: Callable[[], None] | None = None,
                    folder_input: str = "out") -> Outcome | None:
@@ -611,10 +656,12 @@ def run_evaluation(teacher, students: dict, clip, vae, prompts: list[str], s: Se
               + (f" (images resized to {inception_size} px for it)" if inception and inception_size else "")
               + (f"; reference statistics: {stats_note}" if stats_note else ""),
               f"images and metrics.json: {out_dir}"]
+    if settings_note:
+        header.insert(2, f"({settings_note})")
     footer = ["", f"grid: teacher | student | difference x{HEAT_GAIN:g} (black = same, white = far) per row, the "
               f"first {min(n, GRID_ROWS)} of {n} pairs"]
     report = format_report(results, header=header, footer=footer)
-    metrics = {"version": 1, "settings": asdict(s), "prompts": prompts,
+    metrics = {"version": 1, "settings": asdict(s), "settings_from": settings_note or None, "prompts": prompts,
                "seeds": f"image k of every prompt uses seed {s.seed} + k", "pairs": n,
                "clip_vision": tower, "inception": inception_note or None, "inception_size": inception_size or None,
                "reference_stats": stats_note or None,

@@ -66,6 +66,9 @@ def _dtype_options(weight_dtype: str) -> dict:
 #: ModelPatcher attachments the pack sets on the UNets it builds (copied by ``clone``)
 BLOCK_MAP_KEY = "distilled_unets.block_map"
 RECIPE_KEY = "distilled_unets.recipe"
+#: the recommended settings of the model the loader identified ({"model", "sampler", "scheduler", "steps", "cfg",
+#: "width", "height"}): Evaluate Student and tools/evaluate.py sample with them where left to the student
+RECOMMENDED_KEY = "distilled_unets.recommended"
 
 
 def _load_tensors(src) -> dict:
@@ -205,7 +208,13 @@ def load_distilled_unet(path: str, weight_dtype: str = "default", prediction: st
     recipe = recipe_of(f.metadata)
     if recipe is not None:
         patcher.set_attachments(RECIPE_KEY, recipe)
-    text, _ = info(f, pred + (" (zero terminal SNR)" if zsnr else ""), why)
+    text, described = info(f, pred + (" (zero terminal SNR)" if zsnr else ""), why)
+    entry = described["entry"]
+    if entry is not None and entry.rec is not None:
+        r = entry.rec
+        patcher.set_attachments(RECOMMENDED_KEY, {"model": entry.id, "sampler": r.sampler, "scheduler": r.scheduler,
+                                                  "steps": r.steps, "cfg": r.cfg, "width": r.resolution[0],
+                                                  "height": r.resolution[1]})
     log.info("Distilled UNet %s: %s", f.name, text.splitlines()[0])
     return patcher, text
 

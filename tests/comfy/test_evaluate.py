@@ -194,6 +194,37 @@ def test_clip_score_only_for_matching_projected_towers():
     assert emb is None and "no text projection" in note
 
 
+def test_settings_left_to_the_student(env):
+    """steps / cfg / width / height 0 and sampler / scheduler "recommended" take the first student's recommended
+    settings (the loader's attachment), else the defaults; given values are kept; the report and metrics.json say
+    where they came from."""
+    from distilled_unets.nodes.host import judging as J
+    from distilled_unets.nodes.host.unet import RECOMMENDED_KEY
+
+    rec = {"model": "segmind/tiny-sd", "sampler": "dpmpp_2m", "scheduler": "karras", "steps": 2, "cfg": 3.5,
+           "width": 64, "height": 72}
+    student = env.student.clone()
+    student.set_attachments(RECOMMENDED_KEY, rec)
+    auto = dict(steps=0, cfg=0.0, sampler=J.RECOMMENDED, scheduler=J.RECOMMENDED, width=0, height=0)
+    _, _, report = run_node(env, student=student, prompts="one prompt", images_per_prompt=1,
+                            filename_prefix="recommended", **auto)
+    folder = sorted(f for f in os.listdir(out_root()) if f.startswith("recommended_"))[-1]
+    metrics = json.loads(open(os.path.join(out_root(), folder, "metrics.json")).read())
+    assert {k: metrics["settings"][k] for k in auto} == {k: rec[k] for k in auto}
+    assert "the recommended settings of segmind/tiny-sd (student)" in metrics["settings_from"]
+    assert "64x72, dpmpp_2m / karras, 2 steps, CFG 3.5" in report and metrics["settings_from"] in report
+    assert env.student.get_attachment(RECOMMENDED_KEY) is None  # the clone carried it, not the input
+    # given values are kept; the second student's settings count when the first has none
+    v, note = J.resolve_settings({"student": env.student, "student_2": student}, "sd1", "EvaluateStudent",
+                                 **dict(auto, steps=7, sampler="euler"))
+    assert v == dict(steps=7, cfg=3.5, sampler="euler", scheduler="karras", width=64, height=72)
+    assert note == "cfg, scheduler, width, height: the recommended settings of segmind/tiny-sd (student_2)"
+    # no student carries any: the defaults and the family's size
+    v, note = J.resolve_settings({"student": env.student}, "sd1", "EvaluateStudent", **auto)
+    assert v == dict(J.FALLBACK, width=512, height=512) and note.startswith("steps, cfg, sampler, scheduler, width, "
+                                                                             "height: defaults")
+
+
 def test_shipped_workflow_matches_the_node():
     from _workflows import check_pack_nodes, load
 

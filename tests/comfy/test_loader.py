@@ -288,3 +288,24 @@ def test_pipeline_loader(models_dir):
 
     with pytest.raises(IncompleteModelError, match=r"\[DistilledPipelineLoader, input 'pipeline'\].*text_encoder/"):
         DistilledPipelineLoader.execute(pipeline="broken", weight_dtype="default", prediction="auto")
+
+
+def test_an_identified_model_carries_its_recommended_settings(models_dir, monkeypatch):
+    """Load Distilled UNet attaches the identified model's recommended settings (Evaluate Student samples with
+    them where its inputs are left to the student); a model it does not identify carries none."""
+    from distilled_unets.models.structure import registry
+    from distilled_unets.nodes.host.unet import RECOMMENDED_KEY, load_distilled_unet
+
+    path = models_dir / "t.safetensors"
+    _save(diffusers_model(tiny_config(registry_cfg("segmind/tiny-sd"))).state_dict(), path)
+    p, _ = load_distilled_unet(str(path))
+    assert p.get_attachment(RECOMMENDED_KEY) is None  # tiny widths: no published model has this structure
+    entry = registry.by_id("segmind/small-sd")
+    monkeypatch.setattr(registry, "identify", lambda topology, hint="": (entry, [entry]))
+    p, text = load_distilled_unet(str(path))
+    r = entry.rec
+    assert p.get_attachment(RECOMMENDED_KEY) == {"model": "segmind/small-sd", "sampler": r.sampler,
+                                                 "scheduler": r.scheduler, "steps": r.steps, "cfg": r.cfg,
+                                                 "width": r.resolution[0], "height": r.resolution[1]}
+    assert f"{r.steps} steps" in text
+    assert p.clone().get_attachment(RECOMMENDED_KEY) == p.get_attachment(RECOMMENDED_KEY)  # kept by clone

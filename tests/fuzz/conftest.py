@@ -53,3 +53,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"readers": {k: dict(v) for k, v in sorted(STATS.items())},
                        "mutations": {k: dict(v) for k, v in sorted(FAMILIES.items())}}, f, indent=1, sort_keys=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_cached_models():
+    """The node readers keep their tiny ModelPatchers cached for the session; release them at its end, while
+    ComfyUI's modules are alive (collected at interpreter shutdown, ComfyUI 0.3.64's ``ModelPatcher.__del__``
+    finds its modules torn down and prints "Exception ignored ... ON_DETACH")."""
+    yield
+    import gc
+    import sys
+
+    readers = sys.modules.get(__package__ + "._node_readers")
+    if readers is not None:
+        readers.tiny.cache_clear()
+        readers._base_weights.cache_clear()
+    gc.collect()

@@ -49,6 +49,7 @@ IMAGE_METRICS = ["psnr", "ssim", "ms_ssim"]
 CLIP_METRICS = ["clip_image_cosine", "fd_clip", "kid_clip", "cmmd"]
 BEST_METRICS = [NONE, D.HELDOUT_KD, *IMAGE_METRICS, *CLIP_METRICS]
 EVAL_SAMPLING_STEPS = 8  # Euler steps of the held-out images (the same noise for teacher and student)
+MEMORY_OPTIONS = ("selective_recompute", "ema_on_host")  # memory inputs the out-of-memory refusal may name
 
 
 def _register_vgg_folder() -> None:
@@ -184,7 +185,8 @@ def distill(student, teacher, latents=None, conditioning=None, *, data=None, ste
             precision: str = "auto", heldout_latents=None, heldout_conditioning=None, resume_from: str = NONE,
             run_name: str = "distill", vgg16: str = NONE, task_weight: float = 1.0, output_weight: float = 1.0,
             feature_weight: float = 1.0, mid_weight: float = 1.0, vgg_weight: float = 1.0, keep_checkpoints: int = 2,
-            eval_every: int = 0, best_metric: str = NONE, vae=None, clip_vision=None, node_id=None):
+            eval_every: int = 0, best_metric: str = NONE, vae=None, clip_vision=None, selective_recompute: bool = False,
+            ema_on_host: bool = False, node_id=None):
     """(trained student MODEL, LOSS_MAP, report). The inputs are only read."""
     with torch.inference_mode(False):
         return _distill(**locals())
@@ -234,7 +236,7 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
              loss_weights, feature_points, train, seed, ema_decay, gradient_checkpointing, checkpoint_every,
              precision, heldout_latents, heldout_conditioning, resume_from, run_name, vgg16, task_weight,
              output_weight, feature_weight, mid_weight, vgg_weight, keep_checkpoints, eval_every, best_metric,
-             vae, clip_vision, node_id):
+             vae, clip_vision, selective_recompute, ema_on_host, node_id):
     t_start = time.perf_counter()
     prediction, _ = H.check_predictions(teacher, student, NODE)
     if (heldout_latents is None) != (heldout_conditioning is None):
@@ -260,7 +262,8 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
                           learning_rate=learning_rate, weights=weights, features=feature_points, seed=seed,
                           ema_decay=ema_decay, gradient_checkpointing=gradient_checkpointing, precision=precision,
                           checkpoint_every=checkpoint_every, checkpoint_dir=ckpt_dir,
-                          checkpoint_prefix=_run_name(run_name), keep_checkpoints=keep_checkpoints)
+                          checkpoint_prefix=_run_name(run_name), keep_checkpoints=keep_checkpoints,
+                          selective_recompute=bool(selective_recompute), ema_on_host=bool(ema_on_host))
     with node_errors(NODE, "steps"):
         cfg.validate()
     device = mm.get_torch_device()
@@ -288,7 +291,8 @@ def _distill(student, teacher, latents, conditioning, *, data, steps, batch_size
     # memory before the first step: the teacher through ComfyUI's loader (it frees what the run needs), then the
     # engine's estimate against what is left (the container's limit included)
     est, free, where = H.load_teacher_and_check_memory(run, teacher, device, comfy_free=mm.get_free_memory,
-                                                       extra_fixes=H.own_blocks_fix(run, train))
+                                                       extra_fixes=H.own_blocks_fix(run, train),
+                                                       options={k: f"turn on {k}" for k in MEMORY_OPTIONS})
     partial = hasattr(teacher, "loaded_size") and teacher.loaded_size() < teacher.model_size()
     pbar = comfy.utils.ProgressBar(steps)
 
@@ -462,6 +466,14 @@ class DistillStudentUNet(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="With vae: the CLIP metrics of the held-out images too "
                                             "(clip_image_cosine, fd_clip, kid_clip, cmmd)."),
+                io.Boolean.Input("selective_recompute", default=False, optional=True,
+                                 tooltip="With gradient_checkpointing off: keep the convolution, matrix-product and "
+                                         "attention outputs and recompute only the element-wise ops in the backward "
+                                         "pass (about a third less activation memory, a few per cent slower; the "
+                                         "same loss and weights)."),
+                io.Boolean.Input("ema_on_host", default=False, optional=True,
+                                 tooltip="Keep the EMA copy in RAM, updated by a host thread: 4 bytes per trained "
+                                         "parameter off the GPU (no effect on the CPU; the same EMA)."),
             ],
             outputs=[io.Model.Output(tooltip="The trained student (a new MODEL; the inputs are unchanged): the final "
                                              "weights, or the best evaluation's with best_metric."),
@@ -478,7 +490,8 @@ class DistillStudentUNet(io.ComfyNode):
                 latents=None, conditioning=None, data=None, heldout_latents=None, heldout_conditioning=None,
                 resume_from=NONE, run_name="distill", vgg16=NONE, task_weight=1.0, output_weight=1.0,
                 feature_weight=1.0, mid_weight=1.0, vgg_weight=1.0, keep_checkpoints=2, eval_every=0,
-                best_metric=NONE, vae=None, clip_vision=None) -> io.NodeOutput:
+                best_metric=NONE, vae=None, clip_vision=None, selective_recompute=False,
+                ema_on_host=False) -> io.NodeOutput:
         # is_input_list: the executor hands every input as a list; latents/conditioning stay lists (one value
         # or Make Training Dataset's many), the others must be one value each
         given = dict(locals())
@@ -492,7 +505,8 @@ class DistillStudentUNet(io.ComfyNode):
                 **dict(args, resume_from=args["resume_from"] or NONE, run_name=args["run_name"] or "distill",
                        vgg16=args["vgg16"] or NONE, best_metric=args["best_metric"] or NONE,
                        keep_checkpoints=2 if args["keep_checkpoints"] is None else args["keep_checkpoints"],
-                       eval_every=args["eval_every"] or 0), node_id=node_id)
+                       eval_every=args["eval_every"] or 0, selective_recompute=bool(args["selective_recompute"]),
+                       ema_on_host=bool(args["ema_on_host"])), node_id=node_id)
         return io.NodeOutput(model, loss_map, report, ui=ui.PreviewText(report))
 
 

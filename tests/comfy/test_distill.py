@@ -435,6 +435,21 @@ def test_node_memory_refusal_before_any_step(node_env, monkeypatch):
     msg = str(e.value)
     assert msg.startswith("[DistillStudentUNet, input 'batch_size'] distillation needs ~") and "Fix:" in msg
     assert not calls  # refused before the first step
+    with pytest.raises(TrainingMemoryError) as e:  # without checkpointing: the node's own memory input is offered
+        run_node(N, bk_small, teacher, latents, pos, gradient_checkpointing=False)
+    assert "turn on selective_recompute (the same loss and weights" in str(e.value)
+    assert "ema_on_host" not in str(e.value)  # on the CPU it would change nothing
+
+
+def test_node_memory_inputs_keep_the_loss(node_env):
+    """selective_recompute and ema_on_host save memory only: the same losses and weights as without them."""
+    N, teacher, _, bk_small, latents, pos = node_env
+    kw = dict(gradient_checkpointing=False, ema_decay=0.9)
+    model, plain, _ = run_node(N, bk_small, teacher, latents, pos, **kw)
+    model2, lean, report = run_node(N, bk_small, teacher, latents, pos, selective_recompute=True, ema_on_host=True,
+                                    **kw)
+    assert lean["loss"] == plain["loss"] and len(plain["loss"]) == NODE_KW["steps"]
+    assert same(snapshot(model2.model.diffusion_model), snapshot(model.model.diffusion_model))
 
 
 def test_node_cancel_then_resume_reproduces_the_run(node_env, tmp_path, monkeypatch):

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "evaluate.py")
+from .._evaluate_tool import TOOL, main
+
 PROMPTS = "a red cube\na blue sphere\n"
 
 
@@ -63,16 +64,6 @@ def args(files, out, *extra, students=None):
             "--height", "64", "--out", str(out), "--comfyui", files["comfyui"], "--no-progress", *extra]
 
 
-def main(argv) -> int:
-    """``tools/evaluate.py``'s main in this process (loaded by path: a PyPI package is also called evaluate)."""
-    import importlib.util
-
-    if "distilled_unets_evaluate_tool" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("distilled_unets_evaluate_tool", TOOL)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["distilled_unets_evaluate_tool"].main(argv, own_logging=False)
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from .._evaluate_tool import TOOL, main
 from . import _mutate as M
 
 pytestmark = pytest.mark.host
-TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "evaluate.py")
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +72,6 @@ def args(files, out, **over):
     return [x for k, v in a.items() for x in (k, v)] + ["--no-progress"]
 
 
-def main(argv) -> int:
-    """``tools/evaluate.py``'s main in this process (loaded by path: a PyPI package is also called evaluate)."""
-    import importlib.util
-
-    if "distilled_unets_evaluate_tool" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("distilled_unets_evaluate_tool", TOOL)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["distilled_unets_evaluate_tool"].main(argv, own_logging=False)
 
 
 CASES = [("--prompts", "latin-1 prompts"), ("--prompts", "binary prompts"), ("--inception", "cut inception"),

@@ -496,15 +496,10 @@ def main(argv=None, *, own_logging: bool = True) -> int:
     from distilled_unets.models.students import distill as D
     from distilled_unets.models.students.distill import launch
 
-    why = launch.device_missing(args.device)
-    if why:
-        sys.stderr.write(why + "\n")
+    started = launch.start(args.device, args.threads, own_logging)
+    if started is None:
         return EXIT_BAD_INPUT
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world, device = launch.init_distributed(args.device)
-    if own_logging:
-        launch.log_to_stderr(rank, world)
+    rank, world, device = started
     if args.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -520,13 +515,11 @@ def main(argv=None, *, own_logging: bool = True) -> int:
     try:
         code = train(args, rank, world, device)
     except D.NonFiniteError as e:
-        e.node = NODE
-        e.input_name = FLAGS.get(e.input_name, e.input_name)
+        launch.name_error(e, NODE, FLAGS)
         log.error("error: %s%s", e, f" (last good checkpoint: {e.checkpoint})" if e.checkpoint else "")
         code = EXIT_NONFINITE
     except PackError as e:
-        e.node = NODE
-        e.input_name = FLAGS.get(e.input_name, e.input_name)
+        launch.name_error(e, NODE, FLAGS)
         log.error("error: %s", e)
         code = EXIT_BAD_INPUT
     finally:

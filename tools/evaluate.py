@@ -260,15 +260,10 @@ def main(argv=None, *, own_logging: bool = True) -> int:
     from distilled_unets.models.errors import PackError
     from distilled_unets.models.students.distill import launch
 
-    why = launch.device_missing(args.device)
-    if why:
-        sys.stderr.write(why + "\n")
+    started = launch.start(args.device, args.threads, own_logging)
+    if started is None:
         return EXIT_BAD_INPUT
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world, device = launch.init_distributed(args.device)
-    if own_logging:
-        launch.log_to_stderr(rank, world)
+    rank, world, device = started
     try:
         setup_comfy(args.comfyui, cpu=device.type != "cuda")
     except HostError as e:
@@ -278,8 +273,7 @@ def main(argv=None, *, own_logging: bool = True) -> int:
     try:
         code = evaluate(args, rank, world, device)
     except PackError as e:
-        e.node = TOOL
-        e.input_name = FLAGS.get(e.input_name, e.input_name)
+        launch.name_error(e, TOOL, FLAGS)
         log.error("error: %s", e)
         code = EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -47,6 +47,28 @@ def device_missing(device_flag: str) -> str | None:
     return None
 
 
+def start(device_flag: str, threads: int = 0, own_logging: bool = True) -> tuple[int, int, torch.device] | None:
+    """A tool's process start: (rank, world size, device), or None when ``--device`` cannot be honoured (the
+    reason written to stderr: exit 2). ``threads``: torch's CPU threads (0: torch's default); ``own_logging``: the
+    pack's log on stderr per rank (:func:`log_to_stderr`), False leaves logging as the caller set it up."""
+    why = device_missing(device_flag)
+    if why:
+        sys.stderr.write(why + "\n")
+        return None
+    if threads:
+        torch.set_num_threads(threads)
+    rank, world, device = init_distributed(device_flag)
+    if own_logging:
+        log_to_stderr(rank, world)
+    return rank, world, device
+
+
+def name_error(e, tool: str, flags: dict[str, str]) -> None:
+    """A typed error as a tool reports it: the tool as its node, the input as the tool's flag."""
+    e.node = tool
+    e.input_name = flags.get(e.input_name, e.input_name)
+
+
 def end_process_group(ok: bool) -> None:
     """Leave the process group: after a barrier when the run went well (rank 0 may still be writing)."""
     if dist.is_initialized():

@@ -30,8 +30,8 @@ INCEPTION_FOLDER = "inception"
 NONE = "none"
 OUTPUT_SUBFOLDER = os.path.join("distilled_unets", "evaluate")
 #: what a value left to the student means (tooltips)
-_BY_STUDENT = ("the student's recommended value (where Load Distilled UNet identified it: see its info output; the "
-               "report says which values were used)")
+_BY_STUDENT = ("the student's recommended value (where its structure is a published model's: see Load Distilled "
+               "UNet's info output; the report says which values were used)")
 DEFAULT_PROMPTS = ("a photo of an astronaut riding a horse on the moon\n"
                    "a bowl of fruit on a wooden table, studio lighting\n"
                    "a red sports car parked on a rainy city street at night\n"

@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompts", required=True, help="a text file, one prompt a line")
     g.add_argument("--images-per-prompt", type=int, default=1, help="seeds per prompt (image k uses seed + k)")
     g.add_argument("--seed", type=int, default=1234, help="seed of image 0 of every prompt (BK-SDM: 1234)")
-    rec = "unset: the first student's recommended value where the loader identifies it (its info), else"
+    rec = "unset: the first student's recommended value where its structure is a published model's, else"
     g.add_argument("--steps", type=int, help=f"sampling steps ({rec} 25)")
     g.add_argument("--cfg", type=float, help=f"classifier-free guidance ({rec} 7.5)")
     g.add_argument("--sampler", help=f"a ComfyUI sampler name ({rec} euler)")

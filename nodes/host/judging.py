@@ -104,8 +104,8 @@ FALLBACK = {"steps": 25, "cfg": 7.5, "sampler": "euler", "scheduler": "normal"}
 
 
 def recommended_of(students: dict) -> tuple[str | None, dict | None]:
-    """(input name, recommended settings) of the first student that carries them (Load Distilled UNet attaches
-    those of a model it identified), else (None, None)."""
+    """(input name, recommended settings) of the first student that carries them (the pack's MODELs of a published
+    model's structure do: loaded, built or distilled), else (None, None)."""
     for name, model in students.items():
         rec = model.get_attachment(RECOMMENDED_KEY) if hasattr(model, "get_attachment") else None
         if rec:
@@ -136,8 +136,8 @@ def resolve_settings(students: dict, family: str, node: str, *, steps: int | Non
     if auto:
         what = ", ".join(auto)
         note = (f"{what}: the recommended settings of {rec['model']} ({who})" if rec else
-                f"{what}: defaults (no student carries recommended settings: Load Distilled UNet attaches those of "
-                "a model it identifies)")
+                f"{what}: defaults (no student carries recommended settings: the pack's MODELs of a published "
+                "model's structure do)")
     return out, note
 
 

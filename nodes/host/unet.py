@@ -28,6 +28,7 @@ from ...models.files.loader import (
     read_unet,
     recipe_of,
 )
+from ...models.structure import registry
 from ...models.structure.blockmap import BlockMap
 from ...models.structure.topology import Topology, from_comfy_config
 from .condconv import condconv_paths, swap_condconv
@@ -66,8 +67,9 @@ def _dtype_options(weight_dtype: str) -> dict:
 #: ModelPatcher attachments the pack sets on the UNets it builds (copied by ``clone``)
 BLOCK_MAP_KEY = "distilled_unets.block_map"
 RECIPE_KEY = "distilled_unets.recipe"
-#: the recommended settings of the model the loader identified ({"model", "sampler", "scheduler", "steps", "cfg",
-#: "width", "height"}): Evaluate Student and tools/evaluate.py sample with them where left to the student
+#: the recommended settings of the published model of a MODEL's structure ({"model", "sampler", "scheduler", "steps",
+#: "cfg", "width", "height"}; the loader picks among identical structures by the file name): Evaluate Student and
+#: tools/evaluate.py sample with them where left to the student
 RECOMMENDED_KEY = "distilled_unets.recommended"
 
 
@@ -127,12 +129,26 @@ def build_model(topology: Topology, new_sd: dict, weight_dtype: str = "default",
     return patcher
 
 
+def recommended_settings(entry) -> dict | None:
+    """The :data:`RECOMMENDED_KEY` attachment of a registry entry (None when it has no recommended settings)."""
+    if entry is None or entry.rec is None:
+        return None
+    r = entry.rec
+    return {"model": entry.id, "sampler": r.sampler, "scheduler": r.scheduler, "steps": r.steps, "cfg": r.cfg,
+            "width": r.resolution[0], "height": r.resolution[1]}
+
+
 def model_from_state_dict(topology: Topology, sd: dict, *, prediction: str = "eps", weight_dtype: str = "default",
                           zsnr: bool = False, attachments: dict | None = None):
     """A MODEL of ``topology`` from ldm-named tensors, built exactly as the loader builds a file (the student
-    builder and the distiller hand their results over through this)."""
+    builder and the distiller hand their results over through this); it carries the recommended settings of the
+    published model of its structure, if any (as the loader's MODEL does)."""
     patcher = build_model(topology, sd, weight_dtype, prediction, zsnr=zsnr)
-    for k, v in (attachments or {}).items():
+    attachments = dict(attachments or {})
+    rec = recommended_settings(registry.identify(topology)[0])
+    if rec is not None:
+        attachments.setdefault(RECOMMENDED_KEY, rec)
+    for k, v in attachments.items():
         patcher.set_attachments(k, v)
     return patcher
 
@@ -209,12 +225,9 @@ def load_distilled_unet(path: str, weight_dtype: str = "default", prediction: st
     if recipe is not None:
         patcher.set_attachments(RECIPE_KEY, recipe)
     text, described = info(f, pred + (" (zero terminal SNR)" if zsnr else ""), why)
-    entry = described["entry"]
-    if entry is not None and entry.rec is not None:
-        r = entry.rec
-        patcher.set_attachments(RECOMMENDED_KEY, {"model": entry.id, "sampler": r.sampler, "scheduler": r.scheduler,
-                                                  "steps": r.steps, "cfg": r.cfg, "width": r.resolution[0],
-                                                  "height": r.resolution[1]})
+    rec = recommended_settings(described["entry"])
+    if rec is not None:
+        patcher.set_attachments(RECOMMENDED_KEY, rec)
     log.info("Distilled UNet %s: %s", f.name, text.splitlines()[0])
     return patcher, text
 

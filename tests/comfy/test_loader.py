@@ -309,3 +309,8 @@ def test_an_identified_model_carries_its_recommended_settings(models_dir, monkey
                                                  "width": r.resolution[0], "height": r.resolution[1]}
     assert f"{r.steps} steps" in text
     assert p.clone().get_attachment(RECOMMENDED_KEY) == p.get_attachment(RECOMMENDED_KEY)  # kept by clone
+    # a MODEL the builder or the distiller hands over carries them too (its structure decides)
+    from distilled_unets.nodes.host.unet import model_from_state_dict, topology_of, unet_weights
+
+    built = model_from_state_dict(topology_of(p), unet_weights(p))
+    assert built.get_attachment(RECOMMENDED_KEY) == p.get_attachment(RECOMMENDED_KEY)

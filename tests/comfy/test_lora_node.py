@@ -26,6 +26,14 @@ def host():
 _BUILT = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_built():
+    """Drop the module's patchers at its end (left to interpreter exit, ComfyUI 0.3.64's ModelPatcher.__del__
+    finds its modules torn down and prints "Exception ignored ... ON_DETACH")."""
+    yield
+    _BUILT.clear()
+
+
 def build(tm, topo_name):
     if topo_name not in _BUILT:
         from distilled_unets.models.structure import structures as S

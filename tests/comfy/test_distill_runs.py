@@ -20,27 +20,22 @@ import pytest
 import torch
 
 from ..unit.test_distill_datasets import write_dataset
-from .test_distill_trainer import SAMPLES, SHARD, STUDENT, TEACHER, bit_identical, launch, losses, ok, student, torchrun
+from .test_distill_trainer import (
+    bit_identical,
+    launch,
+    losses,
+    ok,
+    student,
+    torchrun,
+    write_run_files,
+)
 from .test_distill_trainer import trainer_args as trainer_args
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, comfyui_path):
-    """A tiny teacher and student written by the pack's saver, a Save Training Dataset folder (as in
-    test_distill_trainer.py)."""
-    from distilled_unets.nodes.host.students import write_unet
-
-    from . import _tiny_models as tm
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("runs")
-    out = {"comfyui": str(comfyui_path), "root": root}
-    for name, topo, seed in (("teacher", TEACHER, 1), ("student", STUDENT, 2)):
-        m = tm.build("sd15", topo, model_channels=32, seed=seed)
-        out[name] = write_unet(m, str(root), lambda n, name=name: f"{name}.safetensors", "fp32", name)
-    out["data"] = str(root / "data")
-    write_dataset(out["data"], [(8, 8)] * SAMPLES, shard_size=SHARD, tokens=8, width=768, seed=4)
-    return out
+    """The files of test_distill_trainer.py (a tiny teacher and student, a Save Training Dataset folder)."""
+    return write_run_files(tmp_path_factory.mktemp("runs"), comfyui_path)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 from distilled_unets.models.structure.topology import Topology
 
 from ..unit.test_distill_datasets import write_dataset
+from ._torchrun import free_port, torchrun_env
 
 TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "distill.py")
 TEACHER = Topology("sd1", 320, (1, 2), (2, 2), (1, 1, 1, 1), (1, 1, 1, 1, 1, 1), 1, 768, False)
@@ -45,17 +45,6 @@ COMMON = ["--lr", "5e-5", "--ema-decay", "0.9", "--seed", "3", "--no-progress", 
 # helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "MASTER_", "LOCAL_RANK",
-                                                                   "WORLD_SIZE", "RANK", "GROUP_RANK"))}
-    e.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    return e
 
 
 def trainer_args(files, out, *extra, batch=4, steps=STEPS, data=None) -> list[str]:
@@ -74,7 +63,8 @@ def torchrun(nproc: int, args, *launcher) -> list[str]:
 
 
 def launch(cmd, timeout=LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    p = subprocess.run(cmd, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
     p.output = p.stdout
     return p
 
@@ -150,14 +140,14 @@ def inproc():
 # files and the reference runs
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, comfyui_path):
+def write_run_files(root, comfyui_path) -> dict:
+    """A tiny teacher and student written by the pack's saver and a Save Training Dataset folder under ``root``:
+    the files a trainer test runs on (paths, the ComfyUI folder, the samples written)."""
     from distilled_unets.nodes.students import write_unet
 
     from . import _tiny_models as tm
 
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("trainer")
     out = {"comfyui": str(comfyui_path), "root": root}
     for name, topo, seed in (("teacher", TEACHER, 1), ("student", STUDENT, 2)):
         m = tm.build("sd15", topo, model_channels=32, seed=seed)
@@ -165,6 +155,11 @@ def files(tmp_path_factory, comfyui_path):
     out["data"] = str(root / "data")
     out["samples"] = write_dataset(out["data"], [(8, 8)] * SAMPLES, shard_size=SHARD, tokens=8, width=768, seed=4)
     return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, comfyui_path):
+    return write_run_files(tmp_path_factory.mktemp("trainer"), comfyui_path)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +245,7 @@ def test_two_nodes_of_one_process_on_the_loopback_address(files, ref1):
     procs = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}", "--nproc-per-node=1",
          "--master-addr=127.0.0.1", f"--master-port={port}", TOOL, *trainer_args(files, out, batch=2)],
-        env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+        env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
         outs = [p.communicate(timeout=LAUNCH_TIMEOUT)[0] for p in procs]
     finally:
@@ -270,7 +265,8 @@ def test_a_killed_rank_restarts_and_ends_with_the_uninterrupted_weights(files, r
     cmd = torchrun(2, trainer_args(files, out, batch=2), "--max-restarts=1", "--rdzv-backend=c10d",
                    f"--rdzv-endpoint=127.0.0.1:{free_port()}")
     logf = open(files["root"] / "killed.log", "w+")
-    p = subprocess.Popen(cmd, env=env(), stdout=logf, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = subprocess.Popen(cmd, env=torchrun_env(), stdout=logf, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
     killed = None
     try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -303,7 +299,7 @@ def test_a_killed_rank_restarts_and_ends_with_the_uninterrupted_weights(files, r
 def test_ctrl_c_writes_a_checkpoint_and_the_same_command_resumes(files, ref1, inproc):
     out = files["root"] / "ctrlc"
     args = trainer_args(files, out)
-    p = subprocess.Popen(python(args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(python(args), env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         while p.poll() is None and time.monotonic() < deadline:

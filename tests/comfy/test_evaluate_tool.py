@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,21 +20,11 @@ import pytest
 import torch
 
 from .._evaluate_tool import TOOL, main
+from ._torchrun import free_port, torchrun_env
 
 PROMPTS = "a red cube\na blue sphere\n"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env() -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "MASTER_", "LOCAL_RANK",
-                                                                   "WORLD_SIZE", "RANK", "GROUP_RANK"))}
-    e.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1")
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +67,8 @@ def ref2(files):
     out = files["root"] / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", TOOL, *args(files, out)]
-    p = subprocess.run(cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    p = subprocess.run(cmd, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stdout[-4000:]
     assert "== demo-tiny-sd vs teacher ==" in p.stdout
     return out

@@ -79,18 +79,8 @@ def write_dataset(folder: str, n: int, size: int, shard_size: int, seed: int = 0
 
 
 def drop_cache(folder: str) -> bool:
-    """Drop the folder's files from the page cache (their next reads come from the disk); False where the OS
-    has no ``posix_fadvise``."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for name in os.listdir(folder):
-        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
+    """Drop the folder's files from the page cache (``_device.drop_page_cache``)."""
+    return _device.drop_page_cache([os.path.join(folder, name) for name in os.listdir(folder)])
 
 
 class Models:

@@ -26,20 +26,6 @@ from _pack import import_pack
 CHUNK = 8 << 20
 
 
-def drop_cache(paths) -> bool:
-    """Ask the kernel to drop the files' cached pages (they are clean after fsync); False where unsupported."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return True
-
-
 def read_all(paths) -> int:
     buf = bytearray(CHUNK)
     n = 0
@@ -80,12 +66,12 @@ def main(argv=None):
         ph.measuring()
         rows = []
         pool = min(8, os.cpu_count() or 1)
-        cold = drop_cache(paths)
+        cold = _device.drop_page_cache(paths)
         t = time.perf_counter()
         FP.shard_digests(paths, cache)
         rows.append((f"hash, first start, {pool} threads" + (" (cold)" if cold else ""), time.perf_counter() - t))
         if cold:
-            drop_cache(paths)
+            _device.drop_page_cache(paths)
             t = time.perf_counter()
             read_all(paths)
             rows.append(("read only (cold), no hashing", time.perf_counter() - t))

@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..errors import IncompleteModelError, WeightFileError
 from ..structure.topology import whole
+from . import atomic
 
 SAFETENSORS_EXT = (".safetensors", ".sft")
 PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
@@ -284,7 +285,7 @@ def save_new(tensors: dict, folder: str, name_for: Callable[[int], str], metadat
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name_for(start)}.{os.getpid()}.writing")
+    tmp = atomic.partial_path(os.path.join(folder, name_for(start)))
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     try:
         with open(tmp, "rb") as f:

@@ -31,6 +31,7 @@ import comfy.samplers
 import numpy as np
 import torch
 
+from ...models.files import atomic
 from ...models.students.distill import NoiseSchedule
 from ...models.students.evaluate import (
     EvaluationError,
@@ -407,7 +408,7 @@ def latent_decoder(vae, model) -> Callable[[torch.Tensor], torch.Tensor]:
     def fn(latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = model.model.process_latent_out(latents.float().cpu())
-            return M.quantize(vae.decode(x)[..., :3]).float() / 255.0
+        return decode(vae, x).float() / 255.0
 
     return fn
 
@@ -443,10 +444,8 @@ def write_png(path: str, image_u8: torch.Tensor, text: dict | None = None) -> No
     info = PngInfo()
     for k, v in (text or {}).items():
         info.add_text(k, v)
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.writing")
-    Image.fromarray(image_u8.numpy(), "RGB").save(tmp, format="PNG", pnginfo=info, compress_level=4)
-    os.replace(tmp, path)
+    with atomic.replacing(path, "wb") as f:
+        Image.fromarray(image_u8.numpy(), "RGB").save(f, format="PNG", pnginfo=info, compress_level=4)
 
 
 def read_pngs(folder: str, pairs: list[P.Pair]) -> torch.Tensor:
@@ -458,14 +457,6 @@ def read_pngs(folder: str, pairs: list[P.Pair]) -> torch.Tensor:
         with Image.open(os.path.join(folder, p.file_name)) as im:
             out.append(torch.from_numpy(np.array(im.convert("RGB"))))
     return torch.stack(out)
-
-
-def clean_partial(folder: str) -> None:
-    """Remove half-written files a stopped process left (``.<name>.<pid>.writing``)."""
-    if os.path.isdir(folder):
-        for f in os.listdir(folder):
-            if f.startswith(".") and f.endswith(".writing"):
-                os.remove(os.path.join(folder, f))
 
 
 def generate_folder(model, vae, folder: str, pairs: list[P.Pair], conds: list, negative, s: Settings, *,
@@ -597,7 +588,7 @@ def prepare_folder(folder: str, manifest: dict, *, node: str, input_name: str, r
                               "pick another output folder (its images are kept)", path=folder, node=node,
                               input_name=input_name)
     if rank == 0:
-        clean_partial(folder)
+        atomic.remove_partial(folder)
         if old is None:
             P.write_manifest(folder, manifest)
 
@@ -667,17 +658,9 @@ def run_evaluation(teacher, students: dict, clip, vae, prompts: list[str], s: Se
                "reference_stats": stats_note or None,
                "students": {k: j.to_json() for k, j in results.items()},
                "files": {name: os.path.relpath(folders[name], out_dir) for name in models}}
-    write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    atomic.write_json(os.path.join(out_dir, "metrics.json"), metrics, indent=1)
     write_png(os.path.join(out_dir, "grid.png"), M.quantize(grid[0]))
     return Outcome(results, report, grid, images, metrics)
-
-
-def write_json(path: str, data: dict) -> None:
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.writing")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def image_feature_fn(clip_vision) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -18,6 +18,8 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ...files import atomic
+
 log = logging.getLogger("distilled_unets")
 
 CACHE_NAME = "dataset_digests.json"
@@ -51,17 +53,10 @@ def _load_cache(path: str) -> dict:
 
 
 def _save_cache(path: str, files: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.writing"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"algorithm": ALGORITHM, "files": files}, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
+        atomic.write_json(path, {"algorithm": ALGORITHM, "files": files}, indent=0, sort_keys=True)
     except OSError as e:  # a read-only folder: the digests are recomputed next time
         log.warning("could not write the dataset digest cache %s (%s)", path, e)
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
 
 
 def _hashed(path: str) -> tuple[str, os.stat_result, bool]:

@@ -27,6 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass
 
+from ...files import atomic
 from .checkpoints import data_changes, differences, read_checkpoint_meta
 from .errors import CheckpointError, DiskSpaceError, RunFolderError
 from .fingerprint import changed_shards
@@ -59,15 +60,7 @@ def check_folder(out: str, *, input_name: str = "out") -> str:
 
 def clean_partial(out: str) -> list[str]:
     """Remove the half-written files a killed process left (``.<name>.<pid>.writing``); returns their names."""
-    gone = []
-    for f in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        if f.startswith(".") and f.endswith(".writing"):
-            try:
-                os.remove(os.path.join(out, f))
-                gone.append(f)
-            except OSError:
-                pass
-    return gone
+    return atomic.remove_partial(out)
 
 
 def checkpoints_in(folder: str) -> list[tuple[int, float, str]]:
@@ -154,12 +147,7 @@ def read_run_file(out: str) -> dict | None:
 def write_run_file(out: str, record: dict) -> str:
     """Write ``out/run.json`` atomically (a temporary file, synced, then renamed over the old one)."""
     path = os.path.join(out, RUN_FILE)
-    tmp = os.path.join(out, f".{RUN_FILE}.{os.getpid()}.writing")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(dict(record, format=RUN_FORMAT), f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_json(path, dict(record, format=RUN_FORMAT), sync=True, indent=1, sort_keys=True)
     return path
 
 
@@ -229,17 +217,13 @@ class CsvLog:
         return ["step", *first, *sorted(k for k in keys if k not in first and k not in tail), *tail]
 
     def start(self, rows: list[dict] | None = None):
-        tmp = os.path.join(os.path.dirname(self.path), f".{os.path.basename(self.path)}.{os.getpid()}.writing")
-        with open(tmp, "w", newline="") as f:
+        with atomic.replacing(self.path, "w", sync=True, newline="") as f:
             if rows:
                 self.columns = self._header(rows[0])
                 w = csv.writer(f)
                 w.writerow(self.columns)
                 for r in rows:
                     w.writerow([_cell(r.get(k, float("nan"))) for k in self.columns])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
         self._f = open(self.path, "a", newline="")
 
     def row(self, values: dict):

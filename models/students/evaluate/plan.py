@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from ...files import atomic
 from .errors import EvaluationError
 
 MANIFEST = "manifest.json"
@@ -128,11 +129,7 @@ def read_manifest(folder: str) -> dict | None:
 def write_manifest(folder: str, manifest: dict) -> None:
     """``folder/manifest.json``, written to a temporary file and renamed (never half-written)."""
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, MANIFEST)
-    tmp = os.path.join(folder, f".{MANIFEST}.{os.getpid()}.writing")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write_json(os.path.join(folder, MANIFEST), manifest, indent=1, sort_keys=True)
 
 
 def manifest_for(model: dict, settings: dict, prompts: list[str], seeds: list[int]) -> dict:

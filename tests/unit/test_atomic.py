@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-
 from distilled_unets.models.files import atomic
 
 
